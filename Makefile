@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   - builds the venv, fetches the default model pair if needed, serves it on :50051
+#   make test    - builds the venv and runs the default test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/kernels/*.cpp csrc/kernels/*.hpp)
+
+.PHONY: venv serve test test-slow test-models proto bench-kernels clean
+
+venv: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel first: the project's torch range then needs nothing more.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q scikit-build-core pybind11 ninja
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+serve: venv
+	$(BIN)/specdec serve
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+test-models: venv
+	$(BIN)/python -m pytest -q -m real_models
+
+# Regenerates the committed gRPC stubs from proto/.
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=python --grpc_python_out=python --pyi_out=python proto/specdec/v1/specdec.proto
+
+bench-kernels: venv
+	$(BIN)/python bench/kernels.py
+
+clean:
+	rm -rf build $(VENV)
