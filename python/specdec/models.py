@@ -1,0 +1,100 @@
+"""Model loading: a hub id, a local directory or a ``.gguf`` file, placed on a device in a chosen dtype.
+
+GGUF files are dequantised once into a safetensors directory in the cache (see ``gguf_cache``); later
+loads read that directory. A draft and a target must share a tokenizer, which ``check_pair`` enforces.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted models live: ``$SPECDEC_CACHE`` or ``~/.cache/specdec``."""
+    return Path(os.environ.get("SPECDEC_CACHE") or Path.home() / ".cache" / "specdec")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU intra-op threads; None keeps torch's default (one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output embedding (may exceed the tokenizer's size by padding)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def _local_source(source: str) -> str:
+    if source.endswith(".gguf"):
+        from specdec.gguf_cache import ensure_converted
+
+        return str(ensure_converted(Path(source)))
+    return source
+
+
+def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file."""
+    path = _local_source(source)
+    torch_dtype = resolve_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
+    model.to(resolve_device(device)).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(name=source, model=model, tokenizer=tokenizer)
+
+
+def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
+    """Raise ValueError unless both tokenizers map every id they share to the same token."""
+    t_vocab = {i: tok for tok, i in target.tokenizer.get_vocab().items()}
+    d_vocab = {i: tok for tok, i in draft.tokenizer.get_vocab().items()}
+    shared = t_vocab.keys() & d_vocab.keys()
+    bad = sorted(i for i in shared if t_vocab[i] != d_vocab[i])
+    if bad or not shared:
+        example = f"; e.g. id {bad[0]} is {t_vocab[bad[0]]!r} vs {d_vocab[bad[0]]!r}" if bad else ""
+        raise ValueError(
+            f"draft model {draft.name!r} and target model {target.name!r} do not share a tokenizer: "
+            f"{len(bad)} of {len(shared)} shared ids differ{example}"
+        )
