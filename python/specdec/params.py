@@ -56,6 +56,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def filters(self) -> dict[str, float | int]:
+        """The processing arguments that ``kernels.sample`` and ``kernels.verify`` take."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+
     def validate(self) -> None:
         _finite("sampling.temperature", self.temperature)
         _require(0.0 <= self.temperature <= 100.0, f"sampling.temperature must be in [0, 100], got {self.temperature}")
