@@ -1,0 +1,143 @@
+"""Greedy speculative output equals target-only greedy output, token for token, for every drafter and γ."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from specdec.engine import Engine, EngineConfig
+from specdec.models import load_model
+from specdec.params import GenerationRequest, Method, SpeculationParams
+
+PROMPT_TEXTS = [
+    "def add(a, b):",
+    "The quick brown fox",
+    "import numpy as np",
+    "Café crème",
+    "漢字",
+    "for i in range(10):",
+    "Emoji: 🚀",
+    "Speculative decoding keeps",
+    "x = np.zeros((3, 4))\nprint(x)",
+    "a",
+    "The lazy dog jumps over the quick brown fox and the fox runs",
+    "return a + b",
+    "über straße",
+    "print(i * i)",
+    "math: ∑ ∫ √ π",
+    "jalapeño",
+    "def f():\n    return 1\n\ndef g():\n    return 2\n",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps",
+    "日本語のテキスト。",
+    "np.zeros",
+    "Speculative decoding keeps the target distribution exactly. Speculative decoding",
+]
+REPETITIVE = [
+    "a b c d a b c d a b c d a b c d",
+    "for i in range(10):\n    print(i)\nfor i in range(10):\n    print(i)\nfor i in range(10):",
+    "The quick brown fox. The quick brown fox. The quick brown fox. The quick",
+    "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3",
+]
+GAMMAS = [1, 2, 4, 8, None]  # None: adaptive
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dirs):
+    return load_model(tiny_dirs["target"])
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dirs, target):
+    same = load_model(tiny_dirs["draft_same"])
+    other = load_model(tiny_dirs["draft_other"])
+    return {
+        "same": Engine(target, same, EngineConfig(method=Method.DRAFT)),
+        "other": Engine(target, other, EngineConfig(method=Method.DRAFT)),
+        "ngram": Engine(target, None, EngineConfig(method=Method.NGRAM)),
+    }
+
+
+def run(engine: Engine, prompt_ids: list[int], n: int, **spec) -> tuple[list[int], object]:
+    req = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=n, ignore_eos=True, speculation=SpeculationParams(**spec))
+    seq = engine.start(req)
+    while not seq.finished:
+        engine.step_batch([seq])
+    return seq.output_ids, seq.metrics
+
+
+def baseline(engine: Engine, prompt_ids: list[int], n: int) -> list[int]:
+    return run(engine, prompt_ids, n, method=Method.NONE)[0]
+
+
+def test_baseline_matches_transformers_generate(engines, target):
+    engine = engines["same"]
+    for text in PROMPT_TEXTS[:5]:
+        ids = engine.encode(text)
+        hf = target.model.generate(
+            torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24, pad_token_id=0
+        )[0, len(ids) :].tolist()
+        assert baseline(engine, ids, 24) == hf
+
+
+@pytest.mark.parametrize("drafter", ["same", "other"])
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_greedy_draft_model_identical(engines, drafter, gamma):
+    engine = engines[drafter]
+    spec = {"gamma": gamma} if gamma is not None else {"gamma_max": 8}
+    for i, text in enumerate(PROMPT_TEXTS):
+        ids = engine.encode(text)
+        n = 12 + (i % 4) * 6
+        out, m = run(engine, ids, n, method=Method.DRAFT, **spec)
+        assert out == baseline(engine, ids, n), f"prompt {i} ({text!r})"
+        assert len(out) == n
+    # The identical draft is accepted (nearly) always, the unrelated one (nearly) never.
+    if drafter == "same" and gamma is not None:
+        assert m.acceptance_rate > 0.9
+    if drafter == "other" and gamma is not None:
+        assert m.acceptance_rate < 0.5
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_greedy_ngram_identical(engines, gamma):
+    engine = engines["ngram"]
+    spec = {"gamma": gamma} if gamma is not None else {"gamma_max": 8}
+    proposed = 0
+    for text in REPETITIVE + PROMPT_TEXTS:
+        ids = engine.encode(text)
+        out, m = run(engine, ids, 20, method=Method.NGRAM, **spec)
+        assert out == baseline(engine, ids, 20), text
+        proposed += m.proposed
+    assert proposed > 0  # the lookup did propose on the repetitive prompts
+
+
+def test_rollback_equals_fresh_prefill(engines, target):
+    """After steps with rejections, both caches score the next token exactly as a fresh prefill does."""
+    engine = engines["other"]
+    seq = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT_TEXTS[10]), max_new_tokens=40, ignore_eos=True, speculation=SpeculationParams(gamma=4)))
+    for _ in range(4):
+        engine.step_batch([seq])
+    assert seq.metrics.proposed > seq.metrics.accepted  # some drafts were rejected and rolled back
+    ids = seq.all_ids
+    assert seq.target_len == len(ids) - 1
+
+    def next_logits(model, cache, cached_len):
+        out = model(input_ids=torch.tensor([ids[cached_len:]]), past_key_values=copy.deepcopy(cache), use_cache=True)
+        return out.logits[0, -1]
+
+    with torch.inference_mode():
+        fresh_t = target.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(next_logits(target.model, seq.target_cache, seq.target_len), fresh_t, rtol=1e-5, atol=1e-5)
+        draft = engine.draft.model
+        assert seq.draft_cache.get_seq_length() == seq.draft_len <= len(ids) - 1
+        fresh_d = draft(input_ids=torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(next_logits(draft, seq.draft_cache, seq.draft_len), fresh_d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 5, 9, 17])
+def test_max_new_tokens_never_exceeded(engines, max_new):
+    engine = engines["same"]
+    out, m = run(engine, engine.encode("def add(a, b):"), max_new, gamma=8)
+    assert len(out) == max_new
+    assert m.completion_tokens == max_new

@@ -1,0 +1,150 @@
+"""Stops, limits, streaming text, metrics and bad input at the engine level."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec.detokenizer import Detokenizer
+from specdec.engine import Engine, EngineConfig
+from specdec.models import load_model
+from specdec.params import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.policy import StepCosts, analytic_bound, choose_gamma, expected_tokens
+
+PROMPT = "Emoji: 🚀🔥 and math"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+    target = load_model(tiny_dirs["target"])
+    return Engine(target, load_model(tiny_dirs["draft_same"]), EngineConfig(method=Method.DRAFT, gamma=6))
+
+
+def generate(engine, **kw):
+    req = GenerationRequest(prompt_ids=engine.encode(PROMPT), ignore_eos=True, **kw)
+    steps = list(engine.generate(req))
+    return steps
+
+
+def test_stream_deltas_concatenate_to_full_decode(engine):
+    steps = generate(engine, max_new_tokens=60)
+    ids = [t for s in steps for t in s.token_ids]
+    text = "".join(s.text for s in steps)
+    assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert any(len(s.token_ids) > 1 for s in steps)  # multi-token steps happened
+    for s in steps[:-1]:
+        assert "\ufffd" not in s.text or "\ufffd" in engine.tokenizer.decode(ids)  # no split characters mid-stream
+        s.text.encode("utf-8")
+
+
+def test_stop_string_straddling_a_multi_token_step(engine):
+    steps = generate(engine, max_new_tokens=60)
+    ref_ids = [t for s in steps for t in s.token_ids]
+    full = engine.tokenizer.decode(ref_ids, skip_special_tokens=True)
+    # A step that emitted several tokens: take a stop string spanning two of its tokens.
+    pos = 0
+    for s in steps:
+        if len(s.token_ids) >= 3:
+            break
+        pos += len(s.token_ids)
+    prefix = engine.tokenizer.decode(ref_ids[: pos + 1], skip_special_tokens=True)
+    upto = engine.tokenizer.decode(ref_ids[: pos + 3], skip_special_tokens=True)
+    stop = upto[len(prefix) - 1 :]
+    assert len(stop) >= 2 and full.find(stop) >= 0
+    cut = full.find(stop)
+    out = generate(engine, max_new_tokens=60, stop=[stop])
+    text = "".join(s.text for s in out)
+    ids = [t for s in out for t in s.token_ids]
+    assert text == full[:cut]
+    assert out[-1].finish_reason == FinishReason.STOP_SEQUENCE and out[-1].matched_stop == stop
+    # No token after the one that completed the stop.
+    assert ids == ref_ids[: len(ids)]
+    assert stop in engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert stop not in engine.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+
+
+def test_stop_token_and_eos(engine):
+    ref = [t for s in generate(engine, max_new_tokens=30) for t in s.token_ids]
+    stop_tok = ref[7]
+    out = generate(engine, max_new_tokens=30, stop_token_ids=[stop_tok])
+    ids = [t for s in out for t in s.token_ids]
+    assert ids == ref[: ref.index(stop_tok) + 1]
+    assert out[-1].finish_reason == FinishReason.STOP_TOKEN
+
+
+def test_metrics_and_logprobs(engine):
+    req = GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=40, ignore_eos=True, logprobs=True)
+    seq = engine.start(req)
+    outs = []
+    while not seq.finished:
+        outs += engine.step_batch([seq])
+    m = seq.metrics
+    assert m.completion_tokens == 40 == len(seq.output_ids)
+    assert m.proposed >= m.accepted > 0
+    assert m.acceptance_rate == m.accepted / m.proposed
+    assert m.mean_accepted_length == m.step_tokens / m.verify_steps > 1.0
+    assert m.per_position_acceptance[0] == m.per_position_accepted[0] / m.per_position_proposed[0]
+    assert m.ttft_s is not None and m.ttft_s >= 0
+    assert min(m.draft_s, m.target_s, m.kernel_s, m.other_s) >= 0
+    lps = [x for o in outs for x in o.logprobs]
+    assert len(lps) == 40 and all(x <= 0 for x in lps)
+
+
+BAD = [
+    (dict(prompt_ids=[]), "prompt"),
+    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_ids=[1] * 500, max_new_tokens=100), "context length"),
+    (dict(prompt_ids=[1], stop_token_ids=[10**6]), "stop_token_ids[0]"),
+    (dict(prompt_ids=[1], stop_token_ids=[-1]), "stop_token_ids[0]"),
+    (dict(prompt_ids=[10**6]), "prompt_token_ids[0]"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(temperature=-1)), "sampling.temperature"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(temperature=float("nan"))), "sampling.temperature"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(top_p=0.0)), "sampling.top_p"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(top_k=-1)), "sampling.top_k"),
+    (dict(prompt_ids=[1], sampling=SamplingParams(min_p=1.0)), "sampling.min_p"),
+    (dict(prompt_ids=[1], speculation=SpeculationParams(gamma=99)), "speculation.gamma"),
+    (dict(prompt_ids=[1], stop=[""]), "stop[0]"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD, ids=[f for _, f in BAD])
+def test_bad_requests_name_the_field(engine, kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        engine.start(GenerationRequest(**kwargs))
+
+
+def test_tokenizer_mismatch_is_rejected(tiny_dirs):
+    with pytest.raises(ValueError, match="do not share a tokenizer") as err:
+        Engine(load_model(tiny_dirs["target"]), load_model(tiny_dirs["small_draft"]))
+    assert tiny_dirs["target"] in str(err.value) and tiny_dirs["small_draft"] in str(err.value)
+
+
+def test_method_draft_needs_a_draft_model(tiny_dirs):
+    engine = Engine(load_model(tiny_dirs["target"]), None, EngineConfig(method=Method.NGRAM))
+    with pytest.raises(ValueError, match="speculation.method"):
+        engine.start(GenerationRequest(prompt_ids=[1], speculation=SpeculationParams(method=Method.DRAFT)))
+
+
+def test_detokenizer_holds_back_possible_stop_prefix(engine):
+    tok = engine.tokenizer
+    ids = tok.encode("abc STOP def")
+    det = Detokenizer(tok, ["STOP"])
+    released = "".join(det.add(i) for i in ids)
+    assert released == "abc " and det.matched_stop == "STOP" and det.text == "abc "
+
+
+def test_policy_bound_and_choice():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert analytic_bound(0.8, 4, 0.25) == pytest.approx((1 - 0.8**5) / 0.2 / 2.0)
+    costs = StepCosts()
+    costs.record_target(1, 1.0)
+    # A useless draft: speculating only costs time.
+    assert choose_gamma(0.0, 0.3, costs.target_cost, 8) == 0
+    # A perfect, cheap draft with a flat verify cost: draft as far as allowed.
+    assert choose_gamma(0.99, 0.01, costs.target_cost, 8) == 8
+    # A verify whose cost grows with k caps γ where the gain stops paying.
+    for k in range(2, 10):
+        costs.record_target(k, 1.0 + 0.5 * (k - 1))
+    assert choose_gamma(0.9, 0.05, costs.target_cost, 8) < 8

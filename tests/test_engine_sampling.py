@@ -1,0 +1,129 @@
+"""Sampled speculative output follows the target's distribution: the joint law of the first three tokens.
+
+The first token comes from the prefill step; tokens two and three come from one speculative step with
+γ = 2 (accept, residual and bonus paths). The exact joint distribution is computed from the target model
+with transformers' own logits warpers, independently of the kernels, and a chi-square goodness-of-fit
+test (cells pooled to expected counts ≥ 5) must not reject at p < 1e-3. A deliberately wrong acceptance
+rule (accept every draft) must be rejected by the same test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from specdec import engine as engine_mod
+from specdec.engine import Engine, EngineConfig
+from specdec.models import load_model
+from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
+
+TOKENS = 3
+TRIALS = 4000
+P_THRESHOLD = 1e-3
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+    return Engine(load_model(tiny_dirs["small_target"]), load_model(tiny_dirs["small_draft"]), EngineConfig(method=Method.DRAFT))
+
+
+def exact_joint(model, prompt: list[int], temperature: float, top_p: float) -> dict[tuple[int, ...], float]:
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+
+    def next_probs(ids):
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[:, -1].double()
+        return torch.softmax(warp(torch.tensor([ids]), logits), -1)[0].numpy()
+
+    vocab = model.config.vocab_size
+    joint: dict[tuple[int, ...], float] = {}
+    p1 = next_probs(prompt)
+    for a in range(vocab):
+        if p1[a] == 0:
+            continue
+        p2 = next_probs(prompt + [a])
+        for b in range(vocab):
+            if p2[b] == 0:
+                continue
+            p3 = next_probs(prompt + [a, b])
+            for c in range(vocab):
+                if p3[c] > 0:
+                    joint[(a, b, c)] = p1[a] * p2[b] * p3[c]
+    return joint
+
+
+def sample_counts(engine: Engine, prompt, sampling: dict, method: Method) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(TRIALS):
+        req = GenerationRequest(
+            prompt_ids=prompt,
+            max_new_tokens=TOKENS,
+            ignore_eos=True,
+            sampling=SamplingParams(seed=seed, **sampling),
+            speculation=SpeculationParams(method=method, gamma=2),
+        )
+        out = tuple(t for step in engine.generate(req) for t in step.token_ids)
+        counts[out] = counts.get(out, 0) + 1
+    return counts
+
+
+def gof_pvalue(counts: dict, joint: dict) -> float:
+    assert set(counts) <= set(joint), "sampled a sequence the target gives probability 0"
+    cells = sorted(joint, key=joint.get, reverse=True)
+    obs, exp = [], []
+    pooled_o = pooled_e = 0.0
+    for cell in cells:
+        e = joint[cell] * TRIALS
+        if e >= 5:
+            obs.append(counts.get(cell, 0))
+            exp.append(e)
+        else:
+            pooled_o += counts.get(cell, 0)
+            pooled_e += e
+    obs.append(pooled_o)
+    exp.append(pooled_e)
+    exp_arr = np.asarray(exp) * (sum(obs) / sum(exp))
+    return float(chisquare(obs, exp_arr).pvalue)
+
+
+CONFIGS = [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9}]
+
+
+@pytest.mark.parametrize("sampling", CONFIGS, ids=["t1.0", "t0.7-p0.9"])
+def test_speculative_sampling_follows_target(engine, sampling):
+    prompt = [1, 5, 3]
+    joint = exact_joint(engine.target.model, prompt, sampling["temperature"], sampling.get("top_p", 1.0))
+    spec = sample_counts(engine, prompt, sampling, Method.DRAFT)
+    assert gof_pvalue(spec, joint) > P_THRESHOLD
+    # The baseline through the same engine follows the same law.
+    assert gof_pvalue(sample_counts(engine, prompt, sampling, Method.NONE), joint) > P_THRESHOLD
+
+
+def test_negative_control_accept_all_is_rejected(engine, monkeypatch):
+    """Accepting every draft yields the draft's law for tokens 2-3: the same test must reject it."""
+    real_verify = engine_mod.kernels.verify
+
+    def accept_all(target_logits, draft_tokens, draft_probs, num_draft, **kw):
+        tokens, num_accepted, logprobs = real_verify(target_logits, draft_tokens, draft_probs, num_draft, **kw)
+        k = draft_tokens.shape[1]
+        if k:
+            last = tokens[np.arange(len(tokens)), num_accepted]  # a valid target-sampled token
+            tokens[:, :k] = draft_tokens
+            tokens[:, k] = last
+            num_accepted[:] = k
+        return tokens, num_accepted, logprobs
+
+    monkeypatch.setattr(engine_mod.kernels, "verify", accept_all)
+    prompt = [1, 5, 3]
+    joint = exact_joint(engine.target.model, prompt, 1.0, 1.0)
+    assert gof_pvalue(sample_counts(engine, prompt, {"temperature": 1.0}, Method.DRAFT), joint) < P_THRESHOLD
+
+
+def test_same_seed_same_output(engine):
+    req = lambda: GenerationRequest(prompt_ids=[2, 4], max_new_tokens=12, ignore_eos=True, sampling=SamplingParams(temperature=1.0, seed=7))
+    a = [t for s in engine.generate(req()) for t in s.token_ids]
+    b = [t for s in engine.generate(req()) for t in s.token_ids]
+    assert a == b
