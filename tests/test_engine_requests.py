@@ -141,10 +141,11 @@ def test_policy_bound_and_choice():
     costs = StepCosts()
     costs.record_target(1, 1.0)
     # A useless draft: speculating only costs time.
-    assert choose_gamma(0.0, 0.3, costs.target_cost, 8) == 0
+    assert choose_gamma([0.0], 0.3, costs.target_cost, 8) == 0
     # A perfect, cheap draft with a flat verify cost: draft as far as allowed.
-    assert choose_gamma(0.99, 0.01, costs.target_cost, 8) == 8
-    # A verify whose cost grows with k caps γ where the gain stops paying.
-    for k in range(2, 10):
-        costs.record_target(k, 1.0 + 0.5 * (k - 1))
-    assert choose_gamma(0.9, 0.05, costs.target_cost, 8) < 8
+    assert choose_gamma([0.99], 0.01, costs.target_cost, 8) == 8
+    # Memory-bound up to 8 tokens, then compute-bound: a batch of 8 rows must not speculate.
+    for m in range(2, 80):
+        costs.record_target(m, 1.0 if m <= 8 else m / 8)
+    assert choose_gamma([0.8], 0.05, costs.target_cost, 8) == 7
+    assert choose_gamma([0.8] * 8, 0.05, costs.target_cost, 8) == 0

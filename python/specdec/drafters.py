@@ -1,7 +1,7 @@
-"""Drafters propose the next γ tokens of a sequence. One interface: ``propose(seq, gamma)``.
+"""Drafters propose the next γ tokens of each sequence. One interface: ``propose(seqs, gammas)``.
 
-- ``DraftModelDrafter`` runs the small model autoregressively on its own KV cache (greedy or sampled, in
-  which case it also returns its processed distributions q for the acceptance rule);
+- ``DraftModelDrafter`` runs the small model autoregressively on each sequence's own KV cache, batched
+  across sequences (greedy or sampled; it returns its processed distributions q for the acceptance rule);
 - ``NgramDrafter`` is prompt lookup: the longest recent n-gram that occurred earlier predicts what follows;
 - ``NoDrafter`` proposes nothing, which makes the engine plain target-only decoding.
 """
@@ -12,10 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
-from specdec import kernels
+from specdec import kernels, ragged
 from specdec.models import LoadedModel
+from specdec.params import stack_filters
+from specdec.policy import StepCosts
 
 if TYPE_CHECKING:
     from specdec.engine import Sequence
@@ -23,25 +26,28 @@ if TYPE_CHECKING:
 # The draft samples from its own random stream: another Philox key than the target's.
 DRAFT_SEED_SALT = 0x9E3779B97F4A7C15
 OFFSETS_PER_STEP = 64
+# A sequence with more tokens than this to catch up on (its prompt, after the prefill) drafts alone, so
+# that one long row does not pad every other row of the batch to its length.
+BATCH_CATCH_UP = 8
 
 
 @dataclass
 class Proposal:
     tokens: list[int]
-    q: torch.Tensor | None  # [γ, V] processed draft distributions, or None for one-hot proposals
-    seconds: float = 0.0  # draft forward time spent
+    q: torch.Tensor | None = None  # [γ, V] processed draft distributions; None means one-hot
+    seconds: float = 0.0  # wall time of the draft forwards this sequence took part in
 
 
 class Drafter(Protocol):
-    def propose(self, seq: Sequence, gamma: int) -> Proposal: ...
+    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]: ...
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
         """Forget everything after the first ``valid_len`` tokens of the sequence."""
 
 
 class NoDrafter:
-    def propose(self, seq: Sequence, gamma: int) -> Proposal:
-        return Proposal([], None)
+    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
+        return [Proposal([]) for _ in seqs]
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
         pass
@@ -55,59 +61,68 @@ class NgramDrafter:
             raise ValueError(f"ngram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, seq: Sequence, gamma: int) -> Proposal:
-        ids = seq.all_ids
+    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
+        return [Proposal(self.lookup(s.all_ids, g)) for s, g in zip(seqs, gammas)]
+
+    def lookup(self, ids: list[int], gamma: int) -> list[int]:
+        if gamma == 0:
+            return []
         for n in range(min(self.n_max, len(ids) - 1), self.n_min - 1, -1):
             tail = ids[-n:]
             # The most recent earlier occurrence, not the suffix itself.
             for start in range(len(ids) - n - 1, -1, -1):
                 if ids[start : start + n] == tail:
-                    follow = ids[start + n : start + n + gamma]
-                    return Proposal(follow, None)
-        return Proposal([], None)
+                    return ids[start + n : start + n + gamma]
+        return []
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
         pass
 
 
 class DraftModelDrafter:
-    """The small model proposes γ tokens, one forward each, computing the LM head only at the last position."""
+    """The small model proposes γ tokens per sequence, one batched forward per draft position."""
 
-    def __init__(self, draft: LoadedModel, vocab_size: int) -> None:
+    def __init__(self, draft: LoadedModel, vocab_size: int, costs: StepCosts) -> None:
         self.model = draft.model
-        self.device = draft.device
         self.vocab_size = vocab_size
+        self.costs = costs
 
-    def propose(self, seq: Sequence, gamma: int) -> Proposal:
-        if gamma == 0:
-            return Proposal([], None)
-        sampling = seq.request.sampling
-        pending = seq.all_ids[seq.draft_len :]
-        tokens: list[int] = []
-        qs: list[torch.Tensor] = []
-        seconds = 0.0
-        for i in range(gamma):
-            t0 = time.perf_counter()
-            out = self.model(
-                input_ids=torch.tensor([pending], device=self.device),
-                past_key_values=seq.draft_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            seq.draft_cache = out.past_key_values
-            seq.draft_len += len(pending)
-            logits = out.logits[0, -1:, : self.vocab_size].cpu()
-            seconds += time.perf_counter() - t0
-            seed, offset = seq.seed ^ DRAFT_SEED_SALT, seq.step_index * OFFSETS_PER_STEP + i
-            if sampling.greedy:
-                tok = int(kernels.sample(logits, **sampling.filters(), seed=seed, offset=offset)[0])
-            else:
-                tok_arr, q = kernels.sample(logits, **sampling.filters(), seed=seed, offset=offset, return_probs=True)
-                tok = int(tok_arr[0])
-                qs.append(torch.as_tensor(q[0]))
-            tokens.append(tok)
-            pending = [tok]
-        return Proposal(tokens, torch.stack(qs) if qs else None, seconds)
+    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
+        out = [Proposal([]) for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        pending = [s.all_ids[s.draft_len :] for s in seqs]
+        for j in range(max(gammas, default=0)):
+            live = [i for i, g in enumerate(gammas) if g > j]
+            alone = [[i] for i in live if len(pending[i]) > BATCH_CATCH_UP]
+            together = [i for i in live if len(pending[i]) <= BATCH_CATCH_UP]
+            for group in alone + ([together] if together else []):
+                t0 = time.perf_counter()
+                tokens, q = self._draft_one_position([seqs[i] for i in group], [pending[i] for i in group], j)
+                seconds = time.perf_counter() - t0
+                if group is together:
+                    self.costs.record_draft(len(group), seconds)
+                for i, tok, qi in zip(group, tokens, q):
+                    out[i].tokens.append(tok)
+                    out[i].seconds += seconds
+                    qs[i].append(qi)
+                    pending[i] = [tok]
+        for p, q in zip(out, qs):
+            p.q = torch.stack(q) if q else None
+        return out
+
+    def _draft_one_position(self, seqs: list[Sequence], pending: list[list[int]], j: int) -> tuple[list[int], torch.Tensor]:
+        rows = [ragged.Row(s.draft_cache, s.draft_len, p, [len(p) - 1]) for s, p in zip(seqs, pending)]
+        caches, logits = ragged.forward(self.model, rows, self.vocab_size)
+        for s, c, p in zip(seqs, caches, pending):
+            s.draft_cache, s.draft_len = c, s.draft_len + len(p)
+        tokens, q = kernels.sample(
+            torch.cat(logits).cpu(),
+            **stack_filters([s.request.sampling for s in seqs]),
+            seed=np.array([s.seed ^ DRAFT_SEED_SALT for s in seqs], dtype=np.uint64),
+            offset=np.array([s.step_index * OFFSETS_PER_STEP + j for s in seqs], dtype=np.uint64),
+            return_probs=True,
+        )
+        return [int(t) for t in tokens], torch.as_tensor(q)
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
         if seq.draft_cache is not None and seq.draft_len > valid_len:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from specdec import kernels
+from specdec import kernels, ragged
 from specdec.detokenizer import Detokenizer
-from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter
+from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
 from specdec.models import LoadedModel, check_pair, load_model, set_threads
-from specdec.params import FinishReason, GenerationRequest, Method
+from specdec.params import FinishReason, GenerationRequest, Method, stack_filters
 from specdec.policy import AcceptanceEstimate, StepCosts, choose_gamma
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
@@ -154,7 +154,7 @@ class Engine:
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
         }
         if draft is not None:
-            self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size)
+            self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs)
 
     @classmethod
     def load(
@@ -224,8 +224,21 @@ class Engine:
         return Sequence(request, seed, self._drafters[method], Detokenizer(self.tokenizer, request.stop))
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """One speculative step for each sequence (prefill on its first)."""
-        return [self._step(s) for s in seqs]
+        """One speculative step for each sequence. New sequences prefill alone; the rest share forwards."""
+        if any(s.finished for s in seqs):
+            raise ValueError("step_batch got a finished sequence")
+        now = time.perf_counter()
+        for s in seqs:
+            if s.metrics.first_step_at is None:
+                s.metrics.first_step_at = now
+        outs: dict[int, StepOutput] = {}
+        running = [s for s in seqs if s.target_len > 0]
+        for s in seqs:
+            if s.target_len == 0:
+                outs[id(s)] = self._step([s])[0]
+        if running:
+            outs.update(zip(map(id, running), self._step(running)))
+        return [outs[id(s)] for s in seqs]
 
     def finish(self, seq: Sequence, reason: FinishReason) -> StepOutput:
         """End a sequence early (cancel, deadline) and free its caches. Idempotent."""
@@ -242,104 +255,143 @@ class Engine:
         seq = self.start(request)
         try:
             while not seq.finished:
-                yield self._step(seq)
+                yield self.step_batch([seq])[0]
         finally:
             self.release(seq)
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def _gamma(self, seq: Sequence) -> int:
-        """γ for this step, capped so that drafts never run past max_new_tokens or the context."""
-        if isinstance(seq.drafter, NoDrafter) or seq.target_len == 0:
-            return 0  # the first step is the prefill: it emits one token, as fast as possible
-        req = seq.request
-        cap = min(
-            req.max_new_tokens - seq.metrics.completion_tokens - 1,
-            self.context_length - len(seq.all_ids) - 1,
-        )
-        if req.speculation.gamma is not None:
-            gamma = req.speculation.gamma
-        elif self.config.gamma is not None and req.speculation.gamma_max is None:
-            gamma = self.config.gamma
-        else:
-            gamma_max = req.speculation.gamma_max or self.config.gamma_max
-            draft_cost = self.costs.draft.value if isinstance(seq.drafter, DraftModelDrafter) else 0.0
-            gamma = choose_gamma(seq.alpha.alpha, draft_cost, self.costs.target_cost, gamma_max)
-            seq.zero_gamma_streak = seq.zero_gamma_streak + 1 if gamma == 0 else 0
-            if seq.zero_gamma_streak >= PROBE_AFTER:
-                gamma, seq.zero_gamma_streak = 1, 0
-        return max(0, min(gamma, cap))
+    def _gammas(self, seqs: list[Sequence]) -> list[int]:
+        """γ per sequence: fixed where asked, else chosen from α and the measured costs of this batch size."""
+        if seqs[0].target_len == 0:
+            return [0]  # the prefill step emits one token, as fast as possible
+        batch = len(seqs)
+        model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s)]
+        shared = 0
+        if model_rows:
+            others = batch - len(model_rows)
+            shared = choose_gamma(
+                [s.alpha.alpha for s in model_rows],
+                self.costs.draft_cost(len(model_rows)),
+                lambda m: self.costs.target_cost(m + others),
+                self._gamma_max(model_rows[0]),
+            )
+        gammas = []
+        for s in seqs:
+            if isinstance(s.drafter, NoDrafter):
+                gamma = 0
+            elif not self._adaptive(s):
+                gamma = s.request.speculation.gamma if s.request.speculation.gamma is not None else self.config.gamma
+            elif isinstance(s.drafter, DraftModelDrafter):
+                gamma = min(shared, self._gamma_max(s))
+            else:
+                gamma = choose_gamma([s.alpha.alpha], 0.0, lambda m: self.costs.target_cost(m + batch - 1), self._gamma_max(s))
+            if self._adaptive(s):
+                s.zero_gamma_streak = s.zero_gamma_streak + 1 if gamma == 0 else 0
+                if s.zero_gamma_streak >= PROBE_AFTER:
+                    gamma, s.zero_gamma_streak = 1, 0
+            cap = min(
+                s.request.max_new_tokens - s.metrics.completion_tokens - 1,
+                self.context_length - len(s.all_ids) - 1,
+            )
+            gammas.append(max(0, min(gamma, cap)))
+        return gammas
+
+    def _adaptive(self, seq: Sequence) -> bool:
+        spec = seq.request.speculation
+        if spec.gamma is not None:
+            return False
+        return spec.gamma_max is not None or self.config.gamma is None
+
+    def _gamma_max(self, seq: Sequence) -> int:
+        return seq.request.speculation.gamma_max or self.config.gamma_max
 
     @torch.inference_mode()
-    def _step(self, seq: Sequence) -> StepOutput:
-        if seq.finished:
-            raise ValueError("step on a finished sequence")
+    def _step(self, seqs: list[Sequence]) -> list[StepOutput]:
         t_step = time.perf_counter()
-        m = seq.metrics
-        if m.first_step_at is None:
-            m.first_step_at = t_step
-        prefill = seq.target_len == 0
-
-        proposal = seq.drafter.propose(seq, self._gamma(seq))
-        k = len(proposal.tokens)
-        if k and isinstance(seq.drafter, DraftModelDrafter):
-            self.costs.record_draft(proposal.seconds / k)
+        prefill = seqs[0].target_len == 0
+        gammas = self._gammas(seqs)
+        proposals = self._propose(seqs, gammas)
 
         t0 = time.perf_counter()
-        before = len(seq.all_ids)
-        new = seq.all_ids[seq.target_len :] + proposal.tokens
-        out = self.target.model(
-            input_ids=torch.tensor([new], device=self.target.device),
-            past_key_values=seq.target_cache,
-            use_cache=True,
-            logits_to_keep=k + 1,
-        )
-        seq.target_cache = out.past_key_values
-        logits = self._verifiable(out.logits[:, -(k + 1) :])
+        rows = []
+        for s, p in zip(seqs, proposals):
+            new = s.all_ids[s.target_len :] + p.tokens
+            rows.append(ragged.Row(s.target_cache, s.target_len, new, list(range(len(new) - len(p.tokens) - 1, len(new)))))
+        caches, logits = ragged.forward(self.target.model, rows, self.vocab_size)
         t_target = time.perf_counter() - t0
         if not prefill:
-            self.costs.record_target(k + 1, t_target)
+            self.costs.record_target(sum(len(r.new) for r in rows), t_target)
 
         t0 = time.perf_counter()
-        sampling = seq.request.sampling
-        q = proposal.q[None] if proposal.q is not None else None
-        tokens, num_accepted, logprobs = kernels.verify(
-            logits,
-            np.asarray([proposal.tokens], dtype=np.int64).reshape(1, k),
+        tokens, num_accepted, logprobs = self._verify(seqs, proposals, logits)
+        t_kernel = time.perf_counter() - t0
+
+        outs = []
+        for i, (s, p) in enumerate(zip(seqs, proposals)):
+            k, n = len(p.tokens), int(num_accepted[i])
+            before = len(s.all_ids)
+            s.target_cache = caches[i]
+            s.target_cache.crop(before + n)
+            s.target_len = before + n
+            s.drafter.rollback(s, before + n)
+            s.step_index += 1
+            s.alpha.update(k, n)
+            m = s.metrics
+            m.record_proposal(k, n)
+            m.verify_steps += 1
+            m.step_tokens += n + 1
+            outs.append(self._emit(s, [int(t) for t in tokens[i, : n + 1]], [float(x) for x in logprobs[i, : n + 1]]))
+            m.draft_s += p.seconds
+            m.target_s += t_target
+            m.kernel_s += t_kernel
+        elapsed = time.perf_counter() - t_step
+        for s, p in zip(seqs, proposals):
+            s.metrics.other_s += elapsed - p.seconds - t_target - t_kernel
+        return outs
+
+    def _propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
+        """Each drafter proposes for its own sequences, all of them in one batched call."""
+        proposals: list[Proposal | None] = [None] * len(seqs)
+        for drafter in {id(s.drafter): s.drafter for s in seqs}.values():
+            idx = [i for i, s in enumerate(seqs) if s.drafter is drafter]
+            for i, p in zip(idx, drafter.propose([seqs[i] for i in idx], [gammas[i] for i in idx])):
+                proposals[i] = p
+        return proposals
+
+    def _verify(self, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor]):
+        """Pad the rows to a common K and run the acceptance kernel once for the batch."""
+        ks = [len(p.tokens) for p in proposals]
+        K = max(ks)
+        target = torch.zeros(len(seqs), K + 1, self.vocab_size, dtype=logits[0].dtype)
+        drafts = np.zeros((len(seqs), K), dtype=np.int64)
+        for i, (row, p) in enumerate(zip(logits, proposals)):
+            target[i, : len(row)] = row
+            drafts[i, : len(p.tokens)] = p.tokens
+        self._mask_padding(target)
+        q = None
+        if any(p.q is not None and not s.request.sampling.greedy for s, p in zip(seqs, proposals)):
+            q = torch.zeros(len(seqs), K, self.vocab_size, dtype=torch.float32)
+            for i, p in enumerate(proposals):
+                if p.q is not None:
+                    q[i, : len(p.tokens)] = p.q
+                else:
+                    q[i, torch.arange(len(p.tokens)), torch.as_tensor(p.tokens, dtype=torch.long)] = 1.0
+        return kernels.verify(
+            target,
+            drafts,
             q,
-            np.asarray([k], dtype=np.int32),
-            **sampling.filters(),
-            seed=seq.seed,
-            offset=seq.step_index,
+            np.asarray(ks, dtype=np.int32),
+            **stack_filters([s.request.sampling for s in seqs]),
+            seed=np.array([s.seed for s in seqs], dtype=np.uint64),
+            offset=np.array([s.step_index for s in seqs], dtype=np.uint64),
             return_logprobs=True,
         )
-        t_kernel = time.perf_counter() - t0
-        n = int(num_accepted[0])
 
-        seq.target_cache.crop(before + n)
-        seq.target_len = before + n
-        seq.drafter.rollback(seq, before + n)
-        seq.step_index += 1
-        seq.alpha.update(k, n)
-        m.record_proposal(k, n)
-        m.verify_steps += 1
-        m.step_tokens += n + 1
-
-        result = self._emit(seq, [int(t) for t in tokens[0, : n + 1]], [float(x) for x in logprobs[0, : n + 1]])
-        m.draft_s += proposal.seconds
-        m.target_s += t_target
-        m.kernel_s += t_kernel
-        m.other_s += time.perf_counter() - t_step - proposal.seconds - t_target - t_kernel
-        return result
-
-    def _verifiable(self, logits: torch.Tensor) -> torch.Tensor:
-        """[1, k+1, V_model] model logits → [1, k+1, vocab_size] on the CPU, padding ids masked."""
-        if logits.shape[-1] != self.vocab_size:
-            logits = logits[..., : self.vocab_size].contiguous()
-        logits = logits.cpu()
+    def _mask_padding(self, logits: torch.Tensor) -> None:
+        """Ids past the tokenizer exist only as embedding padding: never drafted, never emitted."""
         if self.real_vocab < self.vocab_size:
             logits[..., self.real_vocab :] = PADDING_LOGIT
-        return logits
 
     def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> StepOutput:
         req, m = seq.request, seq.metrics

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 # Upper bound on γ: verify cost grows with it and no real pair accepts 32+ tokens in a row often enough.
 GAMMA_LIMIT = 32
 
@@ -31,6 +33,16 @@ class FinishReason(str, Enum):
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
     ERROR = "error"
+
+
+def stack_filters(samplings: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """Per-row kernel processing arguments for a batch of requests."""
+    return {
+        "temperature": np.array([s.temperature for s in samplings], dtype=np.float32),
+        "top_k": np.array([s.top_k for s in samplings], dtype=np.int32),
+        "top_p": np.array([s.top_p for s in samplings], dtype=np.float32),
+        "min_p": np.array([s.min_p for s in samplings], dtype=np.float32),
+    }
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -55,10 +67,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def filters(self) -> dict[str, float | int]:
-        """The processing arguments that ``kernels.sample`` and ``kernels.verify`` take."""
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
 
     def validate(self) -> None:
         _finite("sampling.temperature", self.temperature)

@@ -36,30 +36,41 @@ class Ema:
 
 
 class StepCosts:
-    """Measured seconds for one draft token and for a target forward over k new tokens (shared per engine)."""
+    """Measured seconds of batched forwards, shared by an engine's sequences.
+
+    The draft is keyed by the rows in one draft forward, the target by the tokens in one verify forward
+    (all rows together): at batch 1 that is k = γ + 1, and in a batch it is what makes verify turn
+    compute-bound as the batch grows.
+    """
 
     def __init__(self) -> None:
-        self.draft = Ema()
+        self.draft: dict[int, Ema] = {}
         self.target: dict[int, Ema] = {}
 
-    def record_draft(self, seconds: float) -> None:
-        self.draft.update(seconds)
+    def record_draft(self, rows: int, seconds: float) -> None:
+        self.draft.setdefault(rows, Ema()).update(seconds)
 
-    def record_target(self, k: int, seconds: float) -> None:
-        self.target.setdefault(k, Ema()).update(seconds)
+    def record_target(self, tokens: int, seconds: float) -> None:
+        self.target.setdefault(tokens, Ema()).update(seconds)
 
-    def target_cost(self, k: int) -> float | None:
-        """Cost of verifying k tokens; unmeasured k borrows the nearest measured smaller k (optimistic, so it gets tried)."""
-        known = [j for j in self.target if self.target[j].value is not None]
-        if not known:
-            return None
-        below = [j for j in known if j <= k]
-        return self.target[max(below) if below else min(known)].value
+    def draft_cost(self, rows: int) -> float | None:
+        return _nearest_below(self.draft, rows)
+
+    def target_cost(self, tokens: int) -> float | None:
+        return _nearest_below(self.target, tokens)
 
     def cost_ratio(self) -> float | None:
-        """c = draft forward time ÷ one-token target forward time."""
-        t1 = self.target_cost(1)
-        return None if t1 is None or self.draft.value is None else self.draft.value / t1
+        """c = one draft forward ÷ one one-token target forward, at batch 1."""
+        d, t = self.draft_cost(1), self.target_cost(1)
+        return None if d is None or t is None else d / t
+
+
+def _nearest_below(table: dict[int, Ema], key: int) -> float | None:
+    """The measurement at ``key``, else at the nearest smaller key (optimistic, so larger ones get tried)."""
+    if not table:
+        return None
+    below = [k for k in table if k <= key]
+    return table[max(below) if below else min(table)].value
 
 
 class AcceptanceEstimate:
@@ -80,18 +91,19 @@ class AcceptanceEstimate:
 
 
 def choose_gamma(
-    alpha: float, draft_cost: float | None, target_cost: Callable[[int], float | None], gamma_max: int
+    alphas: list[float], draft_cost: float | None, target_cost: Callable[[int], float | None], gamma_max: int
 ) -> int:
-    """The γ in 0..gamma_max with the most expected tokens per second; gamma_max until costs are measured.
+    """The common γ in 0..gamma_max that maximises expected tokens per second for rows drafting together.
 
-    ``draft_cost`` is seconds per draft token (0 for model-free drafters); ``target_cost(k)`` is seconds for
-    a target forward over k new tokens.
+    ``draft_cost`` is seconds per draft forward over these rows (0 for model-free drafters);
+    ``target_cost(m)`` is seconds for a verify forward over m tokens. Until both are measured: gamma_max.
     """
     if draft_cost is None or target_cost(1) is None:
         return gamma_max
     best, best_rate = 0, -math.inf
     for g in range(gamma_max + 1):
-        rate = expected_tokens(alpha, g) / (g * draft_cost + target_cost(g + 1))
+        tokens = sum(expected_tokens(a, g) for a in alphas)
+        rate = tokens / (g * draft_cost + target_cost(len(alphas) * (g + 1)))
         if rate > best_rate:
             best, best_rate = g, rate
     return best
