@@ -1,0 +1,151 @@
+// Small-M linear: y[M,N] = x[M,K] · W[N,K]^T (+ bias[N]) for the few rows of a decode or verify step.
+//
+// A BLAS GEMM at M = 2..8 either runs one GEMV per row (reading the weights M times) or a blocked GEMM
+// tuned for large M. Decode is memory-bound, so here each weight row is streamed once and multiplied
+// into up to ROWS rows of x held in cache. Every output element is reduced in the same order whatever M
+// is (16 lanes over K, then a fixed tree), so a verify forward over k tokens and a one-token decode give
+// bit-identical results per row: batch-invariant by construction.
+#include "small_m.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace specdec {
+namespace {
+
+constexpr int64_t ROWS = 8;  // rows of x multiplied by one streamed weight row (accumulators in registers)
+
+float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Portable path: the same lane structure (16 partial sums, fixed tree) as the AVX-512 path.
+template <typename W>
+void block_generic(const float* x, int64_t m, const W* w, int64_t k, float* out) {
+  for (int64_t r = 0; r < m; ++r) {
+    float lanes[16] = {};
+    for (int64_t i = 0; i < k; ++i) {
+      float wi;
+      if constexpr (std::is_same_v<W, float>) wi = w[i]; else wi = bf16_to_float(w[i]);
+      lanes[i % 16] += x[r * k + i] * wi;
+    }
+    for (int width = 8; width >= 1; width /= 2)
+      for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    out[r] = lanes[0];
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const float* w, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, w);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const uint16_t* w, __mmask16 mask) {
+  __m256i half = _mm256_maskz_loadu_epi16(mask, w);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m512 v) {
+  // The same fixed tree as block_generic: halve the width until one lane is left.
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
+  return _mm_cvtss_f32(d);
+}
+
+// Two weight rows at a time against MB rows of x: 2·MB independent accumulator chains in registers, and
+// each x load feeds two FMAs. Row j's reduction is the same whether it is processed first or second.
+template <int MB, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const float* x, const W* w0, const W* w1,
+                                                                        int64_t k, float* out0, float* out1) {
+  __m512 a0[MB], a1[MB];
+  for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v0 = load_w(w0 + i, 0xFFFF), v1 = load_w(w1 + i, 0xFFFF);
+    for (int r = 0; r < MB; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * k + i);
+      a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xv, v1, a1[r]);
+    }
+  }
+  if (i < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512 v0 = load_w(w0 + i, mask), v1 = load_w(w1 + i, mask);
+    for (int r = 0; r < MB; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
+      a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xv, v1, a1[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) {
+    out0[r] = tree_sum(a0[r]);
+    out1[r] = tree_sum(a1[r]);
+  }
+}
+
+template <typename W>
+using PairFn = void (*)(const float*, const W*, const W*, int64_t, float*, float*);
+
+template <typename W>
+PairFn<W> pair_for(int64_t rows) {
+  static const PairFn<W> table[ROWS] = {pair_avx512<1, W>, pair_avx512<2, W>, pair_avx512<3, W>, pair_avx512<4, W>,
+                                        pair_avx512<5, W>, pair_avx512<6, W>, pair_avx512<7, W>, pair_avx512<8, W>};
+  return table[rows - 1];
+}
+
+template <typename W>
+void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
+                  int64_t n, int64_t k, bool avx512) {
+  float out0[ROWS], out1[ROWS];
+  for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+    const int64_t rows = std::min(ROWS, m - r0);
+    const float* xr = x + r0 * k;
+    const auto store = [&](int64_t j, const float* out) {
+      const float b = bias ? bias[j] : 0.0f;
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
+    };
+    int64_t j = n_begin;
+    if (avx512) {
+      const PairFn<W> pair = pair_for<W>(rows);
+      for (; j + 2 <= n_end; j += 2) {
+        pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
+        store(j, out0);
+        store(j + 1, out1);
+      }
+      if (j < n_end) {  // an odd last row pairs with itself
+        pair(xr, w + j * k, w + j * k, k, out0, out1);
+        store(j, out0);
+      }
+    } else {
+      for (; j < n_end; ++j) {
+        block_generic(xr, rows, w + j * k, k, out0);
+        store(j, out0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+void linear_small_m(const float* x, const void* w, WeightType wtype, const float* bias, float* y, int64_t m, int64_t n,
+                    int64_t k, int64_t n_begin, int64_t n_end) {
+  const bool avx512 = cpu_has_avx512();
+  if (wtype == WeightType::kFloat32)
+    linear_range(x, m, static_cast<const float*>(w), bias, y, n_begin, n_end, n, k, avx512);
+  else
+    linear_range(x, m, static_cast<const uint16_t*>(w), bias, y, n_begin, n_end, n, k, avx512);
+}
+
+}  // namespace specdec
