@@ -1,0 +1,78 @@
+// pybind11 bindings for specdec._kernels.
+//
+// The Python face (python/specdec/kernels.py) does every shape, dtype and range check and passes raw
+// addresses of contiguous numpy arrays / torch CPU tensors (zero-copy; the caller keeps them alive for
+// the call). The GIL is released while a kernel runs. Use specdec.kernels, not this module.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "kernels/acceptance.hpp"
+#include "kernels/rng.hpp"
+#include "kernels/sampling.hpp"
+#include "kernels/threadpool.hpp"
+
+namespace py = pybind11;
+using specdec::uniform;
+
+template <class T>
+static T* P(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "specdec fused sampling and speculative verification kernels (use specdec.kernels)";
+  m.attr("CHUNK") = specdec::kChunk;
+  m.attr("GREEDY_TEMPERATURE") = double(specdec::kGreedyTemperature);
+  m.attr("STREAM_SAMPLE") = int(specdec::kStreamSample);
+  m.attr("STREAM_VERIFY") = int(specdec::kStreamVerify);
+
+  m.def(
+      "sample",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t V, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p,
+         uintptr_t min_p, uintptr_t seed, uintptr_t offset, uintptr_t out_tokens, uintptr_t out_probs,
+         uintptr_t status) {
+        specdec::sample_batch(P<const void>(logits), dtype, B, V, P<const double>(temperature),
+                              P<const int64_t>(top_k), P<const double>(top_p), P<const double>(min_p),
+                              P<const uint64_t>(seed), P<const uint64_t>(offset), P<int64_t>(out_tokens),
+                              P<float>(out_probs), P<int32_t>(status));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "verify",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t K, int64_t V, uintptr_t draft_tokens, uintptr_t draft_probs,
+         uintptr_t num_draft, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
+         uintptr_t offset, uintptr_t out_tokens, uintptr_t out_num_accepted, uintptr_t out_logprobs, uintptr_t status,
+         uintptr_t status_pos) {
+        specdec::verify_batch(P<const void>(logits), dtype, B, K, V, P<const int64_t>(draft_tokens),
+                              P<const float>(draft_probs), P<const int32_t>(num_draft), P<const double>(temperature),
+                              P<const int64_t>(top_k), P<const double>(top_p), P<const double>(min_p),
+                              P<const uint64_t>(seed), P<const uint64_t>(offset), P<int64_t>(out_tokens),
+                              P<int32_t>(out_num_accepted), P<float>(out_logprobs), P<int32_t>(status),
+                              P<int32_t>(status_pos));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "uniforms",
+      [](uintptr_t seed, uintptr_t offset, int64_t B, int64_t count, uint32_t stream, uintptr_t out) {
+        const uint64_t* s = P<const uint64_t>(seed);
+        const uint64_t* o = P<const uint64_t>(offset);
+        double* u = P<double>(out);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t i = 0; i < count; ++i) u[b * count + i] = uniform(s[b], o[b], stream, uint32_t(i));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def("philox4x32_10", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+    const uint32_t ctr[4] = {c0, c1, c2, c3};
+    const uint32_t key[2] = {k0, k1};
+    uint32_t out[4];
+    specdec::Philox4x32::generate(ctr, key, out);
+    return py::make_tuple(out[0], out[1], out[2], out[3]);
+  });
+
+  m.def("num_threads", &specdec::num_threads);
+  m.def("set_num_threads", &specdec::set_num_threads, py::call_guard<py::gil_scoped_release>());
+}

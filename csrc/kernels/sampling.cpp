@@ -1,0 +1,692 @@
+#include "sampling.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "rng.hpp"
+#include "threadpool.hpp"
+#include "vec.hpp"
+
+namespace specdec {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kHistBins = 256;      // top-p prefilter: bins of width 1/8 in log space
+constexpr float kHistScale = 8.0f;
+
+SD_INLINE bool any(vi m) {
+  uint64_t a[8];
+  std::memcpy(a, &m, sizeof(a));
+  return (a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7]) != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk kernels. Each has an always-inline template body and SD_CLONES wrappers per element type,
+// so every ISA clone gets its own vector code and the same results.
+// ---------------------------------------------------------------------------------------------
+
+enum StatsMode { kMaxOnly = 0, kScaled = 1, kRaw = 2 };
+
+template <class T>
+SD_INLINE void stats_impl(const T* l, int64_t n, float invT, int mode, ChunkStats* st) {
+  vf vmx = splat(-kInf), vmn = splat(kInf);
+  vi nan = vi{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf x = loadv(l + i);
+    vmx = vmax(vmx, x);
+    vmn = vmin(vmn, x);
+    nan |= (x != x);
+  }
+  float mx = hmax(vmx), mn = hmin(vmn);
+  bool bad = any(nan);
+  for (; i < n; ++i) {
+    float x = load1(l + i);
+    bad |= (x != x);
+    mx = x > mx ? x : mx;
+    mn = x < mn ? x : mn;
+  }
+  bad |= !std::isfinite(mx) || !std::isfinite(mn);
+  st->lmax = mx;
+  st->lmin = mn;
+  st->bad = bad;
+  st->sum_s = 0.0;
+  st->sum_r = 0.0;
+  if (bad || mode == kMaxOnly) return;
+  if (mode & kScaled) {
+    const float sm = mx * invT;
+    const vf vinv = splat(invT), vsm = splat(sm);
+    vf acc = vf{};
+    i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc += vexp(loadv(l + i) * vinv - vsm);
+    double s = hsum(acc);
+    for (; i < n; ++i) s += double(exp1(load1(l + i) * invT - sm));
+    st->sum_s = s;
+  }
+  if (mode & kRaw) {
+    const vf vm = splat(mx);
+    vf acc = vf{};
+    i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc += vexp(loadv(l + i) - vm);
+    double s = hsum(acc);
+    for (; i < n; ++i) s += double(exp1(load1(l + i) - mx));
+    st->sum_r = s;
+  }
+}
+SD_CLONES void k_stats(const float* l, int64_t n, float invT, int mode, ChunkStats* st) {
+  stats_impl(l, n, invT, mode, st);
+}
+SD_CLONES void k_stats(const bf16_t* l, int64_t n, float invT, int mode, ChunkStats* st) {
+  stats_impl(l, n, invT, mode, st);
+}
+
+template <class T>
+SD_INLINE int64_t find_first_impl(const T* l, int64_t n, float v) {
+  for (int64_t i = 0; i < n; ++i)
+    if (load1(l + i) == v) return i;
+  return -1;
+}
+int64_t k_find_first(const float* l, int64_t n, float v) { return find_first_impl(l, n, v); }
+int64_t k_find_first(const bf16_t* l, int64_t n, float v) { return find_first_impl(l, n, v); }
+
+// Σ e_i over the chunk, with local index `excl` (or -1) left out.
+template <class T>
+SD_INLINE double sum_e_impl(const T* l, int64_t n, float invT, float sm, int64_t excl) {
+  const vf vinv = splat(invT), vsm = splat(sm);
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf e = vexp(loadv(l + i) * vinv - vsm);
+    if (excl >= i && excl < i + kLanes) e[excl - i] = 0.0f;
+    acc += e;
+  }
+  double s = hsum(acc);
+  for (; i < n; ++i)
+    if (i != excl) s += double(exp1(load1(l + i) * invT - sm));
+  return s;
+}
+SD_CLONES double k_sum_e(const float* l, int64_t n, float invT, float sm, int64_t excl) {
+  return sum_e_impl(l, n, invT, sm, excl);
+}
+SD_CLONES double k_sum_e(const bf16_t* l, int64_t n, float invT, float sm, int64_t excl) {
+  return sum_e_impl(l, n, invT, sm, excl);
+}
+
+// Residual weights r_i = max(fl(e_i·invZ) - q_i, 0).
+template <class T>
+SD_INLINE double sum_resid_impl(const T* l, const float* q, int64_t n, float invT, float sm, float invZ) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ), zero = vf{};
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf r = vexp(loadv(l + i) * vinv - vsm) * vz - loadv(q + i);
+    acc += vmax(r, zero);
+  }
+  double s = hsum(acc);
+  for (; i < n; ++i) {
+    float r = exp1(load1(l + i) * invT - sm) * invZ - q[i];
+    s += double(r > 0.0f ? r : 0.0f);
+  }
+  return s;
+}
+SD_CLONES double k_sum_resid(const float* l, const float* q, int64_t n, float invT, float sm, float invZ) {
+  return sum_resid_impl(l, q, n, invT, sm, invZ);
+}
+SD_CLONES double k_sum_resid(const bf16_t* l, const float* q, int64_t n, float invT, float sm, float invZ) {
+  return sum_resid_impl(l, q, n, invT, sm, invZ);
+}
+
+// Weight of element i for the sequential scan (identical to the vector lanes above).
+template <class T>
+SD_INLINE float w_e(const T* l, int64_t i, float invT, float sm) {
+  return exp1(load1(l + i) * invT - sm);
+}
+
+// Sequential inverse-CDF scan inside one chunk: first i with prefix + Σ_{j<=i} w_j > target; if the
+// running sum never gets there (rounding), the last i with w_i > 0; -1 if all weights are zero.
+template <class T>
+int64_t scan_e(const T* l, int64_t n, float invT, float sm, int64_t excl, double prefix, double target) {
+  double acc = prefix;
+  int64_t last = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == excl) continue;
+    float w = w_e(l, i, invT, sm);
+    if (w > 0.0f) last = i;
+    acc += double(w);
+    if (acc > target) return i;
+  }
+  return last;
+}
+template <class T>
+int64_t scan_resid(const T* l, const float* q, int64_t n, float invT, float sm, float invZ, double prefix,
+                   double target) {
+  double acc = prefix;
+  int64_t last = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    float r = w_e(l, i, invT, sm) * invZ - q[i];
+    if (!(r > 0.0f)) continue;
+    last = i;
+    acc += double(r);
+    if (acc > target) return i;
+  }
+  return last;
+}
+
+template <class T>
+SD_INLINE void write_probs_impl(const T* l, int64_t n, float invT, float sm, float invZ, float* out) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf p = vexp(loadv(l + i) * vinv - vsm) * vz;
+    std::memcpy(out + i, &p, sizeof(p));
+  }
+  for (; i < n; ++i) out[i] = exp1(load1(l + i) * invT - sm) * invZ;
+}
+SD_CLONES void k_write_probs(const float* l, int64_t n, float invT, float sm, float invZ, float* out) {
+  write_probs_impl(l, n, invT, sm, invZ, out);
+}
+SD_CLONES void k_write_probs(const bf16_t* l, int64_t n, float invT, float sm, float invZ, float* out) {
+  write_probs_impl(l, n, invT, sm, invZ, out);
+}
+
+// Keeps the k largest s (ties kept) among what it has seen: prune to the k-th largest when full.
+void prune_topk(CandBuf& b, int64_t k, std::vector<float>& tmp) {
+  tmp.assign(b.s.begin(), b.s.end());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+  const float th = tmp[k - 1];
+  size_t w = 0;
+  for (size_t r = 0; r < b.s.size(); ++r)
+    if (b.s[r] >= th) {
+      b.s[w] = b.s[r];
+      b.idx[w] = b.idx[r];
+      ++w;
+    }
+  b.s.resize(w);
+  b.idx.resize(w);
+  b.theta = th;
+}
+
+// Appends every element with s >= threshold (threshold = b.theta, raised by pruning when k > 0).
+template <class T>
+SD_INLINE void collect_impl(const T* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
+                            std::vector<float>& tmp) {
+  const vf vinv = splat(invT);
+  const size_t cap = size_t(std::max<int64_t>(4 * k, 4096));
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf s = loadv(l + i) * vinv;
+    vi m = s >= splat(b.theta);
+    if (!any(m)) continue;
+    for (int j = 0; j < kLanes; ++j)
+      if (m[j]) {
+        b.idx.push_back(int32_t(base + i + j));
+        b.s.push_back(s[j]);
+      }
+    if (k > 0 && b.s.size() > cap) prune_topk(b, k, tmp);
+  }
+  for (; i < n; ++i) {
+    float s = load1(l + i) * invT;
+    if (s >= b.theta) {
+      b.idx.push_back(int32_t(base + i));
+      b.s.push_back(s);
+    }
+  }
+  if (k > 0 && b.s.size() > cap) prune_topk(b, k, tmp);
+}
+SD_CLONES void k_collect(const float* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
+                         std::vector<float>& tmp) {
+  collect_impl(l, n, base, invT, b, k, tmp);
+}
+SD_CLONES void k_collect(const bf16_t* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
+                         std::vector<float>& tmp) {
+  collect_impl(l, n, base, invT, b, k, tmp);
+}
+
+// Mass histogram over d = sm - s in bins of width 1/kHistScale (the last bin takes the tail).
+template <class T>
+SD_INLINE void hist_impl(const T* l, int64_t n, float invT, float sm, double* hist) {
+  const vf vinv = splat(invT), vsm = splat(sm);
+  const vf top = splat(float(kHistBins - 1));
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf s = loadv(l + i) * vinv;
+    vf e = vexp(s - vsm);
+    vf b = vmin((vsm - s) * splat(kHistScale), top);
+    vi bi = __builtin_convertvector(b, vi);
+    for (int j = 0; j < kLanes; ++j) hist[bi[j]] += double(e[j]);
+  }
+  for (; i < n; ++i) {
+    float s = load1(l + i) * invT;
+    float b = std::min((sm - s) * kHistScale, float(kHistBins - 1));
+    hist[int(b)] += double(exp1(s - sm));
+  }
+}
+SD_CLONES void k_hist(const float* l, int64_t n, float invT, float sm, double* hist) {
+  hist_impl(l, n, invT, sm, hist);
+}
+SD_CLONES void k_hist(const bf16_t* l, int64_t n, float invT, float sm, double* hist) {
+  hist_impl(l, n, invT, sm, hist);
+}
+
+SD_CLONES void k_exp_shift(const float* s, int64_t n, float sm, float* e) {
+  const vf vsm = splat(sm);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf v = vexp(loadv(s + i) - vsm);
+    std::memcpy(e + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) e[i] = exp1(s[i] - sm);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <class F>
+void for_chunks(int64_t nch, bool par, const F& f) {
+  if (par && nch > 1) {
+    parallel_run(nch, [&](int64_t c, int w) { f(c, w); });
+  } else {
+    for (int64_t c = 0; c < nch; ++c) f(c, 0);
+  }
+}
+
+inline int64_t nchunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
+
+// Dispatch on dtype: f(typed pointer).
+template <class F>
+auto with_typed(const LogitsRow& L, const F& f) {
+  if (L.dtype == kBF16) return f(static_cast<const bf16_t*>(L.ptr));
+  return f(static_cast<const float*>(L.ptr));
+}
+
+// The smallest s among tokens whose strictly-larger mass is < T (top-p threshold). Reorders s/e.
+float weighted_threshold(float* s, float* e, int64_t n, double T) {
+  int64_t lo = 0, hi = n;
+  double above = 0.0;
+  float best = kInf;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    float a = s[lo], b = s[mid], c = s[hi - 1];
+    const float v = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    int64_t lt = lo, i = lo, gt = hi;  // [lo,lt) > v, [lt,i) == v, [gt,hi) < v
+    while (i < gt) {
+      if (s[i] > v) {
+        std::swap(s[i], s[lt]);
+        std::swap(e[i], e[lt]);
+        ++lt;
+        ++i;
+      } else if (s[i] < v) {
+        --gt;
+        std::swap(s[i], s[gt]);
+        std::swap(e[i], e[gt]);
+      } else {
+        ++i;
+      }
+    }
+    double mass_hi = 0.0, mass_eq = 0.0;
+    for (int64_t j = lo; j < lt; ++j) mass_hi += e[j];
+    for (int64_t j = lt; j < gt; ++j) mass_eq += e[j];
+    const double G = above + mass_hi;
+    if (G < T) {
+      best = v;
+      above = G + mass_eq;
+      lo = gt;
+    } else {
+      hi = lt;
+    }
+  }
+  return best;
+}
+
+// Merges per-worker candidate buffers into ctx.cidx/cs sorted by token id.
+void merge_candidates(RowCtx& ctx, int nworkers) {
+  ctx.pairs.clear();
+  for (int w = 0; w < nworkers; ++w) {
+    CandBuf& b = ctx.wbuf[w];
+    for (size_t i = 0; i < b.idx.size(); ++i) ctx.pairs.emplace_back(b.idx[i], b.s[i]);
+  }
+  std::sort(ctx.pairs.begin(), ctx.pairs.end(),
+            [](const std::pair<int32_t, float>& a, const std::pair<int32_t, float>& b) { return a.first < b.first; });
+  ctx.cidx.resize(ctx.pairs.size());
+  ctx.cs.resize(ctx.pairs.size());
+  for (size_t i = 0; i < ctx.pairs.size(); ++i) {
+    ctx.cidx[i] = ctx.pairs[i].first;
+    ctx.cs[i] = ctx.pairs[i].second;
+  }
+}
+
+}  // namespace
+
+RowCtx& RowCtx::local() {
+  thread_local RowCtx ctx;
+  return ctx;
+}
+
+Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need_raw, bool par) {
+  Dist d;
+  const int64_t V = L.V;
+  const int64_t nch = nchunks(V);
+  const int nw = par ? std::max(1, available_workers()) : 1;
+  ctx.stats.resize(nch);
+  if (int(ctx.wbuf.size()) < nw) ctx.wbuf.resize(nw);
+  if (int(ctx.whist.size()) < nw) ctx.whist.resize(nw);
+
+  d.greedy = !(P.temperature > double(kGreedyTemperature));
+  const float invT = d.greedy ? 1.0f : float(1.0 / P.temperature);
+  d.invT = invT;
+  const int64_t k = (!d.greedy && P.top_k > 0 && P.top_k < V) ? P.top_k : 0;
+  const int mode = d.greedy ? (need_raw ? kRaw : kMaxOnly) : (kScaled | (need_raw && invT != 1.0f ? kRaw : 0));
+
+  for (int w = 0; w < nw; ++w) ctx.wbuf[w].clear();
+  with_typed(L, [&](auto* l) {
+    for_chunks(nch, par, [&](int64_t c, int w) {
+      const int64_t b = c * kChunk, n = std::min(kChunk, V - b);
+      k_stats(l + b, n, invT, mode, &ctx.stats[c]);
+      if (k > 0 && !ctx.stats[c].bad) k_collect(l + b, n, b, invT, ctx.wbuf[w], k, ctx.wbuf[w].tmp);
+    });
+    return 0;
+  });
+  float lmax = -kInf;
+  for (int64_t c = 0; c < nch; ++c) {
+    if (ctx.stats[c].bad) {
+      d.bad = true;
+      return d;
+    }
+    lmax = std::max(lmax, ctx.stats[c].lmax);
+  }
+  auto raw_lse = [&]() {
+    double z = 0.0;
+    for (int64_t c = 0; c < nch; ++c) z += ctx.stats[c].sum_r * std::exp(double(ctx.stats[c].lmax) - double(lmax));
+    return double(lmax) + std::log(z);
+  };
+
+  if (d.greedy) {
+    for (int64_t c = 0; c < nch; ++c)
+      if (ctx.stats[c].lmax == lmax) {
+        const int64_t b = c * kChunk;
+        d.argmax = b + with_typed(L, [&](auto* l) { return k_find_first(l + b, std::min(kChunk, V - b), lmax); });
+        break;
+      }
+    if (need_raw) d.raw_lse = raw_lse();
+    return d;
+  }
+
+  const float sm = lmax * invT;
+  d.smax = sm;
+  double zall = 0.0;
+  for (int64_t c = 0; c < nch; ++c)
+    zall += ctx.stats[c].sum_s * std::exp(double(ctx.stats[c].lmax * invT) - double(sm));
+  if (need_raw) d.raw_lse = (invT == 1.0f) ? double(sm) + std::log(zall) : raw_lse();
+
+  const bool use_p = P.top_p < 1.0, use_minp = P.min_p > 0.0;
+  if (k == 0 && !use_p && !use_minp) {
+    d.Z = zall;
+    d.invZ = float(1.0 / zall);
+    return d;
+  }
+
+  // Filtered: gather a candidate superset of the kept tokens, sorted by id.
+  d.filtered = true;
+  if (k > 0) {
+    merge_candidates(ctx, nw);
+    ctx.tmp.assign(ctx.cs.begin(), ctx.cs.end());
+    std::nth_element(ctx.tmp.begin(), ctx.tmp.begin() + (k - 1), ctx.tmp.end(), std::greater<float>());
+    d.tau = ctx.tmp[k - 1];
+  } else {
+    float sthr = -kInf;
+    if (use_p) {
+      for (int w = 0; w < nw; ++w) ctx.whist[w].assign(kHistBins, 0.0);
+      with_typed(L, [&](auto* l) {
+        for_chunks(nch, par, [&](int64_t c, int w) {
+          const int64_t b = c * kChunk;
+          k_hist(l + b, std::min(kChunk, V - b), invT, sm, ctx.whist[w].data());
+        });
+        return 0;
+      });
+      const double T = P.top_p * zall * (1.0 + 1e-4);
+      double cum = 0.0;
+      int bstar = kHistBins - 1;
+      for (int bi = 0; bi < kHistBins - 1; ++bi) {
+        for (int w = 0; w < nw; ++w) cum += ctx.whist[w][bi];
+        if (cum >= T) {
+          bstar = bi;
+          break;
+        }
+      }
+      if (bstar < kHistBins - 1) sthr = sm - (float(bstar + 1) / kHistScale) * 1.001f - 1e-3f - 1e-6f * std::fabs(sm);
+    } else {
+      sthr = sm + float(std::log(P.min_p)) - 1e-2f - 1e-6f * std::fabs(sm);
+    }
+    for (int w = 0; w < nw; ++w) ctx.wbuf[w].theta = sthr;
+    with_typed(L, [&](auto* l) {
+      for_chunks(nch, par, [&](int64_t c, int w) {
+        const int64_t b = c * kChunk;
+        k_collect(l + b, std::min(kChunk, V - b), b, invT, ctx.wbuf[w], 0, ctx.wbuf[w].tmp);
+      });
+      return 0;
+    });
+    merge_candidates(ctx, nw);
+  }
+  int64_t n = int64_t(ctx.cs.size());
+  ctx.ce.resize(n);
+  k_exp_shift(ctx.cs.data(), n, sm, ctx.ce.data());
+
+  float tau = d.tau;
+  if (use_p) {
+    double zk = 0.0;
+    if (k > 0) {
+      for (int64_t i = 0; i < n; ++i)
+        if (ctx.cs[i] >= tau) zk += double(ctx.ce[i]);
+    } else {
+      zk = zall;
+    }
+    // Work on copies restricted to the top-k set.
+    ctx.tmp.clear();
+    std::vector<float>& ws = ctx.tmp;
+    thread_local std::vector<float> we;
+    we.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (ctx.cs[i] >= tau) {
+        ws.push_back(ctx.cs[i]);
+        we.push_back(ctx.ce[i]);
+      }
+    const float tp = weighted_threshold(ws.data(), we.data(), int64_t(ws.size()), P.top_p * zk);
+    tau = std::max(tau, tp);
+  }
+  const float minp = use_minp ? float(P.min_p) : 0.0f;
+  int64_t w = 0;
+  double z = 0.0;
+  for (int64_t i = 0; i < n; ++i)
+    if (ctx.cs[i] >= tau && ctx.ce[i] >= minp) {
+      ctx.cidx[w] = ctx.cidx[i];
+      ctx.cs[w] = ctx.cs[i];
+      ctx.ce[w] = ctx.ce[i];
+      z += double(ctx.ce[w]);
+      ++w;
+    }
+  d.tau = tau;
+  d.minp = minp;
+  d.Z = z;
+  d.invZ = float(1.0 / z);
+  d.kidx = ctx.cidx.data();
+  d.ke = ctx.ce.data();
+  d.nkept = w;
+  return d;
+}
+
+float prob_of(const Dist& d, const LogitsRow& L, int64_t x) {
+  if (d.greedy) return x == d.argmax ? 1.0f : 0.0f;
+  const float s = with_typed(L, [&](auto* l) { return load1(l + x); }) * d.invT;
+  const float e = exp1(s - d.smax);
+  if (d.filtered && !(s >= d.tau && e >= d.minp)) return 0.0f;
+  return e * d.invZ;
+}
+
+int64_t sample_p(RowCtx& ctx, const Dist& d, const LogitsRow& L, double u, int64_t excl, bool par) {
+  if (d.greedy) return d.argmax == excl ? -1 : d.argmax;
+  if (d.filtered) {
+    double R = 0.0;
+    for (int64_t i = 0; i < d.nkept; ++i)
+      if (d.kidx[i] != excl) R += double(d.ke[i]);
+    if (!(R > 0.0)) return -1;
+    const double target = u * R;
+    double acc = 0.0;
+    int64_t last = -1;
+    for (int64_t i = 0; i < d.nkept; ++i) {
+      if (d.kidx[i] == excl) continue;
+      last = d.kidx[i];
+      acc += double(d.ke[i]);
+      if (acc > target) return d.kidx[i];
+    }
+    return last;
+  }
+  const int64_t V = L.V, nch = nchunks(V);
+  ctx.csum.resize(nch);
+  return with_typed(L, [&](auto* l) -> int64_t {
+    for_chunks(nch, par, [&](int64_t c, int) {
+      const int64_t b = c * kChunk;
+      ctx.csum[c] = k_sum_e(l + b, std::min(kChunk, V - b), d.invT, d.smax, excl >= b && excl < b + kChunk ? excl - b : -1);
+    });
+    double R = 0.0;
+    for (int64_t c = 0; c < nch; ++c) R += ctx.csum[c];
+    if (!(R > 0.0)) return -1;
+    const double target = u * R;
+    double prefix = 0.0;
+    int64_t lastc = -1;
+    for (int64_t c = 0; c < nch; ++c) {
+      if (ctx.csum[c] > 0.0) lastc = c;
+      if (prefix + ctx.csum[c] > target) {
+        lastc = c;
+        break;
+      }
+      prefix += ctx.csum[c];
+    }
+    if (lastc < 0) return -1;
+    const int64_t b = lastc * kChunk;
+    double pre = 0.0;
+    for (int64_t c = 0; c < lastc; ++c) pre += ctx.csum[c];
+    const int64_t i = scan_e(l + b, std::min(kChunk, V - b), d.invT, d.smax,
+                             excl >= b && excl < b + kChunk ? excl - b : -1, pre, target);
+    return i < 0 ? -1 : b + i;
+  });
+}
+
+int64_t sample_residual(RowCtx& ctx, const Dist& d, const LogitsRow& L, const float* q, double u, bool par) {
+  if (d.filtered) {
+    double R = 0.0;
+    for (int64_t i = 0; i < d.nkept; ++i) {
+      const float r = d.ke[i] * d.invZ - q[d.kidx[i]];
+      if (r > 0.0f) R += double(r);
+    }
+    if (!(R > 0.0) || !std::isfinite(R)) return -1;
+    const double target = u * R;
+    double acc = 0.0;
+    int64_t last = -1;
+    for (int64_t i = 0; i < d.nkept; ++i) {
+      const float r = d.ke[i] * d.invZ - q[d.kidx[i]];
+      if (!(r > 0.0f)) continue;
+      last = d.kidx[i];
+      acc += double(r);
+      if (acc > target) return d.kidx[i];
+    }
+    return last;
+  }
+  const int64_t V = L.V, nch = nchunks(V);
+  ctx.csum.resize(nch);
+  return with_typed(L, [&](auto* l) -> int64_t {
+    for_chunks(nch, par, [&](int64_t c, int) {
+      const int64_t b = c * kChunk;
+      ctx.csum[c] = k_sum_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ);
+    });
+    double R = 0.0;
+    for (int64_t c = 0; c < nch; ++c) R += ctx.csum[c];
+    if (!(R > 0.0) || !std::isfinite(R)) return -1;
+    const double target = u * R;
+    double prefix = 0.0;
+    int64_t cc = -1;
+    for (int64_t c = 0; c < nch; ++c) {
+      if (ctx.csum[c] > 0.0) cc = c;
+      if (prefix + ctx.csum[c] > target) {
+        cc = c;
+        break;
+      }
+      prefix += ctx.csum[c];
+    }
+    if (cc < 0) return -1;
+    const int64_t b = cc * kChunk;
+    double pre = 0.0;
+    for (int64_t c = 0; c < cc; ++c) pre += ctx.csum[c];
+    const int64_t i = scan_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ, pre, target);
+    return i < 0 ? -1 : b + i;
+  });
+}
+
+void write_probs(const Dist& d, const LogitsRow& L, float* out, bool par) {
+  const int64_t V = L.V;
+  if (d.greedy || d.filtered) {
+    std::fill(out, out + V, 0.0f);
+    if (d.greedy) {
+      out[d.argmax] = 1.0f;
+    } else {
+      for (int64_t i = 0; i < d.nkept; ++i) out[d.kidx[i]] = d.ke[i] * d.invZ;
+    }
+    return;
+  }
+  const int64_t nch = nchunks(V);
+  with_typed(L, [&](auto* l) {
+    for_chunks(nch, par, [&](int64_t c, int) {
+      const int64_t b = c * kChunk;
+      k_write_probs(l + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ, out + b);
+    });
+    return 0;
+  });
+}
+
+float logprob_of(const Dist& d, const LogitsRow& L, int64_t tok) {
+  const float x = with_typed(L, [&](auto* l) { return load1(l + tok); });
+  return float(double(x) - d.raw_lse);
+}
+
+bool row_finite(RowCtx& ctx, const LogitsRow& L, bool par) {
+  const int64_t V = L.V, nch = nchunks(V);
+  ctx.stats.resize(nch);
+  with_typed(L, [&](auto* l) {
+    for_chunks(nch, par, [&](int64_t c, int) {
+      const int64_t b = c * kChunk;
+      k_stats(l + b, std::min(kChunk, V - b), 1.0f, kMaxOnly, &ctx.stats[c]);
+    });
+    return 0;
+  });
+  for (int64_t c = 0; c < nch; ++c)
+    if (ctx.stats[c].bad) return false;
+  return true;
+}
+
+void sample_batch(const void* logits, int dtype, int64_t B, int64_t V, const double* temperature,
+                  const int64_t* top_k, const double* top_p, const double* min_p, const uint64_t* seed,
+                  const uint64_t* offset, int64_t* out_tokens, float* out_probs, int32_t* status) {
+  const int64_t esize = dtype == kBF16 ? 2 : 4;
+  const bool rows_par = B > 1 && available_workers() > 1;
+  auto row = [&](int64_t b, bool par) {
+    RowCtx& ctx = RowCtx::local();
+    LogitsRow L{static_cast<const char*>(logits) + b * V * esize, dtype, V};
+    RowParams P{temperature[b], top_k[b], top_p[b], min_p[b]};
+    status[b] = 0;
+    out_tokens[b] = -1;
+    Dist d = compute_dist(ctx, L, P, false, par);
+    if (d.bad) {
+      status[b] = 1;
+      if (out_probs) std::fill(out_probs + b * V, out_probs + (b + 1) * V, 0.0f);
+      return;
+    }
+    const double u = uniform(seed[b], offset[b], kStreamSample, 0);
+    out_tokens[b] = sample_p(ctx, d, L, u, -1, par);
+    if (out_probs) write_probs(d, L, out_probs + b * V, par);
+  };
+  if (rows_par) {
+    parallel_run(B, [&](int64_t b, int) { row(b, false); });
+  } else {
+    for (int64_t b = 0; b < B; ++b) row(b, V > kChunk);
+  }
+}
+
+}  // namespace specdec

@@ -1,0 +1,1 @@
+"""specdec: exact speculative decoding served over gRPC."""
