@@ -1,0 +1,814 @@
+"""The honest benchmark: target-only vs speculative (vs transformers' assisted generation), all measured.
+
+One process, one run, the same prompts and N for every method:
+
+- every number is wall-clock, taken around the engine's own steps (or around ``generate`` for transformers);
+- target-only decoding goes through the same engine with the ``none`` drafter, so the baseline pays the same
+  per-step overheads as speculation;
+- per prompt the methods run back to back in a rotating order (baseline, speculative, hf / speculative, hf,
+  baseline / ...), so machine drift hits them alike;
+- the first prompt(s) are a warm-up: measured and reported separately, never in the summary;
+- summaries are medians over prompts; ``speedup`` is the ratio of the reported decode rates and nothing else.
+  The analytic bound E(α,γ)/(γc+1) stands beside it, labelled as a bound, computed from the measured α and c;
+  it is never used to produce a speedup.
+
+Definitions (one prompt, N generated tokens, wall time W from the request's start to its last token, TTFT from
+the start to the first token): decode tokens/s = (N − 1) / (W − TTFT); end-to-end tokens/s = N / W.
+c = the engine's measured draft forward time ÷ one-token target forward time (its running estimates, read after
+each prompt's speculative run; the summary takes the median over prompts); 0 for the n-gram drafter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.policy import analytic_bound, expected_tokens
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    text: str
+    category: str = ""
+
+
+WARMUP_PROMPT = Prompt("Say hello and introduce yourself in two sentences.", "warm-up")
+
+BUILTIN_PROMPTS: list[Prompt] = [
+    Prompt("Write a Python function `is_prime(n)` that returns True when n is prime. Include a docstring.", "code"),
+    Prompt("Implement binary search over a sorted Python list and state its time complexity.", "code"),
+    Prompt(
+        "Here is a function:\n\n```python\ndef mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n"
+        "    return total / len(xs)\n```\n\nRewrite it so that it returns None for an empty list. Keep "
+        "everything else exactly the same and show the whole function.",
+        "code edit",
+    ),
+    Prompt("What are three practical tips for sleeping better? Keep it short.", "chat"),
+    Prompt("Explain to a beginner what a hash table is and why lookups are fast.", "chat"),
+    Prompt(
+        "Summarise the following paragraph in two sentences, quoting its most important phrase exactly:\n\n"
+        "\"The lighthouse keeper kept a logbook for forty years. Every night he wrote down the weather, the "
+        "ships that passed and the state of the lamp. When the lighthouse was automated, the logbook became "
+        "the only record of how often the lamp had failed: eleven times, always in winter storms.\"",
+        "summarise (quote)",
+    ),
+    Prompt(
+        "Summarise this text in one sentence:\n\n\"Photosynthesis converts light energy into chemical energy. "
+        "Plants take in carbon dioxide and water and, using sunlight, produce glucose and release oxygen. The "
+        "process happens mainly in the chloroplasts of leaf cells.\"",
+        "summarise",
+    ),
+    Prompt("A train travels 180 km in 2.5 hours. What is its average speed in km/h? Show your steps.", "math"),
+    Prompt("Compute the derivative of f(x) = x^3 * sin(x). Show each step.", "math"),
+    Prompt("Write a haiku about autumn rain.", "creative"),
+]
+
+
+def builtin_prompts() -> list[Prompt]:
+    """The warm-up prompt followed by the 10 measured built-in prompts."""
+    return [WARMUP_PROMPT, *BUILTIN_PROMPTS]
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """One prompt per line, or JSON lines with a ``prompt`` field (and an optional ``category``)."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON line: {e}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+                raise ValueError(f"{path}:{n}: a JSON line needs a non-empty string field 'prompt'")
+            prompts.append(Prompt(obj["prompt"], str(obj.get("category", ""))))
+        else:
+            prompts.append(Prompt(line))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    prompts: list[Prompt] = field(default_factory=builtin_prompts)
+    warmup: int = 1  # leading prompts that only warm up (reported separately)
+    max_new_tokens: int = 64
+    method: Method = Method.DRAFT  # the drafter under test (the baseline is always 'none')
+    gamma: int | None = None  # fixed γ; None = the engine's adaptive policy
+    gamma_max: int | None = None  # None = the engine's
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    compare_hf: bool = False  # also run transformers' generate: assisted (the peer) and target-only
+    hf_draft_dtype: str | None = None  # the draft as the user loaded it; None = the target's dtype
+    chat: bool = True  # wrap prompts in the target's chat template when it has one
+    # A later --concurrency N fits here: _time_engine already steps a list of requests together.
+
+    def validate(self) -> None:
+        if not 0 <= self.warmup < len(self.prompts):
+            raise ValueError(f"warmup must be in [0, {len(self.prompts)}) for {len(self.prompts)} prompts, got {self.warmup}")
+        if self.max_new_tokens < 2:
+            raise ValueError(f"max_new_tokens must be >= 2 (decode rate needs a second token), got {self.max_new_tokens}")
+        if self.method == Method.NONE:
+            raise ValueError("the drafter under test must be 'draft' or 'ngram' ('none' is the baseline)")
+        SpeculationParams(self.method, self.gamma, self.gamma_max).validate()
+        self.sampling.validate()
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+
+def _rates(n: int, ttft_s: float, wall_s: float) -> dict:
+    decode_s = wall_s - ttft_s
+    return {
+        "tokens": n,
+        "ttft_s": ttft_s,
+        "wall_s": wall_s,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": (n - 1) / decode_s if decode_s > 0 else math.nan,
+        "e2e_tokens_per_s": n / wall_s,
+    }
+
+
+def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
+    """Run requests to completion, stepped together; per request its tokens, timings and engine metrics."""
+    t0 = time.perf_counter()
+    seqs = [engine.start(r) for r in requests]
+    first: dict[int, float] = {}
+    end: dict[int, float] = {}
+    try:
+        live = list(seqs)
+        while live:
+            outs = engine.step_batch(live)
+            now = time.perf_counter()
+            for s, o in zip(live, outs):
+                if o.token_ids and id(s) not in first:
+                    first[id(s)] = now
+                if o.finished:
+                    end[id(s)] = now
+            live = [s for s in live if not s.finished]
+    finally:
+        for s in seqs:
+            engine.release(s)
+    runs = []
+    for s in seqs:
+        m = s.metrics
+        run = _rates(len(s.output_ids), first[id(s)] - t0, end[id(s)] - t0)
+        run.update(
+            output_ids=list(s.output_ids),
+            text=s.text,
+            proposed=m.proposed,
+            accepted=m.accepted,
+            verify_steps=m.verify_steps,
+            per_position_proposed=list(m.per_position_proposed),
+            per_position_accepted=list(m.per_position_accepted),
+            draft_s=m.draft_s,
+            target_s=m.target_s,
+            kernel_s=m.kernel_s,
+            other_s=m.other_s,
+        )
+        runs.append(run)
+    return runs
+
+
+def _speculative_run(engine, request: GenerationRequest) -> dict:
+    run = _time_engine(engine, [request])[0]
+    # c as the engine measures it (draft forward ÷ one-token target forward, running estimates), after this run.
+    run["c"] = 0.0 if request.speculation.method == Method.NGRAM else engine.cost_ratio()
+    return run
+
+
+class _TimingStreamer:
+    """transformers streamer that records when the first generated token arrives (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_generation_kwargs(engine, options: BenchOptions) -> dict:
+    s = options.sampling
+    config = engine.target.model.generation_config
+    kwargs = dict(
+        max_new_tokens=options.max_new_tokens,
+        # No EOS: generation runs to N tokens without suppressing EOS in the logits (as ignore_eos does).
+        eos_token_id=None,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+        do_sample=not s.greedy,
+    )
+    if options.method == Method.NGRAM:
+        # transformers' prompt lookup needs an EOS id; keep it and forbid EOS before N tokens instead.
+        kwargs.update(eos_token_id=config.eos_token_id, min_new_tokens=options.max_new_tokens)
+    if s.greedy:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    else:
+        kwargs.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p, min_p=s.min_p or None)
+    return kwargs
+
+
+@torch.inference_mode()
+def _time_hf(engine, prompt_ids: list[int], options: BenchOptions, assistant, seed: int) -> dict:
+    """transformers' own ``generate`` on the engine's target: with ``assistant`` (assisted) or without."""
+    model = engine.target.model
+    ids = torch.tensor([prompt_ids], device=model.device)
+    kwargs = _hf_generation_kwargs(engine, options)
+    if assistant == "ngram":
+        kwargs["prompt_lookup_num_tokens"] = options.gamma or options.gamma_max or engine.config.gamma_max
+    elif assistant is not None:
+        kwargs["assistant_model"] = assistant
+    if kwargs["do_sample"]:
+        torch.manual_seed(seed)
+    streamer = _TimingStreamer()
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
+    wall = time.perf_counter() - t0
+    new = [int(t) for t in out[0, len(prompt_ids) :]]
+    if len(new) != options.max_new_tokens:
+        raise RuntimeError(f"transformers generated {len(new)} tokens, expected {options.max_new_tokens}")
+    run = _rates(len(new), streamer.first_token_at - t0, wall)
+    run.update(output_ids=new, text=engine.tokenizer.decode(new, skip_special_tokens=False))
+    return run
+
+
+def _hf_assistant(engine, options: BenchOptions):
+    """The draft as the user loaded it (by default in the target's dtype), for transformers' assisted generation."""
+    if options.method == Method.NGRAM:
+        return "ngram", ""
+    if engine.draft is None:
+        raise ValueError("--compare-hf with the draft drafter needs a draft model")
+    dtype = options.hf_draft_dtype or str(engine.target.dtype).removeprefix("torch.")
+    if str(engine.draft.dtype).removeprefix("torch.") == dtype:
+        return engine.draft.model, dtype  # the engine's draft is already that: no second copy
+    from specdec.models import load_model
+
+    return load_model(engine.draft.name, dtype=dtype, device=str(engine.target.device)).model, dtype
+
+
+def _encode(engine, prompt: Prompt, chat: bool) -> list[int]:
+    if chat and getattr(engine.tokenizer, "chat_template", None):
+        return engine.encode_chat([{"role": "user", "content": prompt.text}])
+    return engine.encode(prompt.text)
+
+
+def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None) -> dict:
+    """Measure baseline, speculative (and transformers) on every prompt; return the report dict."""
+    options.validate()
+    progress = progress or (lambda event: None)
+    assistant, hf_draft_dtype = _hf_assistant(engine, options) if options.compare_hf else (None, "")
+    methods = ["baseline", "speculative"] + (["hf_assisted", "hf_target_only"] if options.compare_hf else [])
+    total = len(options.prompts) * len(methods)
+    done = 0
+    greedy = options.sampling.greedy
+    base_seed = options.sampling.seed if options.sampling.seed is not None else 1234
+    rss_start = _rss_bytes()
+    t_start = time.time()
+    results = []
+    for i, prompt in enumerate(options.prompts):
+        prompt_ids = _encode(engine, prompt, options.chat)
+        seed = base_seed + i
+        phase = "warmup" if i < options.warmup else "measure"
+
+        def request(method: Method, gamma=None, gamma_max=None) -> GenerationRequest:
+            sampling = SamplingParams(**{**asdict(options.sampling), "seed": seed})
+            return GenerationRequest(
+                prompt_ids=prompt_ids,
+                max_new_tokens=options.max_new_tokens,
+                ignore_eos=True,
+                sampling=sampling,
+                speculation=SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max),
+                request_id=f"bench-{i}",
+            )
+
+        runners = {
+            "baseline": lambda: _time_engine(engine, [request(Method.NONE, gamma=0)])[0],
+            "speculative": lambda: _speculative_run(engine, request(options.method, options.gamma, options.gamma_max)),
+            "hf_assisted": lambda: _time_hf(engine, prompt_ids, options, assistant, seed),
+            "hf_target_only": lambda: _time_hf(engine, prompt_ids, options, None, seed),
+        }
+        entry = {"index": i, "phase": phase, "category": prompt.category, "prompt": prompt.text,
+                 "prompt_tokens": len(prompt_ids)}  # fmt: skip
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]  # rotate: drift hits all alike
+        entry["order"] = order
+        for name in order:
+            progress({"event": "start", "phase": phase, "prompt": i, "prompts": len(options.prompts), "method": name,
+                      "done": done, "total": total, "message": f"{phase} prompt {i + 1}/{len(options.prompts)}: {name}"})  # fmt: skip
+            entry[name] = runners[name]()
+            done += 1
+            r = entry[name]
+            progress({"event": "done", "phase": phase, "prompt": i, "prompts": len(options.prompts), "method": name,
+                      "done": done, "total": total, "decode_tokens_per_s": r["decode_tokens_per_s"],
+                      "message": f"{phase} prompt {i + 1}/{len(options.prompts)}: {name} "
+                                 f"{r['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+        results.append(entry)
+
+    gamma_max = options.gamma_max or engine.config.gamma_max
+    # What the engine does with these requests: a fixed γ asked for, else adaptive when asked (gamma_max) or when
+    # the engine is adaptive, else the engine's fixed γ.
+    gamma = options.gamma if options.gamma is not None else (None if options.gamma_max else engine.config.gamma)
+    info = engine.info()
+    config = {
+        "target": info["target"],
+        "draft": info["draft"] if options.method == Method.DRAFT else "",
+        "target_dtype": info["target_dtype"],
+        "draft_dtype": info["draft_dtype"] if options.method == Method.DRAFT else "",
+        "hf_draft_dtype": hf_draft_dtype,
+        "device": info["device"],
+        "drafter": options.method.value,
+        "gamma_policy": f"fixed γ={gamma}" if gamma is not None else f"adaptive, γ ≤ {gamma_max}",
+        "gamma": gamma,
+        "gamma_max": gamma_max,
+        "max_new_tokens": options.max_new_tokens,
+        "sampling": asdict(options.sampling),
+        "threads": torch.get_num_threads(),
+        "prompts": len(options.prompts) - options.warmup,
+        "warmup_prompts": options.warmup,
+        "chat_template": bool(options.chat and getattr(engine.tokenizer, "chat_template", None)),
+        "compare_hf": options.compare_hf,
+        "order": "interleaved, rotating per prompt",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
+        "duration_s": time.time() - t_start,
+    }
+    memory = {
+        "rss_bytes_before": rss_start,
+        "rss_bytes_after": _rss_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "target_weight_bytes": _weight_bytes(engine.target.model),
+        "draft_weight_bytes": _weight_bytes(engine.draft.model) if engine.draft is not None else 0,
+        "hf_draft_weight_bytes": _weight_bytes(assistant) if isinstance(assistant, torch.nn.Module) else 0,
+        "hf_draft_shared_with_engine": engine.draft is not None and assistant is getattr(engine.draft, "model", None),
+    }
+    report = make_report(config, results, greedy=greedy)
+    report["memory"] = memory
+    report["engine_cost_ratio"] = engine.cost_ratio()
+    progress({"event": "finished", "done": total, "total": total, "message": "benchmark finished"})
+    return report
+
+
+# ---- the report (pure arithmetic on the measurements: unit-tested with synthetic numbers) --------
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _summary(runs: list[dict]) -> dict:
+    decode_tokens = sum(r["tokens"] - 1 for r in runs)
+    decode_s = sum(r["decode_s"] for r in runs)
+    return {
+        "decode_tokens_per_s": _median([r["decode_tokens_per_s"] for r in runs]),
+        "e2e_tokens_per_s": _median([r["e2e_tokens_per_s"] for r in runs]),
+        "ttft_s_median": _median([r["ttft_s"] for r in runs]),
+        "decode_tokens_per_s_pooled": decode_tokens / decode_s if decode_s > 0 else None,
+        "tokens": sum(r["tokens"] for r in runs),
+        "wall_s": sum(r["wall_s"] for r in runs),
+    }
+
+
+def _acceptance(runs: list[dict]) -> dict:
+    proposed = sum(r["proposed"] for r in runs)
+    accepted = sum(r["accepted"] for r in runs)
+    steps = sum(r["verify_steps"] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
+    width = max((len(r["per_position_proposed"]) for r in runs), default=0)
+    pp = [sum(r["per_position_proposed"][i] for r in runs if i < len(r["per_position_proposed"])) for i in range(width)]
+    pa = [sum(r["per_position_accepted"][i] for r in runs if i < len(r["per_position_accepted"])) for i in range(width)]
+    return {
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        # Tokens emitted per target verify step, bonus included (the engine's definition). With ignore_eos
+        # and no stop strings nothing is truncated, so this is generated tokens ÷ verify steps.
+        "mean_accepted_length": tokens / steps if steps else 0.0,
+        "per_position_acceptance": [a / p if p else 0.0 for a, p in zip(pa, pp)],
+        "proposed": proposed,
+        "accepted": accepted,
+        "verify_steps": steps,
+        "mean_gamma": proposed / max(steps - len(runs), 1),  # drafts per decode step (the prefill drafts none)
+        "draft_s_per_drafted_token": sum(r["draft_s"] for r in runs) / proposed if proposed else None,
+    }
+
+
+def bound_for(alpha: float, c: float | None, gamma: int | None, gamma_max: int) -> tuple[float | None, int | None]:
+    """The analytic bound E(α,γ)/(γc+1): at the fixed γ, or for an adaptive policy at the best γ ≤ γ_max."""
+    if c is None:
+        return None, None
+    if gamma is not None:
+        return analytic_bound(alpha, gamma, c), gamma
+    best = max(range(gamma_max + 1), key=lambda g: analytic_bound(alpha, g, c))
+    return analytic_bound(alpha, best, c), best
+
+
+def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
+    """Summaries, ratios and bound from per-prompt measurements (``results``: one entry per prompt)."""
+    measured = [e for e in results if e["phase"] == "measure"]
+    gamma, gamma_max = config.get("gamma"), config["gamma_max"]
+    has_hf = bool(measured) and "hf_assisted" in measured[0]
+
+    per_prompt = []
+    for e in results:
+        row = {k: e[k] for k in ("index", "phase", "category", "prompt", "prompt_tokens", "order")}
+        for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
+            if name in e:
+                row[name] = dict(e[name])
+        spec, base = e["speculative"], e["baseline"]
+        row["speculative"].update(_acceptance([spec]))
+        row["speedup"] = _ratio(spec["decode_tokens_per_s"], base["decode_tokens_per_s"])
+        row["speedup_e2e"] = _ratio(spec["e2e_tokens_per_s"], base["e2e_tokens_per_s"])
+        if "hf_assisted" in e:
+            row["speedup_vs_hf"] = _ratio(spec["decode_tokens_per_s"], e["hf_assisted"]["decode_tokens_per_s"])
+        row["c"] = spec["c"]
+        row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["acceptance_rate"], row["c"], gamma, gamma_max)
+        row["efficiency"] = _ratio(row["speedup"], row["analytic_bound"])
+        row["verify_step_s"] = spec["target_s"] / spec["verify_steps"] if spec["verify_steps"] else None
+        row["target_decode_step_s"] = base["decode_s"] / (base["tokens"] - 1)
+        if greedy:
+            row["identical"] = spec["output_ids"] == base["output_ids"]
+            if "hf_assisted" in e:
+                row["hf_identical"] = e["hf_assisted"]["output_ids"] == base["output_ids"]
+        per_prompt.append(row)
+
+    base_runs = [e["baseline"] for e in measured]
+    spec_runs = [e["speculative"] for e in measured]
+    report: dict = {"config": config, "baseline": _summary(base_runs), "speculative": _summary(spec_runs)}
+    report["speculative"].update(_acceptance(spec_runs))
+    report["speculative"]["draft_s"] = sum(r["draft_s"] for r in spec_runs)
+    report["speculative"]["target_s"] = sum(r["target_s"] for r in spec_runs)
+    report["speculative"]["kernel_s"] = sum(r["kernel_s"] for r in spec_runs)
+    report["speculative"]["other_s"] = sum(r["other_s"] for r in spec_runs)
+    if has_hf:
+        report["hf_assisted"] = _summary([e["hf_assisted"] for e in measured])
+        report["hf_target_only"] = _summary([e["hf_target_only"] for e in measured])
+    report["speedup"] = _ratio(report["speculative"]["decode_tokens_per_s"], report["baseline"]["decode_tokens_per_s"])
+    report["speedup_e2e"] = _ratio(report["speculative"]["e2e_tokens_per_s"], report["baseline"]["e2e_tokens_per_s"])
+    report["speedup_per_prompt_median"] = _median([r["speedup"] for r in per_prompt if r["phase"] == "measure"])
+    if has_hf:
+        report["speedup_vs_hf"] = _ratio(report["speculative"]["decode_tokens_per_s"], report["hf_assisted"]["decode_tokens_per_s"])
+        report["hf_assisted_speedup"] = _ratio(report["hf_assisted"]["decode_tokens_per_s"], report["baseline"]["decode_tokens_per_s"])
+        report["baseline_vs_hf_target_only"] = _ratio(
+            report["baseline"]["decode_tokens_per_s"], report["hf_target_only"]["decode_tokens_per_s"]
+        )
+    report["c"] = _median([r["c"] for r in spec_runs])
+    alpha = report["speculative"]["acceptance_rate"]
+    report["analytic_bound"], report["bound_gamma"] = bound_for(alpha, report["c"], gamma, gamma_max)
+    report["expected_tokens_per_step"] = expected_tokens(alpha, report["bound_gamma"]) if report["bound_gamma"] is not None else None
+    report["efficiency"] = _ratio(report["speedup"], report["analytic_bound"])
+    verify_steps = sum(r["verify_steps"] for r in spec_runs)
+    report["verify_step_s"] = report["speculative"]["target_s"] / verify_steps if verify_steps else None
+    base_decode_tokens = sum(r["tokens"] - 1 for r in base_runs)
+    report["target_decode_step_s"] = sum(r["decode_s"] for r in base_runs) / base_decode_tokens if base_decode_tokens else None
+    if greedy:
+        report["identical_outputs"] = all(r["identical"] for r in per_prompt if r["phase"] == "measure")
+        if has_hf:
+            report["hf_identical_outputs"] = all(r["hf_identical"] for r in per_prompt if r["phase"] == "measure")
+    else:
+        report["identical_outputs"] = None
+    report["per_prompt"] = [r for r in per_prompt if r["phase"] == "measure"]
+    report["warmup"] = [r for r in per_prompt if r["phase"] == "warmup"]
+    return report
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def _f(x, spec: str = ".2f", suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:{spec}}{suffix}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def to_markdown(report: dict) -> str:
+    c, b, s = report["config"], report["baseline"], report["speculative"]
+    hf = report.get("hf_assisted")
+    hft = report.get("hf_target_only")
+    sampling = c["sampling"]
+    samp = "greedy" if sampling["temperature"] == 0 else (
+        f"temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}, "
+        f"min-p {sampling['min_p']}, seed {sampling['seed']}"
+    )  # fmt: skip
+    L = ["# specdec benchmark", ""]
+    L += ["## Configuration", "", "| | |", "|---|---|"]
+    L += [
+        f"| target | `{c['target']}` ({c['target_dtype']}) |",
+        f"| draft | `{c['draft']}` ({c['draft_dtype']}) |" if c["draft"] else f"| drafter | {c['drafter']} |",
+        f"| drafter, γ policy | {c['drafter']}, {c['gamma_policy']} |",
+        f"| prompts | {c['prompts']} measured + {c['warmup_prompts']} warm-up (excluded), chat template: {c['chat_template']} |",
+        f"| new tokens per prompt | {c['max_new_tokens']} (EOS ignored) |",
+        f"| sampling | {samp} |",
+        f"| order | {c['order']} |",
+        f"| threads, device | {c['threads']}, {c['device']} |",
+        f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
+        f"| run | {c['started_at']}, {c['duration_s']:.0f} s |",
+    ]
+    if c["compare_hf"]:
+        L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
+    L += ["", "## Summary (medians over the measured prompts)", ""]
+    head = "| | baseline (target only) | speculative |" + (" HF assisted | HF target-only |" if hf else "")
+    L += [head, "|---|---|---|" + ("---|---|" if hf else "")]
+
+    def line(label, key, spec=".2f"):
+        row = f"| {label} | {_f(b[key], spec)} | {_f(s[key], spec)} |"
+        return row + (f" {_f(hf[key], spec)} | {_f(hft[key], spec)} |" if hf else "")
+
+    L += [
+        line("decode tokens/s", "decode_tokens_per_s"),
+        line("end-to-end tokens/s", "e2e_tokens_per_s"),
+        line("TTFT (s)", "ttft_s_median", ".3f"),
+        line("decode tokens/s, pooled", "decode_tokens_per_s_pooled"),
+    ]
+    L += ["", "| measured | value |", "|---|---|"]
+    L.append(f"| **speedup** (speculative ÷ baseline decode tokens/s) | **{_f(report['speedup'], '.3f', '×')}** |")
+    L.append(f"| speedup, end-to-end tokens/s | {_f(report['speedup_e2e'], '.3f', '×')} |")
+    L.append(f"| speedup, median of per-prompt ratios | {_f(report['speedup_per_prompt_median'], '.3f', '×')} |")
+    if hf:
+        L.append(f"| **speedup vs HF assisted** (speculative ÷ HF assisted decode tokens/s) | **{_f(report['speedup_vs_hf'], '.3f', '×')}** |")
+        L.append(f"| HF assisted ÷ baseline | {_f(report['hf_assisted_speedup'], '.3f', '×')} |")
+        L.append(f"| baseline ÷ HF target-only (is the baseline fair?) | {_f(report['baseline_vs_hf_target_only'], '.3f', '×')} |")
+    L.append(f"| acceptance rate α | {_f(s['acceptance_rate'], '.3f')} ({s['accepted']}/{s['proposed']}) |")
+    L.append(f"| mean accepted length (tokens per verify step) | {_f(s['mean_accepted_length'], '.2f')} |")
+    L.append(f"| mean γ (drafts per decode step) | {_f(s['mean_gamma'], '.2f')} |")
+    L.append("| per-position acceptance | " + ", ".join(f"{x:.2f}" for x in s["per_position_acceptance"]) + " |")
+    L.append(f"| c (draft forward ÷ one-token target forward, engine-measured, median over prompts) | {_f(report['c'], '.3f')} |")
+    L.append(f"| target verify step ÷ target decode step | {_f(_ratio(report['verify_step_s'], report['target_decode_step_s']), '.2f', '×')} |")
+    if report["identical_outputs"] is not None:
+        L.append(f"| greedy outputs identical to baseline | {report['identical_outputs']} |")
+    if "hf_identical_outputs" in report:
+        L.append(f"| HF assisted outputs identical to baseline | {report['hf_identical_outputs']} |")
+    L += ["", "| bound (not a measurement) | value |", "|---|---|"]
+    L.append(
+        f"| analytic bound E(α,γ)/(γc+1) at γ={report['bound_gamma']} | {_f(report['analytic_bound'], '.3f', '×')} |"
+    )
+    L.append(f"| efficiency = measured speedup ÷ bound | {_f(report['efficiency'], '.2f')} |")
+    L += ["", "## Per prompt", ""]
+    hf_cols = " HF assisted tok/s | vs HF |" if hf else ""
+    L.append(f"| # | category | prompt tokens | baseline tok/s | speculative tok/s |{hf_cols} speedup | α | accepted length | c | bound | TTFT base / spec (s) | identical |")
+    L.append("|---|---|---|---|---|" + ("---|---|" if hf else "") + "---|---|---|---|---|---|---|")
+    for r in report["per_prompt"] + report["warmup"]:
+        sp = r["speculative"]
+        hf_cell = f" {_f(r['hf_assisted']['decode_tokens_per_s'])} | {_f(r.get('speedup_vs_hf'), '.2f', '×')} |" if hf else ""
+        label = f"{r['index']}" + (" (warm-up)" if r["phase"] == "warmup" else "")
+        L.append(
+            f"| {label} | {r['category']} | {r['prompt_tokens']} | {_f(r['baseline']['decode_tokens_per_s'])} | "
+            f"{_f(sp['decode_tokens_per_s'])} |{hf_cell} {_f(r['speedup'], '.2f', '×')} | {_f(sp['acceptance_rate'], '.2f')} | "
+            f"{_f(sp['mean_accepted_length'], '.2f')} | {_f(r['c'], '.2f')} | {_f(r['analytic_bound'], '.2f', '×')} | "
+            f"{_f(r['baseline']['ttft_s'], '.2f')} / {_f(sp['ttft_s'], '.2f')} | {r.get('identical', '–')} |"
+        )
+    L += ["", "The warm-up row is measured like the others and excluded from every summary.", ""]
+    L += ["## Notes and trade-offs", ""]
+    L += _notes(report)
+    return "\n".join(L) + "\n"
+
+
+def _notes(report: dict) -> list[str]:
+    """Plain statements derived from this report's numbers."""
+    b, s, mem = report["baseline"], report["speculative"], report.get("memory", {})
+    notes = []
+    sp = report["speedup"]
+    if sp is not None:
+        verdict = "faster" if sp > 1.0 else "slower"
+        notes.append(f"- Speculative decoding was {sp:.2f}× the baseline's decode rate here ({verdict}), measured on the same prompts in one run.")
+    if report.get("analytic_bound") is not None:
+        notes.append(
+            f"- The analytic bound {report['analytic_bound']:.2f}× assumes that verifying γ+1 tokens costs one decode step. "
+            f"Measured, a verify step cost {_f(_ratio(report['verify_step_s'], report['target_decode_step_s']), '.2f')}× a "
+            f"target decode step ({_f(report['verify_step_s'], '.3f')} s vs {_f(report['target_decode_step_s'], '.3f')} s)."
+        )
+    if b["ttft_s_median"] is not None and s["ttft_s_median"] is not None:
+        notes.append(
+            f"- TTFT: {s['ttft_s_median']:.3f} s speculative vs {b['ttft_s_median']:.3f} s baseline (median); the speculative "
+            "first step prefills the target only, the draft catches up on its first proposal."
+        )
+    if mem:
+        notes.append(
+            f"- Memory: target weights {_gib(mem['target_weight_bytes'])}, draft weights {_gib(mem['draft_weight_bytes'])}"
+            + (f", a separate {_gib(mem['hf_draft_weight_bytes'])} draft copy for transformers' assisted generation"
+               if mem.get("hf_draft_weight_bytes") and not mem.get("hf_draft_shared_with_engine") else "")
+            + f"; process peak RSS {_gib(mem['peak_rss_bytes'])}."
+        )
+    if report.get("identical_outputs") is False:
+        bad = [str(r["index"]) for r in report["per_prompt"] if not r.get("identical")]
+        notes.append(f"- **Greedy outputs differ from the baseline** on prompt(s) {', '.join(bad)}.")
+    if s["per_position_acceptance"]:
+        notes.append(
+            f"- Acceptance falls with draft position: {s['per_position_acceptance'][0]:.2f} at the first draft, "
+            f"{s['per_position_acceptance'][-1]:.2f} at position {len(s['per_position_acceptance'])}."
+        )
+    cats = {}
+    for r in report["per_prompt"]:
+        cats.setdefault(r["category"] or "-", []).append(r["speedup"])
+    if len(cats) > 1:
+        parts = [f"{k} {statistics.median(v):.2f}×" for k, v in cats.items() if all(x is not None for x in v)]
+        notes.append("- Median speedup by category: " + ", ".join(parts) + ".")
+    return notes
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Per-prompt decode tokens/s (baseline, speculative, HF assisted) and acceptance per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["per_prompt"]
+    labels = [f"{r['index']}\n{r['category']}" for r in rows]
+    series = [("baseline", "baseline"), ("speculative", "speculative")]
+    if "hf_assisted" in report:
+        series.append(("hf_assisted", "HF assisted"))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(rows)), 8), sharex=True)
+    width = 0.8 / len(series)
+    xs = range(len(rows))
+    for k, (key, name) in enumerate(series):
+        ax1.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], [r[key]["decode_tokens_per_s"] for r in rows],
+                width, label=name)  # fmt: skip
+    ax1.set_ylabel("decode tokens/s")
+    ax1.set_title(
+        f"speedup {_f(report['speedup'], '.2f')}× (measured), bound {_f(report['analytic_bound'], '.2f')}×; "
+        f"{report['config']['max_new_tokens']} tokens/prompt"
+    )
+    ax1.legend()
+    ax2.bar(list(xs), [r["speculative"]["acceptance_rate"] for r in rows], 0.6, color="tab:green")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("acceptance rate")
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels(labels, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return 0
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "?"
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "value"):
+        return x.value
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2, default=_json_default, allow_nan=False)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("models")
+    m.add_argument("--target", help="target model: directory, .gguf or hub id (default: the default pair, fetched)")
+    m.add_argument("--draft", help="draft model (default: the default pair's draft)")
+    m.add_argument("--dtype", default="float32", help="target dtype (default float32)")
+    m.add_argument("--draft-dtype", default="bfloat16", help="dtype specdec runs the draft in (default bfloat16)")
+    m.add_argument("--hf-draft-dtype", default=None,
+                   help="dtype of the draft given to transformers' assisted generation (default: --dtype)")  # fmt: skip
+    m.add_argument("--device", default="auto")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    s = parser.add_argument_group("speculation")
+    s.add_argument("--method", "--drafter", dest="method", choices=["draft", "ngram"], default="draft")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--gamma", type=int, default=None, help="fixed γ (default: adaptive)")
+    g.add_argument("--gamma-max", type=int, default=None, help="adaptive γ up to this (default: the engine's, 8)")
+    p = parser.add_argument_group("sampling")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="base seed; prompt i uses seed + i")
+    b = parser.add_argument_group("benchmark")
+    b.add_argument("--prompts-file", help="one prompt per line, or JSON lines with a 'prompt' field")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--warmup", type=int, default=1, help="leading prompts used as warm-up, reported separately")
+    b.add_argument("--no-chat-template", dest="chat", action="store_false", help="send prompts raw")
+    b.add_argument("--compare-hf", action="store_true", help="also run transformers' assisted and plain generate")
+    b.add_argument("--json", dest="json_path", help="write the report as JSON")
+    b.add_argument("--plot", dest="plot_path", help="write a PNG chart")
+    b.add_argument("--markdown", dest="markdown_path", help="write the Markdown report to a file (default: stdout)")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else builtin_prompts()
+    return BenchOptions(
+        prompts=prompts,
+        warmup=args.warmup,
+        max_new_tokens=args.max_new_tokens,
+        method=Method(args.method),
+        gamma=args.gamma,
+        gamma_max=args.gamma_max,
+        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                seed=args.seed),  # fmt: skip
+        compare_hf=args.compare_hf,
+        hf_draft_dtype=args.hf_draft_dtype,
+        chat=args.chat,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from specdec.engine import Engine, EngineConfig
+
+    options = options_from_args(args)
+    options.validate()
+    target, draft = args.target, args.draft
+    if target is None:
+        from specdec.fetch import default_pair
+
+        target, default_draft = default_pair()
+        draft = draft or default_draft
+    if options.method == Method.NGRAM:
+        draft = None
+    elif draft is None:
+        print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)
+        return 2
+    config = EngineConfig(method=options.method, gamma=options.gamma, gamma_max=options.gamma_max or 8)
+    print(f"loading target {target} ({args.dtype})" + (f" and draft {draft} ({args.draft_dtype})" if draft else ""), file=sys.stderr)
+    engine = Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
+                         threads=args.threads, config=config)  # fmt: skip
+    bar = tqdm(total=1, unit="run", desc="bench", file=sys.stderr)
+
+    def progress(event: dict) -> None:
+        bar.total = event["total"]
+        if event["event"] == "start":
+            bar.set_postfix_str(f"{event['phase']} {event['prompt'] + 1}/{event['prompts']} {event['method']}")
+        elif event["event"] == "done":
+            bar.update(1)
+
+    report = run_benchmark(engine, options, progress)
+    bar.close()
+    md = to_markdown(report)
+    if args.markdown_path:
+        Path(args.markdown_path).write_text(md, encoding="utf-8")
+    else:
+        print(md)
+    if args.json_path:
+        Path(args.json_path).write_text(to_json(report) + "\n", encoding="utf-8")
+    if args.plot_path:
+        plot(report, args.plot_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

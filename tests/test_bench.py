@@ -1,0 +1,264 @@
+"""The benchmark's arithmetic: speedup is the ratio of measured rates, never a function of acceptance; the
+bound is E(α,γ)/(γc+1); warm-up is excluded. First on synthetic measurements with known answers, then on a
+real run of tiny models, recomputing every summary number from the raw per-prompt timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+import pytest
+
+from specdec import bench
+from specdec.params import Method, SamplingParams
+
+# ---- synthetic measurements ---------------------------------------------------------------------
+
+
+def run(n, ttft, wall, *, proposed=0, accepted=0, steps=None, c=None, ids=None, pp=None, pa=None):
+    r = bench._rates(n, ttft, wall)
+    r.update(
+        output_ids=ids if ids is not None else list(range(n)),
+        text="",
+        proposed=proposed,
+        accepted=accepted,
+        verify_steps=steps if steps is not None else n,
+        per_position_proposed=pp or [],
+        per_position_accepted=pa or [],
+        draft_s=0.1,
+        target_s=1.0,
+        kernel_s=0.01,
+        other_s=0.01,
+        c=c,
+    )
+    return r
+
+
+CONFIG = {"gamma": 4, "gamma_max": 8, "max_new_tokens": 11}
+
+
+def entry(i, phase, base, spec, hf=None):
+    e = {"index": i, "phase": phase, "category": "x", "prompt": f"p{i}", "prompt_tokens": 5,
+         "order": ["baseline", "speculative"], "baseline": base, "speculative": spec}  # fmt: skip
+    if hf is not None:
+        e["hf_assisted"], e["hf_target_only"] = hf
+    return e
+
+
+def synthetic(accepted=(8, 8, 8), spec_decode_s=(2.0, 5.0, 4.0), warm_spec_decode_s=0.001, hf=False, ids=None):
+    """11 tokens each (10 decode tokens); baseline decodes at 2.0, 1.0 and 4.0 tok/s."""
+    base_decode_s = (5.0, 10.0, 2.5)
+    results = [
+        entry(0, "warmup", run(11, 9.0, 9.0 + 100.0), run(11, 0.0, warm_spec_decode_s, proposed=10, accepted=10, c=0.5))
+    ]
+    for i, (bd, sd, a) in enumerate(zip(base_decode_s, spec_decode_s, accepted), start=1):
+        spec = run(11, 0.5, 0.5 + sd, proposed=10, accepted=a, steps=4, c=0.25 + 0.05 * (i - 2),
+                   ids=ids[i - 1] if ids else None, pp=[4, 3, 3], pa=[3, 3, a - 6])  # fmt: skip
+        hf_runs = (run(11, 0.5, 0.5 + 2 * sd), run(11, 0.5, 0.5 + bd)) if hf else None
+        results.append(entry(i, "measure", run(11, 0.5, 0.5 + bd), spec, hf_runs))
+    return results
+
+
+def test_speedup_is_the_ratio_of_the_median_measured_decode_rates():
+    report = bench.make_report(CONFIG, synthetic(), greedy=True)
+    # baseline rates 2, 1, 4 → median 2; speculative rates 5, 2, 2.5 → median 2.5
+    assert report["baseline"]["decode_tokens_per_s"] == pytest.approx(2.0)
+    assert report["speculative"]["decode_tokens_per_s"] == pytest.approx(2.5)
+    assert report["speedup"] == pytest.approx(1.25)
+    assert [r["speedup"] for r in report["per_prompt"]] == pytest.approx([2.5, 2.0, 0.625])
+    assert report["speedup_per_prompt_median"] == pytest.approx(2.0)
+    # e2e: 11 / (0.5 + d)
+    assert report["baseline"]["e2e_tokens_per_s"] == pytest.approx(11 / 5.5)
+    assert report["baseline"]["ttft_s_median"] == pytest.approx(0.5)
+    assert report["baseline"]["decode_tokens_per_s_pooled"] == pytest.approx(30 / 17.5)
+
+
+def test_speedup_does_not_depend_on_acceptance_only_on_time():
+    a = bench.make_report(CONFIG, synthetic(accepted=(8, 8, 8)), greedy=True)
+    b = bench.make_report(CONFIG, synthetic(accepted=(10, 10, 10)), greedy=True)
+    assert a["speedup"] == b["speedup"]
+    assert a["speculative"]["acceptance_rate"] == pytest.approx(0.8)
+    assert b["speculative"]["acceptance_rate"] == pytest.approx(1.0)
+    slower = bench.make_report(CONFIG, synthetic(spec_decode_s=(4.0, 10.0, 8.0)), greedy=True)
+    assert slower["speedup"] == pytest.approx(a["speedup"] / 2)
+
+
+def test_warmup_is_reported_but_excluded():
+    report = bench.make_report(CONFIG, synthetic(warm_spec_decode_s=1e-6), greedy=True)
+    assert [r["index"] for r in report["per_prompt"]] == [1, 2, 3]
+    assert [r["index"] for r in report["warmup"]] == [0]
+    assert report["warmup"][0]["speedup"] > 1e4  # absurd, and nowhere in the summary
+    assert report["speculative"]["proposed"] == 30
+    assert report["speculative"]["tokens"] == 33
+
+
+def test_bound_formula_at_fixed_gamma():
+    # α = 24/30 = 0.8, γ = 4, c = median(0.2, 0.25, 0.3) = 0.25: E = (1 − 0.8^5)/(1 − 0.8) = 3.3616, bound = E/2
+    report = bench.make_report(CONFIG, synthetic(), greedy=True)
+    assert report["c"] == pytest.approx(0.25)
+    assert report["bound_gamma"] == 4
+    assert report["expected_tokens_per_step"] == pytest.approx(3.3616)
+    assert report["analytic_bound"] == pytest.approx(1.6808)
+    assert report["efficiency"] == pytest.approx(1.25 / 1.6808)
+    row = report["per_prompt"][0]  # α 0.8, c 0.2
+    assert row["analytic_bound"] == pytest.approx(3.3616 / 1.8)
+
+
+def test_bound_for_an_adaptive_policy_is_the_best_gamma():
+    bound, gamma = bench.bound_for(0.8, 0.25, None, 8)
+    by_gamma = {g: (1 - 0.8 ** (g + 1)) / 0.2 / (g * 0.25 + 1) for g in range(9)}
+    assert gamma == max(by_gamma, key=by_gamma.get) == 3
+    assert bound == pytest.approx(by_gamma[3])
+    # With a useless draft the best is not to draft: bound 1.
+    assert bench.bound_for(0.0, 0.5, None, 8) == (pytest.approx(1.0), 0)
+    assert bench.bound_for(1.0, 0.0, 5, 8)[0] == pytest.approx(6.0)
+    assert bench.bound_for(0.9, None, 5, 8) == (None, None)
+
+
+def test_acceptance_summaries_pool_counts():
+    report = bench.make_report(CONFIG, synthetic(accepted=(8, 9, 10)), greedy=True)
+    s = report["speculative"]
+    assert s["acceptance_rate"] == pytest.approx(27 / 30)
+    assert s["mean_accepted_length"] == pytest.approx(33 / 12)
+    # positions: proposed 4,3,3 per prompt; accepted 3,3,(a−6)
+    assert s["per_position_acceptance"] == pytest.approx([9 / 12, 9 / 9, 9 / 9])
+
+
+def test_identical_outputs_and_hf_ratios():
+    same = bench.make_report(CONFIG, synthetic(hf=True), greedy=True)
+    assert same["identical_outputs"] is True and same["hf_identical_outputs"] is True
+    # HF assisted took twice as long as speculative on every prompt.
+    assert same["hf_assisted"]["decode_tokens_per_s"] == pytest.approx(1.25)
+    assert same["speedup_vs_hf"] == pytest.approx(2.0)
+    assert same["baseline_vs_hf_target_only"] == pytest.approx(1.0)
+    differ = bench.make_report(CONFIG, synthetic(ids=[list(range(11)), [0] * 11, list(range(11))]), greedy=True)
+    assert differ["identical_outputs"] is False
+    assert [r["identical"] for r in differ["per_prompt"]] == [True, False, True]
+    assert bench.make_report(CONFIG, synthetic(), greedy=False)["identical_outputs"] is None
+
+
+# ---- prompts, options, CLI ----------------------------------------------------------------------
+
+
+def test_builtin_prompts_cover_the_required_kinds():
+    prompts = bench.builtin_prompts()
+    assert prompts[0].category == "warm-up" and len(prompts) - 1 >= 10
+    cats = {p.category for p in prompts[1:]}
+    assert {"code", "chat", "summarise (quote)", "math"} <= cats
+    assert len({p.text for p in prompts}) == len(prompts)
+
+
+def test_read_prompts_lines_and_jsonl(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text('plain one\n\n{"prompt": "from json", "category": "code"}\n  spaced  \n', encoding="utf-8")
+    assert bench.read_prompts(f) == [bench.Prompt("plain one"), bench.Prompt("from json", "code"), bench.Prompt("  spaced  ")]
+    f.write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p.txt:1: .*'prompt'"):
+        bench.read_prompts(f)
+    f.write_text('{"prompt": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        bench.read_prompts(f)
+    f.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no prompts"):
+        bench.read_prompts(f)
+
+
+def test_cli_arguments_make_options(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\n", encoding="utf-8")
+    args = parser.parse_args(["--target", "T", "--draft", "D", "--max-new-tokens", "16", "--prompts-file", str(f),
+                              "--json", "o.json", "--plot", "o.png", "--compare-hf", "--temperature", "0.7",
+                              "--gamma-max", "5"])  # fmt: skip
+    o = bench.options_from_args(args)
+    assert [p.text for p in o.prompts] == ["a", "b"] and o.max_new_tokens == 16 and o.compare_hf
+    assert o.sampling == SamplingParams(temperature=0.7) and o.gamma is None and o.gamma_max == 5
+    assert o.method == Method.DRAFT and args.json_path == "o.json" and args.plot_path == "o.png"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gamma", "3", "--gamma-max", "5"])
+    with pytest.raises(ValueError, match="warmup"):
+        bench.BenchOptions(prompts=[bench.Prompt("x")], warmup=1).validate()
+    with pytest.raises(ValueError, match="speculation.gamma"):
+        bench.BenchOptions(gamma=99).validate()
+
+
+# ---- a real run on tiny models ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_dirs):
+    from specdec.engine import Engine, EngineConfig
+
+    return Engine.load(tiny_dirs["target"], tiny_dirs["draft_other"], dtype="float32", draft_dtype="float32",
+                       device="cpu", config=EngineConfig(gamma=3))  # fmt: skip
+
+
+PROMPTS = [bench.Prompt("def add(a, b):", "code"), bench.Prompt("The quick brown fox", "chat"),
+           bench.Prompt("import numpy as np", "code"), bench.Prompt("Café crème", "chat")]  # fmt: skip
+
+
+def test_tiny_model_report_is_its_own_measurements(tiny_engine, tmp_path):
+    events = []
+    options = bench.BenchOptions(prompts=PROMPTS, max_new_tokens=12, gamma=3, compare_hf=True, chat=False)
+    report = bench.run_benchmark(tiny_engine, options, events.append)
+    rows = report["per_prompt"]
+    assert len(rows) == 3 and len(report["warmup"]) == 1
+    # Every method generated exactly N tokens on every prompt.
+    for r in rows + report["warmup"]:
+        for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
+            assert r[name]["tokens"] == 12 and len(r[name]["output_ids"]) == 12
+    # Recompute the summary from the raw per-prompt timings.
+    for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
+        rates = [11 / (r[name]["wall_s"] - r[name]["ttft_s"]) for r in rows]
+        assert report[name]["decode_tokens_per_s"] == pytest.approx(statistics.median(rates), rel=1e-12)
+        assert report[name]["ttft_s_median"] == pytest.approx(statistics.median(r[name]["ttft_s"] for r in rows))
+        assert report[name]["e2e_tokens_per_s"] == pytest.approx(statistics.median(12 / r[name]["wall_s"] for r in rows))
+    assert report["speedup"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["baseline"]["decode_tokens_per_s"])
+    assert report["speedup_vs_hf"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["hf_assisted"]["decode_tokens_per_s"])
+    # The bound, from the reported α, γ and c.
+    alpha = sum(r["speculative"]["accepted"] for r in rows) / sum(r["speculative"]["proposed"] for r in rows)
+    assert report["speculative"]["acceptance_rate"] == pytest.approx(alpha)
+    c = report["c"]
+    assert c == pytest.approx(statistics.median(r["c"] for r in rows)) and c > 0
+    assert report["analytic_bound"] == pytest.approx((1 - alpha**4) / (1 - alpha) / (3 * c + 1))
+    assert report["efficiency"] == pytest.approx(report["speedup"] / report["analytic_bound"])
+    # Greedy: speculative output is the baseline's, token for token, and so is transformers'.
+    assert report["identical_outputs"] is True and report["hf_identical_outputs"] is True
+    # Interleaved order rotates per prompt.
+    assert [r["order"][0] for r in report["warmup"] + rows] == ["baseline", "speculative", "hf_assisted", "hf_target_only"]
+    # Progress: a start and a done event per run, then finished.
+    assert sum(e["event"] == "done" for e in events) == 16 and events[-1]["event"] == "finished"
+    assert json.loads(bench.to_json(report))["config"]["max_new_tokens"] == 12
+    md = bench.to_markdown(report)
+    assert "**speedup**" in md and "analytic bound" in md and "(warm-up)" in md
+    bench.plot(report, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_model_identical_draft_accepts_everything(tiny_dirs):
+    from specdec.engine import Engine, EngineConfig
+
+    engine = Engine.load(tiny_dirs["target"], tiny_dirs["draft_same"], dtype="float32", draft_dtype="float32",
+                         device="cpu", config=EngineConfig(gamma=4))  # fmt: skip
+    options = bench.BenchOptions(prompts=PROMPTS[:2], max_new_tokens=11, gamma=4, chat=False)
+    report = bench.run_benchmark(engine, options)
+    s = report["speculative"]
+    assert s["acceptance_rate"] == 1.0 and s["per_position_acceptance"] == [1.0] * 4
+    # 11 tokens: the prefill step emits 1, then two steps of 5: three verify steps.
+    assert s["verify_steps"] == 3 and s["mean_accepted_length"] == pytest.approx(11 / 3)
+    assert report["bound_gamma"] == 4
+    assert report["analytic_bound"] == pytest.approx(5 / (4 * report["c"] + 1))
+    assert report["identical_outputs"] is True
+
+
+def test_sampling_run_has_no_identity_claim(tiny_engine):
+    options = bench.BenchOptions(prompts=PROMPTS[:2], max_new_tokens=8, sampling=SamplingParams(temperature=0.8, seed=7),
+                                 gamma_max=4, chat=False)  # fmt: skip
+    report = bench.run_benchmark(tiny_engine, options)
+    assert report["identical_outputs"] is None
+    assert report["config"]["sampling"]["temperature"] == 0.8
+    assert report["config"]["gamma_policy"] == "adaptive, γ ≤ 4" and report["config"]["gamma"] is None
+    assert math.isfinite(report["speedup"])
