@@ -23,6 +23,20 @@ constexpr uint32_t ROUNDS = 32 / RADIX_BITS;
 constexpr uint32_t NO_TOKEN = 0xFFFFFFFFu;
 constexpr uint32_t NO_WORKER = 0xFFFFFFFFu;
 
+// Circular buffers (the Python builder python/specdec/tt/program.py parses these lines).
+constexpr uint32_t CB_X = 0;         // logits tiles, streamed (reader -> compute), 2 pages
+constexpr uint32_t CB_XMAX = 1;      // fp32 tile, row max broadcast over columns (writer -> compute)
+constexpr uint32_t CB_INVT = 2;      // fp32 tile, row 1/T broadcast over columns (reader -> compute)
+constexpr uint32_t CB_PARAMS = 3;    // 32 parameter records of 64 bytes (reader -> writer)
+constexpr uint32_t CB_LOCALMAX = 4;  // 32 x {key, column} (reader -> writer)
+constexpr uint32_t CB_Q = 5;         // fp32 draft-probability tiles of the slice, resident (reader -> writer)
+constexpr uint32_t CB_E = 16;        // fp32 e tiles of the slice, resident (compute -> writer)
+constexpr uint32_t CB_MAILBOX = 24;  // aggregator: n_workers records of REC_BYTES
+constexpr uint32_t CB_RESULT = 25;   // aggregator -> worker result block, RES_BYTES
+constexpr uint32_t CB_REC = 26;      // worker's outgoing record, REC_BYTES
+constexpr uint32_t CB_ROWRES = 27;   // aggregator: {accept, token} for every row of the call
+constexpr uint32_t CB_OUT = 28;      // aggregator: one output row staging page
+
 // Per-row parameter record written by the host (uint32 words; one 64-byte page per row).
 enum ParamWord : uint32_t {
     P_VALID = 0,   // 1 for a real row, 0 for padding
