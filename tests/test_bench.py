@@ -75,6 +75,12 @@ def test_speedup_is_the_ratio_of_the_median_measured_decode_rates():
     assert report["baseline"]["decode_tokens_per_s_pooled"] == pytest.approx(30 / 17.5)
 
 
+def test_rates_count_tokens_after_the_first_emission():
+    r = bench._rates(11, 1.0, 3.0, first_tokens=3)  # assisted generation: 3 tokens in its first step
+    assert (r["decode_tokens_per_s"], r["e2e_tokens_per_s"], r["decode_s"]) == (4.0, 11 / 3.0, 2.0)
+    assert math.isnan(bench._rates(5, 1.0, 1.0, first_tokens=5)["decode_tokens_per_s"])
+
+
 def test_speedup_does_not_depend_on_acceptance_only_on_time():
     a = bench.make_report(CONFIG, synthetic(accepted=(8, 8, 8)), greedy=True)
     b = bench.make_report(CONFIG, synthetic(accepted=(10, 10, 10)), greedy=True)
@@ -211,8 +217,9 @@ def test_tiny_model_report_is_its_own_measurements(tiny_engine, tmp_path):
         for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
             assert r[name]["tokens"] == 12 and len(r[name]["output_ids"]) == 12
     # Recompute the summary from the raw per-prompt timings.
+    assert all(r[name]["first_tokens"] == 1 for r in rows for name in ("baseline", "speculative", "hf_target_only"))
     for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
-        rates = [11 / (r[name]["wall_s"] - r[name]["ttft_s"]) for r in rows]
+        rates = [(12 - r[name]["first_tokens"]) / (r[name]["wall_s"] - r[name]["ttft_s"]) for r in rows]
         assert report[name]["decode_tokens_per_s"] == pytest.approx(statistics.median(rates), rel=1e-12)
         assert report[name]["ttft_s_median"] == pytest.approx(statistics.median(r[name]["ttft_s"] for r in rows))
         assert report[name]["e2e_tokens_per_s"] == pytest.approx(statistics.median(12 / r[name]["wall_s"] for r in rows))

@@ -13,7 +13,9 @@ One process, one run, the same prompts and N for every method:
   it is never used to produce a speedup.
 
 Definitions (one prompt, N generated tokens, wall time W from the request's start to its last token, TTFT from
-the start to the first token): decode tokens/s = (N − 1) / (W − TTFT); end-to-end tokens/s = N / W.
+the start to the first emission, which holds F tokens: 1 for specdec, whose first step is the prefill, and
+possibly more for transformers' assisted generation): decode tokens/s = (N − F) / (W − TTFT); end-to-end
+tokens/s = N / W.
 c = the engine's measured draft forward time ÷ one-token target forward time (its running estimates, read after
 each prompt's speculative run; the summary takes the median over prompts); 0 for the n-gram drafter.
 """
@@ -136,14 +138,17 @@ class BenchOptions:
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def _rates(n: int, ttft_s: float, wall_s: float) -> dict:
+def _rates(n: int, ttft_s: float, wall_s: float, first_tokens: int = 1) -> dict:
+    """Rates of one request: ``first_tokens`` arrived together at ``ttft_s``, the rest by ``wall_s``."""
     decode_s = wall_s - ttft_s
+    decode_tokens = n - first_tokens
     return {
         "tokens": n,
+        "first_tokens": first_tokens,
         "ttft_s": ttft_s,
         "wall_s": wall_s,
         "decode_s": decode_s,
-        "decode_tokens_per_s": (n - 1) / decode_s if decode_s > 0 else math.nan,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 and decode_tokens > 0 else math.nan,
         "e2e_tokens_per_s": n / wall_s,
     }
 
@@ -153,6 +158,7 @@ def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
     t0 = time.perf_counter()
     seqs = [engine.start(r) for r in requests]
     first: dict[int, float] = {}
+    first_tokens: dict[int, int] = {}
     end: dict[int, float] = {}
     try:
         live = list(seqs)
@@ -161,7 +167,7 @@ def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
             now = time.perf_counter()
             for s, o in zip(live, outs):
                 if o.token_ids and id(s) not in first:
-                    first[id(s)] = now
+                    first[id(s)], first_tokens[id(s)] = now, len(o.token_ids)
                 if o.finished:
                     end[id(s)] = now
             live = [s for s in live if not s.finished]
@@ -171,7 +177,7 @@ def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
     runs = []
     for s in seqs:
         m = s.metrics
-        run = _rates(len(s.output_ids), first[id(s)] - t0, end[id(s)] - t0)
+        run = _rates(len(s.output_ids), first[id(s)] - t0, end[id(s)] - t0, first_tokens[id(s)])
         run.update(
             output_ids=list(s.output_ids),
             text=s.text,
@@ -202,11 +208,13 @@ class _TimingStreamer:
     def __init__(self) -> None:
         self.puts = 0
         self.first_token_at: float | None = None
+        self.first_tokens = 0  # assisted generation can emit several tokens in its first step
 
     def put(self, value) -> None:
         self.puts += 1
-        if self.puts == 2 and self.first_token_at is None:
+        if self.puts == 2:
             self.first_token_at = time.perf_counter()
+            self.first_tokens = int(value.numel())
 
     def end(self) -> None:
         pass
@@ -251,7 +259,7 @@ def _time_hf(engine, prompt_ids: list[int], options: BenchOptions, assistant, se
     new = [int(t) for t in out[0, len(prompt_ids) :]]
     if len(new) != options.max_new_tokens:
         raise RuntimeError(f"transformers generated {len(new)} tokens, expected {options.max_new_tokens}")
-    run = _rates(len(new), streamer.first_token_at - t0, wall)
+    run = _rates(len(new), streamer.first_token_at - t0, wall, streamer.first_tokens)
     run.update(output_ids=new, text=engine.tokenizer.decode(new, skip_special_tokens=False))
     return run
 
@@ -386,7 +394,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _summary(runs: list[dict]) -> dict:
-    decode_tokens = sum(r["tokens"] - 1 for r in runs)
+    decode_tokens = sum(r["tokens"] - r["first_tokens"] for r in runs)
     decode_s = sum(r["decode_s"] for r in runs)
     return {
         "decode_tokens_per_s": _median([r["decode_tokens_per_s"] for r in runs]),
@@ -452,7 +460,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
         row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["acceptance_rate"], row["c"], gamma, gamma_max)
         row["efficiency"] = _ratio(row["speedup"], row["analytic_bound"])
         row["verify_step_s"] = spec["target_s"] / spec["verify_steps"] if spec["verify_steps"] else None
-        row["target_decode_step_s"] = base["decode_s"] / (base["tokens"] - 1)
+        row["target_decode_step_s"] = base["decode_s"] / (base["tokens"] - base["first_tokens"])
         if greedy:
             row["identical"] = spec["output_ids"] == base["output_ids"]
             if "hf_assisted" in e:
@@ -486,7 +494,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     report["efficiency"] = _ratio(report["speedup"], report["analytic_bound"])
     verify_steps = sum(r["verify_steps"] for r in spec_runs)
     report["verify_step_s"] = report["speculative"]["target_s"] / verify_steps if verify_steps else None
-    base_decode_tokens = sum(r["tokens"] - 1 for r in base_runs)
+    base_decode_tokens = sum(r["tokens"] - r["first_tokens"] for r in base_runs)
     report["target_decode_step_s"] = sum(r["decode_s"] for r in base_runs) / base_decode_tokens if base_decode_tokens else None
     if greedy:
         report["identical_outputs"] = all(r["identical"] for r in per_prompt if r["phase"] == "measure")
@@ -625,7 +633,7 @@ def _notes(report: dict) -> list[str]:
         notes.append(f"- **Greedy outputs differ from the baseline** on prompt(s) {', '.join(bad)}.")
     if s["per_position_acceptance"]:
         notes.append(
-            f"- Acceptance falls with draft position: {s['per_position_acceptance'][0]:.2f} at the first draft, "
+            f"- Acceptance by draft position: {s['per_position_acceptance'][0]:.2f} at the first draft, "
             f"{s['per_position_acceptance'][-1]:.2f} at position {len(s['per_position_acceptance'])}."
         )
     cats = {}
