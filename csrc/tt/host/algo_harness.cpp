@@ -116,8 +116,8 @@ int main() {
             zk[r] = kact[r] ? sk[r].above + sk[r].at : sk[r].total;
             const uint32_t* p = P(r < R - r0 ? r : 0);
             const bool valid = r0 + r < R && p[P_VALID];
-            pact[r] = valid && !p[P_GREEDY] && p[P_P16] < 65536;
-            search_begin(&sp[r], pact[r] ? topp_target(zk[r], p[P_P16]) : 1);
+            pact[r] = valid && !p[P_GREEDY] && topp_active(p[P_TOPP]);
+            search_begin(&sp[r], pact[r] ? topp_target(zk[r], p[P_TOPP]) : 1);
         }
         for (uint32_t round = 0; round < ROUNDS; ++round) {
             for (uint32_t w = 0; w < nw; ++w)

@@ -36,6 +36,8 @@ constexpr uint32_t CB_RESULT = 25;   // aggregator -> worker result block, RES_B
 constexpr uint32_t CB_REC = 26;      // worker's outgoing record, REC_BYTES
 constexpr uint32_t CB_ROWRES = 27;   // aggregator: {accept, token} for every row of the call
 constexpr uint32_t CB_OUT = 28;      // aggregator: one output row staging page
+constexpr uint32_t CB_SCRATCH = 29;  // aggregator: its per-row search state (kept off the small RISC-V stack)
+constexpr uint32_t SCRATCH_BYTES = 8192;
 
 // Per-row parameter record written by the host (uint32 words; one 64-byte page per row).
 enum ParamWord : uint32_t {
@@ -43,12 +45,12 @@ enum ParamWord : uint32_t {
     P_GREEDY = 1,  // temperature == 0
     P_INVT = 2,    // fp32 bits of 1/T (1.0 on greedy rows)
     P_TOPK = 3,    // 0 = off
-    P_P16 = 4,     // round(top_p * 65536); 65536 = off
+    P_TOPP = 4,    // fp32 bits of top_p; 1.0 = off
     P_MINP = 5,    // fp32 bits of min_p; 0 = off
     P_MODE = 6,    // MODE_*
     P_DRAFT = 7,   // draft token of the row (NO_TOKEN when none)
-    P_UACC = 8,    // fp32 bits of the accept uniform
-    P_USMP = 9,    // fp32 bits of the sample uniform
+    P_UACC = 8,    // accept uniform as floor(u * 2^32)
+    P_USMP = 9,    // sample uniform as floor(u * 2^32)
     P_WORDS = 16,
 };
 enum Mode : uint32_t { MODE_SKIP = 0, MODE_PLAIN = 1, MODE_RESIDUAL = 2 };
@@ -98,6 +100,17 @@ inline uint64_t mulhi(uint64_t a, uint64_t big) {
     const uint64_t hi = big >> 32;
     const uint64_t lo = big & 0xFFFFFFFFull;
     return a * hi + ((a * lo) >> 32);
+}
+
+// fp32 product of two fp32 bit patterns (soft-float on the data-movement cores; IEEE, nearest even).
+inline uint32_t f32_mul_bits(uint32_t a, uint32_t b) {
+    float fa, fb;
+    __builtin_memcpy(&fa, &a, 4);
+    __builtin_memcpy(&fb, &b, 4);
+    const float r = fa * fb;
+    uint32_t o;
+    __builtin_memcpy(&o, &r, 4);
+    return o;
 }
 
 inline uint64_t join64(uint32_t lo, uint32_t hi) { return (uint64_t(hi) << 32) | lo; }
@@ -255,8 +268,21 @@ inline void search_step(Search* st, const volatile uint32_t* rec, uint32_t n_wor
     st->prefix |= chosen << shift;
 }
 
-inline uint64_t topp_target(uint64_t zk, uint32_t p16) {
-    uint64_t t = (zk >> 16) * p16 + (((zk & 0xFFFFull) * p16) >> 16);
+// ceil(a * big / 2^32), same ranges as mulhi.
+inline uint64_t mulhi_ceil(uint64_t a, uint64_t big) {
+    if (a >= (uint64_t(1) << 32)) {
+        return big;
+    }
+    const uint64_t low = a * (big & 0xFFFFFFFFull);
+    return mulhi(a, big) + ((low & 0xFFFFFFFFull) != 0 ? 1 : 0);
+}
+
+inline bool topp_active(uint32_t topp_bits) { return fixed32(topp_bits) < (uint64_t(1) << 32); }
+
+// Mass the kept prefix must reach: ceil(top_p * Z_k), so that "mass strictly above < T" is exactly
+// "mass strictly above < top_p * Z_k" for integer masses.
+inline uint64_t topp_target(uint64_t zk, uint32_t topp_bits) {
+    const uint64_t t = mulhi_ceil(fixed32(topp_bits), zk);
     return t == 0 ? 1 : t;
 }
 
@@ -349,11 +375,11 @@ inline Decision decide(const volatile uint32_t* params, uint32_t argmax, uint64_
         return d;
     }
     if (mode == MODE_RESIDUAL) {
-        d.accept = mulhi(fixed32(params[P_UACC]), qz_x) < w_x ? 1u : 0u;
+        d.accept = mulhi(params[P_UACC], qz_x) < w_x ? 1u : 0u;
     }
     d.use_residual = (mode == MODE_RESIDUAL && resid_total > 0) ? 1u : 0u;
     const uint64_t total = d.use_residual ? resid_total : z;
-    const uint64_t u = mulhi(fixed32(params[P_USMP]), total);
+    const uint64_t u = mulhi(params[P_USMP], total);
     uint64_t before = 0;
     for (uint32_t w = 0; w < n_workers; ++w) {
         const uint64_t s = d.use_residual ? resid_w[w] : z_w[w];

@@ -10,19 +10,21 @@ one aggregator core merges; rows are processed one tile-row = 32 rows at a time)
 =============================================================================================
 
 Rows.  ``verify`` works on R = B*(K+1) target rows, row r = b*(K+1) + j.  ``sample`` is the same
-program with K = 0.  Per row the host passes: greedy flag, 1/T (fp32), top_k, top_p as a 16-bit
-fraction p16 = round(top_p * 65536), min_p (fp32), the row's draft token (or none), its mode
-(residual sample for j < num_draft, plain sample for j == num_draft, skipped for j > num_draft) and
-two uniforms in [0, 1): ``u_accept`` and ``u_sample``.  The uniforms are inputs; the host draws them
-from the same counter-based generator as the CPU kernels (see ``specdec.tt.uniform_plan``).
+program with K = 0.  Per row the host passes: greedy flag (T <= 1e-5, as the CPU kernels), 1/T as
+fp32(1/T), top_k, top_p (fp32), min_p (fp32), the row's draft token (or none), its mode (residual
+sample for j < num_draft, plain sample for j == num_draft, skipped for j > num_draft) and two
+uniforms ``u_accept``, ``u_sample`` as 32-bit fractions floor(u * 2^32).  The uniforms are inputs:
+the host takes them from ``specdec.kernels.uniforms`` with the CPU kernels' index mapping (verify:
+stream 1, u[2j] accept test and u[2j+1] sample at position j; sample: stream 0, u[0]), so the CPU
+and device results can be compared draw for draw.
 
 Phase 1, reader (RISC-V, integers only).  Each worker streams its logits tiles (bf16 or fp32) into L1
 and finds its local row maximum and the lowest token id holding it, comparing order-preserving
 integer keys of the fp32 bit patterns (-0.0 counts as +0.0).  Round 1: the aggregator merges the
 per-worker records (max, then lowest id) and sends every worker the row maximum ``xmax``.
 
-Phase 2, compute (Tensix FPU/SFPU in fp32 dest, ``fp32_dest_acc_en``):
-    d = fp32(x - xmax);  z = fp32(d * invT);  e = fp32(exp(z))
+Phase 2, compute (Tensix SFPU in fp32 dest, ``fp32_dest_acc_en``):
+    s = fp32(x * invT);  z = fp32(s - m);  e = fp32(exp(z)),   m = fp32(xmax * invT) (writer)
 packed as fp32 tiles that stay resident in L1 (one per vocabulary tile of the worker's slice).
 Model assumption: the SFPU's fp32 subtract/multiply round to nearest even and exp_tile (non-approx
 mode) is correctly rounded; a deviation of a few ulp only moves probabilities by ~1e-7 relative.
@@ -39,8 +41,8 @@ add it:
           that match the prefix chosen so far; the aggregator adds the 16-bin histograms over
           workers in worker order and picks the digit.  Z_k = mass of {key >= t_k}.
     t_p = largest t with S(t) >= T_p, S(t) = mass of {key >= t} within the top-k set, and
-          T_p = max(1, floor(Z_k * p16 / 65536)) (active when p16 < 65536); the same radix search on
-          mass instead of count.
+          T_p = max(1, ceil(fx(top_p) * Z_k / 2^32)) (active when top_p < 1); the same radix search
+          on mass instead of count.  So a token is kept iff the mass strictly above it is < top_p*Z_k.
     t_m = bits(fp32(min_p)): keep e >= min_p, since e_max = exp(0) = 1 (min-p relative to p_max).
   w_i = fx(e_i) if key_i >= t else 0;  Z = sum w.   p_i = w_i / Z.
   Draft probabilities q (fp32 tiles) go through qz_i = floor(fx(q_i) * Z / 2^32) (q = 1 gives Z);
@@ -52,7 +54,12 @@ add it:
   order) whose running sum of r exceeds U.  The aggregator finds the worker whose range of the
   running sum holds U (worker order = vocabulary order); that worker scans its slice.  Greedy rows
   emit argmax.
-  u32(u) = floor(u * 2^32).  All products are formed as 32x32->64-bit pieces (``mulhi``).
+  u32(u) = floor(u * 2^32) (host).  All products are formed as 32x32->64-bit pieces (``mulhi``).
+
+Differences from the CPU kernels (the reason the comparison has tolerances): filters act on the
+keys of e rather than on s (two s that round to the same fp32 e tie); masses are truncated to
+2^-32 of the row maximum; uniforms keep 32 of their 53 bits; the CPU's exp is its own float
+approximation.  Each moves a threshold or a CDF boundary by ~1e-7 relative or less.
 Output: per batch row the aggregator takes n = first rejected j (or num_draft), emits the n drafts
 and the row-n sample, pads with -1, and writes num_accepted = n.
 """
@@ -102,6 +109,21 @@ def fixed32(v: np.ndarray) -> np.ndarray:
     return out.astype(np.uint64)
 
 
+def u32_of(u) -> np.ndarray:
+    """floor(u * 2^32) of float64 uniforms in [0, 1) (exact: u carries 53 bits)."""
+    return np.floor(np.asarray(u, dtype=np.float64) * 4294967296.0).astype(np.uint64)
+
+
+def mulhi_ceil(a32: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """ceil(a32 * big / 2^32), same ranges as ``mulhi``."""
+    a = np.asarray(a32, dtype=np.uint64)
+    big = np.asarray(big, dtype=np.uint64)
+    full = a >= TWO32
+    a_ = np.where(full, np.uint64(0), a)
+    frac = ((a_ * (big & MASK32)) & MASK32) != 0
+    return np.where(full, big, mulhi(a_, big) + frac.astype(np.uint64))
+
+
 def mulhi(a32: np.ndarray, big: np.ndarray) -> np.ndarray:
     """floor(a32 * big / 2^32) for a32 <= 2^32 and big < 2^50, from 32x32 pieces (no overflow)."""
     a = np.asarray(a32, dtype=np.uint64)
@@ -135,12 +157,12 @@ class RowParams:
     greedy: np.ndarray  # bool
     inv_t: np.ndarray  # float32 (1.0 on greedy rows)
     top_k: np.ndarray  # int64, 0 = off
-    p16: np.ndarray  # int64, round(top_p * 65536), 65536 = off
+    top_p: np.ndarray  # float32, 1.0 = off
     min_p: np.ndarray  # float32, 0 = off
     mode: np.ndarray  # int64 MODE_*
     draft: np.ndarray  # int64 draft token of the row (-1 when none)
-    u_accept: np.ndarray  # float32 in [0, 1)
-    u_sample: np.ndarray  # float32 in [0, 1)
+    u_accept: np.ndarray  # uint64 floor(u * 2^32)
+    u_sample: np.ndarray  # uint64 floor(u * 2^32)
 
 
 def _radix_select(keys, weights, valid, wid, n_workers, active, target, by_mass):
@@ -209,11 +231,12 @@ def forward_rows(x: np.ndarray, q: np.ndarray | None, prm: RowParams, n_workers:
     xmax = x[np.arange(R), argmax]
     xmax = np.where(xmax == 0, np.float32(0), xmax).astype(np.float32)
 
-    # Phase 2: fp32 SFPU arithmetic.
+    # Phase 2: fp32 SFPU arithmetic (m = fp32(xmax * invT) comes from the writer's soft-float).
     inv_t = np.where(prm.greedy, np.float32(1), prm.inv_t).astype(np.float32)
-    with np.errstate(over="ignore", under="ignore"):
-        d = (x - xmax[:, None]).astype(np.float32)
-        z = (d * inv_t[:, None]).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        m = (xmax * inv_t).astype(np.float32)
+        s = (x * inv_t[:, None]).astype(np.float32)
+        z = (s - m[:, None]).astype(np.float32)
         e = np.exp(z.astype(np.float64)).astype(np.float32)
 
     # Phase 3: integers.
@@ -228,10 +251,9 @@ def forward_rows(x: np.ndarray, q: np.ndarray | None, prm: RowParams, n_workers:
     zk = np.where(k_act, zk, total)
 
     in_k = keys >= tk[:, None]
-    p_act = (~prm.greedy) & (prm.p16 < 65536)
-    p16 = prm.p16.astype(np.uint64)
-    tp_target = (zk >> np.uint64(16)) * p16 + (((zk & np.uint64(0xFFFF)) * p16) >> np.uint64(16))
-    tp_target = np.maximum(tp_target, np.uint64(1))
+    p32 = fixed32(np.asarray(prm.top_p, dtype=np.float32))
+    p_act = (~prm.greedy) & (p32 < TWO32)
+    tp_target = np.maximum(mulhi_ceil(p32, zk), np.uint64(1))
     tp, _ = _radix_select(keys, fx, in_k, wid, nw, p_act, np.where(p_act, tp_target, 1), True)
     tp = np.where(p_act, tp, np.uint32(0))
 
@@ -248,15 +270,14 @@ def forward_rows(x: np.ndarray, q: np.ndarray | None, prm: RowParams, n_workers:
         qz = mulhi(fixed32(np.asarray(q, dtype=np.float32)), Z[:, None])
     qz_x = qz[r_idx, dx]
     w_x = w[r_idx, dx]
-    u_acc = fixed32(prm.u_accept)
-    accept = np.where(prm.greedy, prm.draft == argmax, mulhi(u_acc, qz_x) < w_x)
+    accept = np.where(prm.greedy, prm.draft == argmax, mulhi(prm.u_accept, qz_x) < w_x)
 
     resid = np.where(w > qz, w - qz, np.uint64(0))
     rsum = resid.sum(axis=1, dtype=np.uint64)
     use_res = (prm.mode == MODE_RESIDUAL) & (rsum > 0)
     weights = np.where(use_res[:, None], resid, w)
     wsum = np.where(use_res, rsum, Z)
-    U = mulhi(fixed32(prm.u_sample), wsum)
+    U = mulhi(prm.u_sample, wsum)
     # worker prefix (vocabulary order), then the owning worker scans its slice in token order
     csum = np.cumsum(weights, axis=1, dtype=np.uint64)
     token = np.argmax(csum > U[:, None], axis=1).astype(np.int64)
@@ -275,25 +296,26 @@ def pack_params(prm: RowParams) -> np.ndarray:
     out[:, 1] = prm.greedy.astype(np.uint32)
     out[:, 2] = np.asarray(prm.inv_t, dtype=np.float32).view(np.uint32)
     out[:, 3] = prm.top_k.astype(np.uint32)
-    out[:, 4] = prm.p16.astype(np.uint32)
+    out[:, 4] = np.asarray(prm.top_p, dtype=np.float32).view(np.uint32)
     out[:, 5] = np.asarray(prm.min_p, dtype=np.float32).view(np.uint32)
     out[:, 6] = prm.mode.astype(np.uint32)
     out[:, 7] = np.where(prm.draft < 0, 0xFFFFFFFF, prm.draft).astype(np.uint32)
-    out[:, 8] = np.asarray(prm.u_accept, dtype=np.float32).view(np.uint32)
-    out[:, 9] = np.asarray(prm.u_sample, dtype=np.float32).view(np.uint32)
+    out[:, 8] = prm.u_accept.astype(np.uint32)
+    out[:, 9] = prm.u_sample.astype(np.uint32)
     return out
 
 
+GREEDY_TEMPERATURE = 1e-5  # the CPU kernels treat T <= 1e-5 as greedy
+
+
 def row_params(B, K, num_draft, draft_tokens, temperature, top_k, top_p, min_p, u_accept, u_sample):
-    """Expand per-batch-row parameters to the R = B*(K+1) device rows."""
+    """Expand per-batch-row parameters to the R = B*(K+1) device rows (uniforms: float64 [B, K+1])."""
     R = B * (K + 1)
     rep = lambda a, dt: np.repeat(np.broadcast_to(np.asarray(a, dtype=dt), (B,)), K + 1)  # noqa: E731
     temp = rep(temperature, np.float64)
-    greedy = temp == 0
+    greedy = ~(temp > GREEDY_TEMPERATURE)
     with np.errstate(divide="ignore"):
         inv_t = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temp)).astype(np.float32)
-    tp = rep(top_p, np.float64)
-    p16 = np.clip(np.rint(tp * 65536.0), 0, 65536).astype(np.int64)
     j = np.tile(np.arange(K + 1), B)
     nd = rep(num_draft, np.int64)
     mode = np.where(j < nd, MODE_RESIDUAL, np.where(j == nd, MODE_PLAIN, MODE_SKIP))
@@ -306,12 +328,12 @@ def row_params(B, K, num_draft, draft_tokens, temperature, top_k, top_p, min_p, 
         greedy=greedy,
         inv_t=inv_t,
         top_k=rep(top_k, np.int64),
-        p16=p16,
+        top_p=rep(top_p, np.float32),
         min_p=rep(min_p, np.float32),
         mode=mode,
         draft=draft,
-        u_accept=np.asarray(u_accept, dtype=np.float32).reshape(R),
-        u_sample=np.asarray(u_sample, dtype=np.float32).reshape(R),
+        u_accept=u32_of(np.asarray(u_accept, dtype=np.float64).reshape(R)),
+        u_sample=u32_of(np.asarray(u_sample, dtype=np.float64).reshape(R)),
     )
 
 
@@ -355,6 +377,6 @@ def sample(logits, *, temperature, top_k, top_p, min_p, u_sample, n_workers=63):
     B, V = lg.shape
     tokens, _ = verify(lg[:, None, :], np.zeros((B, 0), np.int64), None, np.zeros(B, np.int64),
                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       u_accept=np.zeros((B, 1), np.float32), u_sample=np.asarray(u_sample).reshape(B, 1),
+                       u_accept=np.zeros((B, 1)), u_sample=np.asarray(u_sample, dtype=np.float64).reshape(B, 1),
                        n_workers=n_workers)
     return tokens[:, 0]

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // specdec verify/sample, compute (TRISC 0-2), workers only.  Per tile-row, for each logits tile of
 // the worker's slice:
-//     e = exp((x - xmax) * invT)
+//     e = exp(x * invT - m),   m = fp32(xmax * invT)
 // in fp32 dest registers (fp32_dest_acc_en, fp32 CBs unpacked straight to dest), packed as fp32
-// tiles into CB_E, which stays resident for the writer's integer phase.  xmax and invT arrive as
+// tiles into CB_E, which stays resident for the writer's integer phase.  m and invT arrive as
 // fp32 tiles whose row r holds that row's value in every column, so each operation is an
 // element-wise SFPU binary op; no broadcast rounding through the 19-bit source registers.
 //
@@ -36,21 +36,21 @@ void kernel_main() {
         for (uint32_t t = 0; t < n_tiles; ++t) {
             cb_wait_front(CB_X, 1);
             tile_regs_acquire();
-            // dst0 = x, dst1 = xmax; dst0 = dst0 - dst1
+            // dst0 = x, dst1 = invT; dst0 = s = x * invT
             reconfig_data_format_srca(CB_X);
             copy_init(CB_X);
             copy_tile(CB_X, 0, 0);
-            reconfig_data_format_srca(CB_X, CB_XMAX);
-            copy_init(CB_XMAX);
-            copy_tile(CB_XMAX, 0, 1);
-            sub_binary_tile_init();
-            sub_binary_tile(0, 1, 0);
-            // dst1 = invT; dst0 = dst0 * dst1
-            reconfig_data_format_srca(CB_XMAX, CB_INVT);
+            reconfig_data_format_srca(CB_X, CB_INVT);
             copy_init(CB_INVT);
             copy_tile(CB_INVT, 0, 1);
             mul_binary_tile_init();
             mul_binary_tile(0, 1, 0);
+            // dst1 = m = fp32(xmax * invT) (computed by the writer); dst0 = s - m
+            reconfig_data_format_srca(CB_INVT, CB_XMAX);
+            copy_init(CB_XMAX);
+            copy_tile(CB_XMAX, 0, 1);
+            sub_binary_tile_init();
+            sub_binary_tile(0, 1, 0);
             // dst0 = exp(dst0), accurate (non-approximate) mode
             exp_tile_init<false>();
             exp_tile<false>(0);

@@ -64,6 +64,25 @@ void agg_broadcast(Link& L, const uint32_t* wx, const uint32_t* wy) {
 
 inline volatile tt_l1_ptr uint32_t* words(uint32_t l1) { return reinterpret_cast<volatile tt_l1_ptr uint32_t*>(l1); }
 
+// The aggregator's working state lives in L1 (CB_SCRATCH): the RISC-V stack is only a few KiB.
+struct AggState {
+    Search sk[ROWS];
+    Search sp[ROWS];
+    uint64_t zk[ROWS];
+    uint64_t z[ROWS];
+    uint64_t resid_w[MAX_WORKERS];
+    uint64_t z_w[MAX_WORKERS];
+    uint32_t wx[MAX_WORKERS];
+    uint32_t wy[MAX_WORKERS];
+    uint32_t argmax[ROWS];
+    uint32_t tk[ROWS];
+    uint32_t t[ROWS];
+    uint32_t greedy_token[ROWS];
+    uint8_t kact[ROWS];
+    uint8_t pact[ROWS];
+};
+static_assert(sizeof(AggState) <= SCRATCH_BYTES, "aggregator scratch");
+
 }  // namespace
 
 void kernel_main() {
@@ -115,11 +134,13 @@ void kernel_main() {
             cb_pop_front(CB_LOCALMAX, 1);
             worker_exchange(L, 2 * ROWS * 4);
 
-            // row max broadcast tile for compute
+            // scaled row max m = fp32(xmax * invT), broadcast over the columns, for compute
             cb_reserve_back(CB_XMAX, 1);
             volatile tt_l1_ptr uint32_t* xm = words(get_write_ptr(CB_XMAX));
             for (uint32_t r = 0; r < ROWS; ++r) {
-                const uint32_t bits = res[r * RES_ROW_WORDS + 0];
+                const volatile uint32_t* pr = prm + r * P_WORDS;
+                const uint32_t inv_bits = (pr[P_VALID] && !pr[P_GREEDY]) ? pr[P_INVT] : 0x3F800000u;
+                const uint32_t bits = f32_mul_bits(res[r * RES_ROW_WORDS + 0], inv_bits);
                 for (uint32_t c = 0; c < TILE; ++c) {
                     xm[tile_offset(r, c)] = bits;
                 }
@@ -200,10 +221,10 @@ void kernel_main() {
     }
 
     // ================================ aggregator ================================
-    uint32_t wx[n_workers], wy[n_workers];
+    AggState& S = *reinterpret_cast<AggState*>(get_write_ptr(CB_SCRATCH));
     for (uint32_t w = 0; w < n_workers; ++w) {
-        wx[w] = get_arg_val<uint32_t>(15 + 2 * w);
-        wy[w] = get_arg_val<uint32_t>(16 + 2 * w);
+        S.wx[w] = get_arg_val<uint32_t>(15 + 2 * w);
+        S.wy[w] = get_arg_val<uint32_t>(16 + 2 * w);
     }
     // per row of the call: {accept, token, mode, draft}
     volatile tt_l1_ptr uint32_t* rowres = words(get_write_ptr(CB_ROWRES));
@@ -212,127 +233,117 @@ void kernel_main() {
     for (uint32_t rt = 0; rt < row_tiles; ++rt) {
         cb_wait_front(CB_PARAMS, 1);
         volatile tt_l1_ptr uint32_t* prm = words(get_read_ptr(CB_PARAMS));
-        uint32_t argmax[ROWS];
 
         // MAX
         agg_gather(L);
         for (uint32_t r = 0; r < ROWS; ++r) {
             uint32_t key;
-            merge_max(mbox, n_workers, REC_STRIDE, r, &key, &argmax[r]);
+            merge_max(mbox, n_workers, REC_STRIDE, r, &key, &S.argmax[r]);
             res[r * RES_ROW_WORDS + 0] = key_to_bits(key);
-            res[r * RES_ROW_WORDS + 1] = argmax[r];
+            res[r * RES_ROW_WORDS + 1] = S.argmax[r];
         }
-        agg_broadcast(L, wx, wy);
+        agg_broadcast(L, S.wx, S.wy);
 
         // top-k count search
-        Search sk[ROWS];
-        bool kact[ROWS];
         for (uint32_t r = 0; r < ROWS; ++r) {
             const volatile uint32_t* pr = prm + r * P_WORDS;
-            kact[r] = pr[P_VALID] && !pr[P_GREEDY] && pr[P_TOPK] > 0 && pr[P_TOPK] < vocab;
-            search_begin(&sk[r], kact[r] ? pr[P_TOPK] : 1);
+            S.kact[r] = pr[P_VALID] && !pr[P_GREEDY] && pr[P_TOPK] > 0 && pr[P_TOPK] < vocab;
+            search_begin(&S.sk[r], S.kact[r] ? pr[P_TOPK] : 1);
         }
-        uint32_t tk[ROWS];
-        uint64_t zk[ROWS];
-        Search sp[ROWS];
-        bool pact[ROWS];
         for (uint32_t round = 0; round < ROUNDS; ++round) {
             agg_gather(L);
             for (uint32_t r = 0; r < ROWS; ++r) {
-                if (kact[r]) {
-                    search_step(&sk[r], mbox, n_workers, REC_STRIDE, r, round, false);
+                if (S.kact[r]) {
+                    search_step(&S.sk[r], mbox, n_workers, REC_STRIDE, r, round, false);
                 } else if (round == 0) {
-                    Search tmp = sk[r];  // inactive rows still need the total mass
+                    Search tmp = S.sk[r];  // inactive rows still need the total mass
                     search_step(&tmp, mbox, n_workers, REC_STRIDE, r, 0, false);
-                    sk[r].total = tmp.total;
+                    S.sk[r].total = tmp.total;
                 }
                 if (round + 1 < ROUNDS) {
-                    res[r * RES_ROW_WORDS + 0] = sk[r].prefix;
+                    res[r * RES_ROW_WORDS + 0] = S.sk[r].prefix;
                     res[r * RES_ROW_WORDS + 1] = 0;
                 } else {
-                    tk[r] = kact[r] ? sk[r].prefix : 0;
-                    zk[r] = kact[r] ? sk[r].above + sk[r].at : sk[r].total;
+                    S.tk[r] = S.kact[r] ? S.sk[r].prefix : 0;
+                    S.zk[r] = S.kact[r] ? S.sk[r].above + S.sk[r].at : S.sk[r].total;
                     const volatile uint32_t* pr = prm + r * P_WORDS;
-                    pact[r] = pr[P_VALID] && !pr[P_GREEDY] && pr[P_P16] < 65536;
-                    search_begin(&sp[r], pact[r] ? topp_target(zk[r], pr[P_P16]) : 1);
+                    S.pact[r] = pr[P_VALID] && !pr[P_GREEDY] && topp_active(pr[P_TOPP]);
+                    search_begin(&S.sp[r], S.pact[r] ? topp_target(S.zk[r], pr[P_TOPP]) : 1);
                     res[r * RES_ROW_WORDS + 0] = 0;
-                    res[r * RES_ROW_WORDS + 1] = tk[r];
+                    res[r * RES_ROW_WORDS + 1] = S.tk[r];
                 }
             }
-            agg_broadcast(L, wx, wy);
+            agg_broadcast(L, S.wx, S.wy);
         }
 
         // top-p mass search among {key >= t_k}
-        uint32_t t[ROWS];
         for (uint32_t round = 0; round < ROUNDS; ++round) {
             agg_gather(L);
             for (uint32_t r = 0; r < ROWS; ++r) {
-                if (pact[r]) {
-                    search_step(&sp[r], mbox, n_workers, REC_STRIDE, r, round, true);
+                if (S.pact[r]) {
+                    search_step(&S.sp[r], mbox, n_workers, REC_STRIDE, r, round, true);
                 }
-                res[r * RES_ROW_WORDS + 0] = sp[r].prefix;
-                res[r * RES_ROW_WORDS + 1] = tk[r];
+                res[r * RES_ROW_WORDS + 0] = S.sp[r].prefix;
+                res[r * RES_ROW_WORDS + 1] = S.tk[r];
                 if (round + 1 == ROUNDS) {
-                    const uint32_t tp = pact[r] ? sp[r].prefix : 0;
+                    const uint32_t tp = S.pact[r] ? S.sp[r].prefix : 0;
                     const uint32_t tm = prm[r * P_WORDS + P_MINP];
-                    uint32_t tt = tk[r] > tp ? tk[r] : tp;
+                    uint32_t tt = S.tk[r] > tp ? S.tk[r] : tp;
                     tt = tt > tm ? tt : tm;
-                    t[r] = tt;
+                    S.t[r] = tt;
                     res[r * RES_ROW_WORDS + 2] = tt;
                 }
             }
-            agg_broadcast(L, wx, wy);
+            agg_broadcast(L, S.wx, S.wy);
         }
 
         // kept mass Z
         agg_gather(L);
-        uint64_t z[ROWS];
         for (uint32_t r = 0; r < ROWS; ++r) {
-            z[r] = 0;
+            uint64_t z = 0;
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const volatile uint32_t* p = mbox + w * REC_STRIDE + 2 * r;
-                z[r] += join64(p[0], p[1]);
+                z += join64(p[0], p[1]);
             }
-            split64(z[r], res + r * RES_ROW_WORDS);
+            S.z[r] = z;
+            split64(z, res + r * RES_ROW_WORDS);
         }
-        agg_broadcast(L, wx, wy);
+        agg_broadcast(L, S.wx, S.wy);
 
         // totals -> decision
         agg_gather(L);
-        uint32_t greedy_token[ROWS];
         for (uint32_t r = 0; r < ROWS; ++r) {
-            uint64_t resid_w[n_workers], z_w[n_workers];
             uint64_t rs = 0, w_x = 0, qz_x = 0;
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const volatile uint32_t* p = mbox + w * REC_STRIDE + 10 * r;
-                resid_w[w] = join64(p[0], p[1]);
-                rs += resid_w[w];
+                S.resid_w[w] = join64(p[0], p[1]);
+                rs += S.resid_w[w];
                 if (p[2]) {
                     w_x = join64(p[3], p[4]);
                     qz_x = join64(p[5], p[6]);
                 }
-                z_w[w] = join64(p[7], p[8]);
+                S.z_w[w] = join64(p[7], p[8]);
             }
             const volatile uint32_t* pr = prm + r * P_WORDS;
-            const Decision d = decide(pr, argmax[r], z[r], rs, w_x, qz_x, resid_w, z_w, n_workers);
+            const Decision d = decide(pr, S.argmax[r], S.z[r], rs, w_x, qz_x, S.resid_w, S.z_w, n_workers);
             const uint32_t row = rt * ROWS + r;
             if (row < rows) {
                 rowres[4 * row + 0] = d.accept;
                 rowres[4 * row + 2] = pr[P_MODE];
                 rowres[4 * row + 3] = pr[P_DRAFT];
             }
-            greedy_token[r] = (pr[P_GREEDY] || d.winner == NO_WORKER) ? argmax[r] : NO_TOKEN;
+            S.greedy_token[r] = (pr[P_GREEDY] || d.winner == NO_WORKER) ? S.argmax[r] : NO_TOKEN;
             volatile uint32_t* b = res + r * RES_ROW_WORDS;
             b[0] = pr[P_GREEDY] ? NO_WORKER : d.winner;
             split64(d.target, b + 1);
             b[3] = d.use_residual;
         }
-        agg_broadcast(L, wx, wy);
+        agg_broadcast(L, S.wx, S.wy);
 
         // pick
         agg_gather(L);
         for (uint32_t r = 0; r < ROWS; ++r) {
-            uint32_t token = greedy_token[r];
+            uint32_t token = S.greedy_token[r];
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const uint32_t v = mbox[w * REC_STRIDE + r];
                 if (v != NO_TOKEN) {
@@ -344,7 +355,7 @@ void kernel_main() {
                 rowres[4 * row + 1] = token;
             }
         }
-        agg_broadcast(L, wx, wy);
+        agg_broadcast(L, S.wx, S.wy);
         cb_pop_front(CB_PARAMS, 1);
     }
 
