@@ -269,3 +269,21 @@ def test_sampling_run_has_no_identity_claim(tiny_engine):
     assert report["config"]["sampling"]["temperature"] == 0.8
     assert report["config"]["gamma_policy"] == "adaptive, γ ≤ 4" and report["config"]["gamma"] is None
     assert math.isfinite(report["speedup"])
+
+
+@pytest.mark.real_models
+def test_real_small_model_with_ngram_drafter():
+    """SmolLM2-135M (fetched) as the target, prompt lookup as the drafter, transformers' prompt lookup as peer."""
+    from specdec.engine import Engine, EngineConfig
+    from specdec.fetch import fetch
+
+    path = fetch(["small"], progress=False)["small"]
+    engine = Engine.load(str(path), None, dtype="float32", device="cpu", config=EngineConfig(method=Method.NGRAM))
+    quote = "Repeat this sentence exactly: the cat sat on the mat and looked at the hat."
+    options = bench.BenchOptions(prompts=[bench.Prompt("Hi!"), bench.Prompt(quote, "quote")], max_new_tokens=24,
+                                 method=Method.NGRAM, compare_hf=True)  # fmt: skip
+    report = bench.run_benchmark(engine, options)
+    assert report["identical_outputs"] is True
+    assert report["c"] == 0.0 and report["speculative"]["proposed"] > 0
+    assert report["speedup"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["baseline"]["decode_tokens_per_s"])
+    assert "the mat" in report["per_prompt"][0]["baseline"]["text"]

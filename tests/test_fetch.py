@@ -307,7 +307,8 @@ def test_small_real_model_fetches_and_generates():
     path = fetch.fetch(["small"], progress=False)["small"]
     m = load_model(str(path), dtype="float32", device="cpu")
     ids = m.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
-    out = m.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    text = m.tokenizer.decode(out[0, len(ids) :])
+    ids = torch.tensor([ids])
+    out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    text = m.tokenizer.decode(out[0, ids.shape[1] :])
     assert "4" in text, text
     assert m.tokenizer.eos_token == "<|im_end|>"

@@ -295,6 +295,7 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
     greedy = options.sampling.greedy
     base_seed = options.sampling.seed if options.sampling.seed is not None else 1234
     rss_start = _rss_bytes()
+    load_start = os.getloadavg()
     t_start = time.time()
     results = []
     for i, prompt in enumerate(options.prompts):
@@ -364,6 +365,9 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
         "transformers": _version("transformers"),
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
         "duration_s": time.time() - t_start,
+        # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
     memory = {
         "rss_bytes_before": rss_start,
@@ -541,7 +545,8 @@ def to_markdown(report: dict) -> str:
         f"| order | {c['order']} |",
         f"| threads, device | {c['threads']}, {c['device']} |",
         f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
-        f"| run | {c['started_at']}, {c['duration_s']:.0f} s |",
+        f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
+        f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
     ]
     if c["compare_hf"]:
         L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
