@@ -363,6 +363,7 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "torch": torch.__version__,
         "transformers": _version("transformers"),
+        "specdec_commit": _git_commit(),
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
         "duration_s": time.time() - t_start,
         # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
@@ -545,6 +546,7 @@ def to_markdown(report: dict) -> str:
         f"| order | {c['order']} |",
         f"| threads, device | {c['threads']}, {c['device']} |",
         f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
+        f"| specdec commit | {c.get('specdec_commit') or 'unknown'} |",
         f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
         f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
     ]
@@ -695,6 +697,21 @@ def _rss_bytes() -> int:
 
 def _weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+
+
+def _git_commit() -> str:
+    """The source tree's commit (with '+dirty' when python/ or csrc/ has uncommitted changes), or ''."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "python", "csrc"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _version(package: str) -> str:
