@@ -31,8 +31,9 @@ def _header_constants() -> dict[str, int]:
     src = (KERNEL_DIR / "specdec_tt_algo.hpp").read_text()
     consts: dict[str, int] = {}
     for name, expr in re.findall(r"constexpr uint32_t (\w+) = ([^;]+);", src):
+        expr = re.sub(r"\b(0x[0-9A-Fa-f]+|\d+)[uU]\b", r"\1", expr)
         try:
-            consts[name] = int(eval(expr, {}, dict(consts)))  # only literals, shifts and products of them
+            consts[name] = int(eval(expr, {"__builtins__": {}}, dict(consts)))  # only literals, shifts and products of them
         except Exception:
             continue
     return consts
@@ -140,7 +141,7 @@ def plan(B: int, K: int, V: int, *, logits_dtype: str = "bfloat16", has_q: bool 
     workers = order[: len(split)]
     p = Plan(B=B, K1=K1, V=V, rows=rows, row_tiles=row_tiles, vocab_tiles=vt, logits_dtype=logits_dtype,
              has_q=has_q, arch=arch, grid=grid, workers=workers, aggregator=aggregator, split=split,
-             out_row_words=-(-(K1 + 1) // 8) * 8)
+             out_row_words=-(-(K1 + 1) // 16) * 16)  # 64-byte rows: DRAM alignment on both archs
     n_max = max(n for _, n in split)
     c = p.cbs
     c["x"] = CBPlan(CB["CB_X"], logits_dtype, p.x_tile_bytes, 2, "all")
