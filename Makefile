@@ -41,3 +41,9 @@ bench-kernels: venv
 
 clean:
 	rm -rf build $(VENV)
+
+# The tt-metal kernels' checks that need no Tenstorrent device, in a Python 3.12 venv with
+# ttnn==0.81.1 (.venv-tt); prints SKIPPED and succeeds where no 3.12 interpreter exists.
+.PHONY: test-tt
+test-tt:
+	scripts/tt_test.sh
