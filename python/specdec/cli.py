@@ -1,0 +1,355 @@
+"""``specdec``: serve | generate | bench | models | health.
+
+    specdec serve [--target T --draft D]     serve (no model given: the default pair, fetched on first use)
+    specdec generate "prompt"                stream a completion from a server, then a stats line
+    specdec bench [...]                      the benchmark (see ``specdec.bench``)
+    specdec models fetch [ROLE...] | list    the default models
+    specdec health                           exit 0 only when the server reports SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9090
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a target (and draft) model over gRPC",
+                       description="Serve over gRPC. With no --target, serves the default pair (fetched on first use).")  # fmt: skip
+    m = p.add_argument_group("models")
+    m.add_argument("--target", help="target model: directory, .gguf file or hub id (default: the default pair)")
+    m.add_argument("--draft", help="draft model (default: the default pair's draft when --target is not given)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="target dtype")
+    m.add_argument("--draft-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="draft dtype")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    s = p.add_argument_group("speculation")
+    s.add_argument("--method", choices=["draft", "ngram", "none"], default="draft",
+                   help="default drafter (draft falls back to ngram without a draft model)")  # fmt: skip
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--gamma", type=int, default=None, help="fixed γ (default: adaptive)")
+    g.add_argument("--gamma-max", type=int, default=8, help="upper bound of adaptive γ (default 8)")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    n.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 picks one)")
+    n.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0 picks one)")  # fmt: skip
+    n.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    n.add_argument("--port-file", help="write the bound gRPC port to this file once listening")
+    n.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest request/response (default 4 MiB)")
+    n.add_argument("--no-reflection", action="store_true", help="switch off gRPC server reflection")
+    q = p.add_argument_group("admission")
+    q.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which RESOURCE_EXHAUSTED (default 64)")
+    q.add_argument("--max-running", type=int, default=8, help="requests stepped together (default 8)")
+    q.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM (default 30)")
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    lg.add_argument("--log-format", default="json", choices=["json", "text"])
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    p.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    p.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (the target's chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (64)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server's default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--method", choices=["draft", "ngram", "none"], default=None, help="override the server's drafter")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gamma", type=int, default=None)
+    g.add_argument("--gamma-max", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the whole response as JSON instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark baseline vs speculative (vs transformers) decoding")
+    try:
+        from specdec import bench
+    except ImportError as e:  # pragma: no cover - bench.py is part of the package
+        p.set_defaults(func=lambda args: _fail(f"specdec bench is unavailable: {e}"))
+        return
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_cli)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="fetch or list the default models")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="download, join, check and convert the default models (idempotent)")
+    f.add_argument("roles", nargs="*", help="target, draft, small (default: target and draft)")
+    f.set_defaults(func=cmd_models_fetch)
+    lst = msub.add_parser("list", help="list the default models and whether they are in the cache")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_models_list)
+
+
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", help="exit 0 only when the server reports SERVING")
+    p.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--service", default="", help='the service to check (default "": the whole server)')
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_health)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding served over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_models(sub)
+    _add_health(sub)
+    return parser
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"specdec: {message}", file=sys.stderr)
+    return code
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from specdec.metrics import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    if args.draft and not args.target:
+        return _fail("--draft needs --target")
+    if args.gamma is not None and not 0 <= args.gamma <= 32:
+        return _fail(f"--gamma must be in [0, 32], got {args.gamma}")
+    if not 1 <= args.gamma_max <= 32:
+        return _fail(f"--gamma-max must be in [1, 32], got {args.gamma_max}")
+    if args.max_queue < 0 or args.max_running < 1:
+        return _fail("--max-queue must be >= 0 and --max-running >= 1")
+    if args.threads is not None and args.threads < 1:
+        return _fail(f"--threads must be >= 1, got {args.threads}")
+    try:
+        return asyncio.run(_serve(args))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+def _loader(args: argparse.Namespace):
+    def load():
+        from specdec.engine import Engine, EngineConfig
+        from specdec.params import Method
+
+        target, draft = args.target, args.draft
+        if target is None:
+            from specdec.fetch import default_pair
+
+            target, draft = default_pair()
+        method = Method(args.method)
+        if method == Method.DRAFT and draft is None:
+            logging.getLogger("specdec.cli").warning("no --draft given: serving with the n-gram drafter")
+            method = Method.NGRAM
+        if method != Method.DRAFT:
+            draft = None  # no need to hold a draft model the server will not use
+        config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max)
+        return Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
+                           threads=args.threads, config=config)  # fmt: skip
+
+    return load
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from specdec.server import ServerConfig, SpecDecServer
+
+    log = logging.getLogger("specdec.cli")
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        max_queue=args.max_queue,
+        max_running=args.max_running,
+        grace_s=args.grace,
+        max_message_bytes=args.max_message_bytes,
+        reflection=not args.no_reflection,
+    )
+    server = SpecDecServer(config, loader=_loader(args))
+    port = await server.start()
+    metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"specdec serve: listening on {args.host}:{port}{metrics}", flush=True)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(args.port_file)
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal received: draining", extra={"fields": {"signal": signal.Signals(signum).name}})
+            server.shutdown()
+        else:
+            log.warning("second signal: stopping now")
+            server.shutdown(0.0)
+            loop.create_task(_force_stop(server))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.wait_ready()
+    except Exception as e:
+        log.error("could not load the models: %s", e)
+        await server.shutdown(0.0)
+        return 1
+    await server.wait_closed()
+    return 0
+
+
+async def _force_stop(server) -> None:
+    if server.scheduler is not None:
+        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+
+def _request_from_args(args: argparse.Namespace):
+    from specdec.client import build_request
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        method=args.method,
+        gamma=args.gamma,
+        gamma_max=args.gamma_max,
+    )
+    if args.chat:
+        return build_request(messages=[{"role": "user", "content": prompt}], **kw)
+    return build_request(prompt, **kw)
+
+
+def stats_line(summary) -> str:
+    """One line of completion statistics (for the terminal)."""
+    from specdec.v1 import specdec_pb2 as pb
+
+    u, t, s = summary.usage, summary.timing, summary.speculation
+    reason = pb.FinishReason.Name(summary.finish_reason).removeprefix("FINISH_REASON_").lower()
+    parts = [
+        f"{u.completion_tokens} tokens in {t.e2e_s:.2f} s ({t.tokens_per_s:.1f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s)",
+        f"TTFT {t.ttft_s * 1000:.0f} ms",
+        f"queue {t.queue_s * 1000:.0f} ms",
+        f"{s.method}: acceptance {s.acceptance_rate:.0%} ({s.accepted}/{s.proposed})",
+        f"mean accepted length {s.mean_accepted_length:.2f} over {s.verify_steps} steps",
+        f"finish {reason}" + (f" {summary.matched_stop!r}" if summary.matched_stop else ""),
+        f"seed {summary.seed}",
+    ]
+    return "[" + " | ".join(parts) + "]"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from specdec.client import Client
+
+    try:
+        request = _request_from_args(args)
+    except ValueError as e:
+        return _fail(str(e))
+    with Client(args.address, timeout=args.timeout) as client:
+        try:
+            if args.json:
+                response = client.generate_request(request)
+                print(json_format.MessageToJson(response, preserving_proto_field_name=True, ensure_ascii=False))
+                return 0
+            summary = None
+            for message in client.stream_request(request):
+                if message.HasField("chunk"):
+                    sys.stdout.write(message.chunk.text)
+                    sys.stdout.flush()
+                else:
+                    summary = message.summary
+            sys.stdout.write("\n")
+            if summary is not None:
+                print(stats_line(summary), file=sys.stderr)
+            return 0
+        except grpc.RpcError as e:
+            sys.stdout.flush()
+            return _fail(f"{e.code().name}: {e.details()}", 1)
+
+
+# ---- models / health ----------------------------------------------------------------------------
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from specdec import fetch
+
+    roles = args.roles or list(fetch.DEFAULT_ROLES)
+    unknown = [r for r in roles if r not in fetch.MODELS]
+    if unknown:
+        return _fail(f"unknown role(s) {', '.join(unknown)}; choose from {', '.join(fetch.MODELS)}")
+    try:
+        paths = fetch.fetch(roles)
+    except fetch.FetchError as e:
+        return _fail(str(e), 1)
+    for role, path in paths.items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from specdec import fetch
+
+    models = fetch.list_models()
+    if args.json:
+        print(json.dumps(models, indent=2, default=str))
+        return 0
+    for m in models:
+        print("  ".join(f"{k}={v}" for k, v in m.items()))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from specdec.client import Client
+
+    with Client(args.address) as client:
+        try:
+            status = client.health(args.service, timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"{e.code().name}: {e.details()}")
+            return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The gRPC server (grpc.aio): SpecDecode, health, reflection, admission, deadlines, shutdown, metrics.
+
+Life of the server:
+1. ``start()`` binds the port with health NOT_SERVING, starts the metrics endpoint and loads the models on a
+   thread (a model fetch included); calls meanwhile get UNAVAILABLE.
+2. Loaded: the scheduler starts and health turns SERVING for "" and ``specdec.v1.SpecDecode``.
+3. ``shutdown()`` (SIGTERM/SIGINT in ``specdec serve``): health NOT_SERVING, new calls get UNAVAILABLE,
+   in-flight calls may finish within the grace period; then the rest are cancelled (UNAVAILABLE) and the
+   server stops.
+
+Status codes: a bad field INVALID_ARGUMENT (never INTERNAL for user error); a full queue RESOURCE_EXHAUSTED
+with a retry hint (message and the ``grpc-retry-pushback-ms`` trailer); loading or shutting down UNAVAILABLE;
+the client's deadline DEADLINE_EXCEEDED; a failure inside the engine INTERNAL naming the request id (logged
+with its traceback; the server keeps serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specdec.convert import (
+    Completion,
+    Limits,
+    method_from_proto,
+    model_info_to_proto,
+    new_request_id,
+    parse_request,
+    response_to_proto,
+    sampling_from_proto,
+    summary_to_proto,
+)
+from specdec.metrics import Metrics
+from specdec.params import FinishReason, Method
+from specdec.scheduler import Closed, Handle, InternalError, JobCancelled, QueueFull, Scheduler
+from specdec.v1 import specdec_pb2 as pb
+from specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+log = logging.getLogger("specdec.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDecode"].full_name  # "specdec.v1.SpecDecode"
+HEALTH_SERVICES = ("", SERVICE_NAME)
+MAX_BENCHMARK_PROMPTS = 1000
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+
+        return v("specdec")
+    except Exception:
+        return "unknown"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (see SpecDecServer.port)
+    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    metrics_host: str | None = None  # default: host
+    max_queue: int = 64  # waiting requests beyond which RESOURCE_EXHAUSTED
+    max_running: int = 8  # requests stepped together
+    grace_s: float = 30.0  # time in-flight calls get to finish on shutdown
+    max_message_bytes: int = 4 << 20
+    reflection: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+
+class SpecDecServer:
+    """Owns the grpc.aio server, the scheduler, the metrics and the health state."""
+
+    def __init__(self, config: ServerConfig, engine=None, loader: Callable[[], object] | None = None) -> None:
+        if (engine is None) == (loader is None):
+            raise ValueError("give exactly one of engine and loader")
+        self.config = config
+        self.engine = engine
+        self._loader = loader
+        self.metrics = Metrics()
+        self.scheduler: Scheduler | None = None
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._load_error: BaseException | None = None
+        self._draining = False
+        self._shutdown_task: asyncio.Task | None = None
+        self._active_calls = 0
+        self._info: pb.GetModelInfoResponse | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics.bind_counts(
+            lambda: self.scheduler.running if self.scheduler else 0,
+            lambda: self.scheduler.waiting if self.scheduler else 0,
+        )
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until the models are loaded); returns the port."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(options=options)
+        pb_grpc.add_SpecDecodeServicer_to_server(_Servicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        if cfg.reflection:
+            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self._server)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{_host(cfg.host)}:{cfg.port}"
+        self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        await self._server.start()
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
+        log.info("listening", extra={"fields": {"address": f"{cfg.host}:{self.port}", "metrics_port": self.metrics_port}})
+        if self.engine is not None:
+            await self._on_loaded()
+        else:
+            asyncio.get_running_loop().create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def work() -> None:  # a daemon thread: a shutdown during a long load need not wait for it
+            try:
+                result = self._loader()
+            except BaseException as e:  # noqa: BLE001 - reported to wait_ready
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        log.info("loading models")
+        t0 = time.perf_counter()
+        threading.Thread(target=work, name="specdec-load", daemon=True).start()
+        try:
+            self.engine = await done
+        except BaseException as e:  # noqa: BLE001
+            log.error("loading the models failed", exc_info=e)
+            self._load_error = e
+            self._ready.set()
+            return
+        log.info("models loaded", extra={"fields": {"seconds": round(time.perf_counter() - t0, 3), **self.engine.info()}})
+        await self._on_loaded()
+
+    async def _on_loaded(self) -> None:
+        if self._draining:
+            self._ready.set()
+            return
+        self.scheduler = Scheduler(
+            self.engine, max_queue=self.config.max_queue, max_running=self.config.max_running, observer=self.metrics
+        )
+        self.scheduler.start()
+        info = self.engine.info()
+        info["vocab_size"] = getattr(self.engine, "real_vocab", info.get("vocab_size", 0))
+        self._info = model_info_to_proto(
+            info, max_queue=self.config.max_queue, max_running=self.config.max_running, version=version()
+        )
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._ready.set()
+        log.info("serving", extra={"fields": {"service": SERVICE_NAME}})
+
+    async def wait_ready(self) -> bool:
+        """True once serving; False when shut down first; raises the load error if loading failed."""
+        ready = asyncio.ensure_future(self._ready.wait())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopped.cancel()
+        if self._load_error is not None:
+            raise self._load_error
+        return self._ready.is_set() and not self._draining
+
+    @property
+    def serving(self) -> bool:
+        return self.scheduler is not None and not self._draining
+
+    def shutdown(self, grace: float | None = None) -> asyncio.Task:
+        """Begin a graceful shutdown (idempotent); await the returned task to wait for it."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(grace))
+        return self._shutdown_task
+
+    async def _shutdown(self, grace: float | None) -> None:
+        grace = self.config.grace_s if grace is None else grace
+        log.info("shutting down", extra={"fields": {"grace_s": grace, "active_calls": self._active_calls}})
+        self._draining = True
+        await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            self.scheduler.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while loop.time() < end and (self._active_calls > 0 or (self.scheduler is not None and self.scheduler.busy)):
+            await asyncio.sleep(0.02)
+        if self.scheduler is not None:
+            # Whatever is left ends now: its calls get UNAVAILABLE, its caches are freed.
+            await loop.run_in_executor(None, self.scheduler.stop)
+        if self._server is not None:
+            await self._server.stop(1.0)
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    # ---- calls ----------------------------------------------------------------------------------
+
+    async def _check_serving(self, context) -> None:
+        if self._draining:
+            self.metrics.failed("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if self.scheduler is None:
+            self.metrics.failed("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are loading; retry when health reports SERVING")
+
+    async def _open(self, request: pb.GenerateRequest, context) -> Handle:
+        await self._check_serving(context)
+        try:
+            parsed = parse_request(request, self.config.limits)
+        except ValueError as e:
+            parsed, error = None, str(e)
+        if parsed is None:
+            self.metrics.failed("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        handle = Handle(asyncio.get_running_loop(), parsed.request_id, _deadline(context))
+        refusal = None
+        try:
+            self.scheduler.submit(handle, parsed)
+        except QueueFull as e:
+            refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s, "resource_exhausted")
+        except Closed as e:
+            refusal = (grpc.StatusCode.UNAVAILABLE, str(e), None, "unavailable")
+        if refusal is not None:
+            code, message, retry, kind = refusal
+            self.metrics.failed(kind)
+            if retry is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry * 1000))),))
+            await context.abort(code, message)
+        context.add_done_callback(lambda _ctx: handle.cancel(_end_reason(handle)))
+        return handle
+
+    async def _events(self, handle: Handle, context):
+        """Yield the request's StepOutputs, then its Completion; abort with the right status otherwise."""
+        try:
+            while True:
+                kind, payload = await handle.get()
+                if kind == "step":
+                    yield payload
+                    continue
+                if kind == "done":
+                    reason = payload.finish_reason
+                    if reason == FinishReason.DEADLINE:
+                        await context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"deadline exceeded after {payload.completion_tokens} tokens (request {handle.request_id})",
+                        )
+                    if reason == FinishReason.CANCELLED:
+                        if self._draining and handle.cancel_reason is None:
+                            await context.abort(
+                                grpc.StatusCode.UNAVAILABLE,
+                                f"the server shut down before request {handle.request_id} finished; retry",
+                            )
+                        await context.abort(grpc.StatusCode.CANCELLED, f"request {handle.request_id} was cancelled")
+                    yield payload
+                    return
+                if kind == "error":
+                    if isinstance(payload, ValueError):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(payload))
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"internal error in request {handle.request_id}: {payload}"
+                    )
+        except asyncio.CancelledError:
+            handle.cancel(_end_reason(handle))
+            raise
+
+    async def generate(self, request, context) -> pb.GenerateResponse:
+        self._active_calls += 1
+        try:
+            handle = await self._open(request, context)
+            completion = None
+            async for item in self._events(handle, context):
+                completion = item
+            return response_to_proto(completion)
+        finally:
+            self._active_calls -= 1
+
+    async def generate_stream(self, request, context):
+        self._active_calls += 1
+        try:
+            handle = await self._open(request, context)
+            index = 0
+            async for item in self._events(handle, context):
+                if not isinstance(item, Completion):
+                    if item.token_ids or item.text:
+                        chunk = pb.StreamChunk(token_ids=item.token_ids, text=item.text, logprobs=item.logprobs or [],
+                                               index=index)  # fmt: skip
+                        index += 1
+                        yield pb.GenerateStreamResponse(request_id=handle.request_id, chunk=chunk)
+                else:
+                    yield pb.GenerateStreamResponse(request_id=handle.request_id, summary=summary_to_proto(item))
+        finally:
+            self._active_calls -= 1
+
+    async def model_info(self, request, context) -> pb.GetModelInfoResponse:
+        await self._check_serving(context)
+        return self._info
+
+    async def benchmark(self, request: pb.BenchmarkRequest, context):
+        self._active_calls += 1
+        try:
+            await self._check_serving(context)
+            try:
+                options = self._bench_options(request)
+            except ValueError as e:
+                options, error = None, str(e)
+            if options is None:
+                self.metrics.failed("invalid_argument")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+            handle = Handle(asyncio.get_running_loop(), "benchmark-" + new_request_id()[:8], _deadline(context))
+            try:
+                self.scheduler.submit_job(handle, _bench_job(options))
+            except (QueueFull, Closed) as e:
+                busy = isinstance(e, QueueFull)
+                if busy:
+                    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after_s * 1000))),))
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(e))
+            context.add_done_callback(lambda _ctx: handle.cancel(_end_reason(handle)))
+            try:
+                while True:
+                    kind, payload = await handle.get()
+                    if kind == "progress":
+                        yield pb.BenchmarkProgress(progress=_bench_step(payload))
+                    elif kind == "result":
+                        yield pb.BenchmarkProgress(report=_bench_report(*payload))
+                        return
+                    elif isinstance(payload, JobCancelled):
+                        reason = payload.args[0] if payload.args else FinishReason.CANCELLED
+                        if reason == FinishReason.DEADLINE:
+                            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded during the benchmark")
+                        await context.abort(grpc.StatusCode.CANCELLED, "the benchmark was cancelled")
+                    elif isinstance(payload, ValueError):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(payload))
+                    else:
+                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {handle.request_id}: {payload}")
+            except asyncio.CancelledError:
+                handle.cancel(_end_reason(handle))
+                raise
+        finally:
+            self._active_calls -= 1
+
+    def _bench_options(self, r: pb.BenchmarkRequest):
+        from specdec import bench
+
+        if len(r.prompts) > MAX_BENCHMARK_PROMPTS:
+            raise ValueError(f"prompts must hold at most {MAX_BENCHMARK_PROMPTS} prompts, got {len(r.prompts)}")
+        for i, p in enumerate(r.prompts):
+            if not p.strip():
+                raise ValueError(f"prompts[{i}] must not be empty")
+        method = method_from_proto(r.method, "method")
+        if method is None:
+            method = Method.DRAFT if getattr(self.engine, "draft", None) is not None else Method.NGRAM
+        if method == Method.DRAFT and getattr(self.engine, "draft", None) is None:
+            raise ValueError("method METHOD_DRAFT needs a draft model; this server was started without one")
+        if r.HasField("gamma") and r.HasField("gamma_max"):
+            raise ValueError(f"gamma and gamma_max are exclusive, got gamma={r.gamma} and gamma_max={r.gamma_max}")
+        options = bench.BenchOptions(
+            prompts=[bench.Prompt(p) for p in r.prompts] if r.prompts else bench.builtin_prompts(),
+            method=method,
+            gamma=r.gamma if r.HasField("gamma") else None,
+            gamma_max=r.gamma_max if r.HasField("gamma_max") else None,
+            sampling=sampling_from_proto(r.sampling),
+            compare_hf=r.compare_hf,
+            chat=not r.no_chat_template,
+        )
+        if r.HasField("warmup"):
+            options.warmup = r.warmup
+        elif r.prompts and len(r.prompts) == 1:
+            options.warmup = 0  # a single prompt of one's own is measured
+        if r.HasField("max_new_tokens"):
+            options.max_new_tokens = r.max_new_tokens
+        options.validate()
+        return options
+
+
+class _Servicer(pb_grpc.SpecDecodeServicer):
+    def __init__(self, app: SpecDecServer) -> None:
+        self._app = app
+
+    async def Generate(self, request, context):
+        return await self._app.generate(request, context)
+
+    async def GenerateStream(self, request, context):
+        async for message in self._app.generate_stream(request, context):
+            yield message
+
+    async def Benchmark(self, request, context):
+        async for message in self._app.benchmark(request, context):
+            yield message
+
+    async def GetModelInfo(self, request, context):
+        return await self._app.model_info(request, context)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 10 * 365 * 86400:  # no deadline (some stacks report "infinite")
+        return None
+    return time.monotonic() + remaining
+
+
+def _end_reason(handle: Handle) -> FinishReason:
+    """Why a call ended early: its deadline if that has passed, else a cancel."""
+    if handle.deadline is not None and time.monotonic() >= handle.deadline - 1e-3:
+        return FinishReason.DEADLINE
+    return FinishReason.CANCELLED
+
+
+def _bench_job(options):
+    def run(engine, progress):
+        from specdec import bench
+
+        report = bench.run_benchmark(engine, options, progress)
+        return report, bench.to_json(report), bench.to_markdown(report)
+
+    return run
+
+
+def _bench_step(event: dict) -> pb.BenchmarkStep:
+    return pb.BenchmarkStep(
+        phase=str(event.get("phase", "")),
+        done=int(event.get("done", 0)),
+        total=int(event.get("total", 0)),
+        message=str(event.get("message", event.get("event", ""))),
+    )
+
+
+def _num(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _bench_report(report: dict, json_text: str, markdown: str) -> pb.BenchmarkReport:
+    base, spec = report.get("baseline", {}), report.get("speculative", {})
+    out = pb.BenchmarkReport(
+        baseline_decode_tokens_per_s=_num(base.get("decode_tokens_per_s")) or 0.0,
+        speculative_decode_tokens_per_s=_num(spec.get("decode_tokens_per_s")) or 0.0,
+        speedup=_num(report.get("speedup")) or 0.0,
+        acceptance_rate=_num(spec.get("acceptance_rate")) or 0.0,
+        mean_accepted_length=_num(spec.get("mean_accepted_length")) or 0.0,
+        json=json_text,
+        markdown=markdown,
+    )
+    for name in ("analytic_bound", "efficiency", "speedup_vs_hf"):
+        if (v := _num(report.get(name))) is not None:
+            setattr(out, name, v)
+    if isinstance(report.get("identical_outputs"), bool):
+        out.identical_outputs = report["identical_outputs"]
+    if "hf_assisted" in report and (v := _num(report["hf_assisted"].get("decode_tokens_per_s"))) is not None:
+        out.hf_assisted_decode_tokens_per_s = v
+    return out
+
+
+async def serve(config: ServerConfig, *, engine=None, loader=None) -> SpecDecServer:
+    """Start a server (convenience for embedding); the caller awaits ``shutdown()``."""
+    server = SpecDecServer(config, engine=engine, loader=loader)
+    await server.start()
+    return server
+
+
+__all__ = ["SERVICE_NAME", "ServerConfig", "SpecDecServer", "serve"]
