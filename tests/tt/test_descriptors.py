@@ -153,3 +153,10 @@ def test_device_entry_points_refuse_without_device():
     assert reason is not None  # mock cluster: nothing can run
     with pytest.raises(RuntimeError, match="cannot run here"):
         runtime.sample([[0.0, 1.0]], temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0)
+
+
+def test_large_grid_caps_workers():
+    p = P.plan(8, 4, 151936, grid=(13, 10), arch="blackhole")  # Blackhole P150 compute grid
+    assert p.n_workers == P.MAX_WORKERS and p.aggregator == (12, 9) and p.aggregator not in p.workers
+    assert len(p.writer_runtime_args({"out": 0}, noc_xy)[p.aggregator]) == 15 + 2 * P.MAX_WORKERS
+    assert p.l1_bytes() <= P.L1_CB_BUDGET["blackhole"]

@@ -24,6 +24,9 @@ PARAM_WORDS = 16
 # 1536 KiB; firmware, kernel binaries and the runtime config take the first ~100-200 KiB.
 L1_CB_BUDGET = {"wormhole_b0": 1_250_000, "blackhole": 1_300_000}
 SEM_AGG, SEM_WORK = 0, 1
+# The aggregator's writer takes 15 + 2 * n_workers runtime args (tt-metal allows a few hundred per
+# kernel) and keeps per-worker state for at most MAX_WORKERS (128) in its scratch buffer.
+MAX_WORKERS = 120
 
 
 def _header_constants() -> dict[str, int]:
@@ -137,7 +140,7 @@ def plan(B: int, K: int, V: int, *, logits_dtype: str = "bfloat16", has_q: bool 
     vt = -(-V // TILE)
     aggregator = (gx - 1, gy - 1)
     order = [(x, y) for x in range(gx) for y in range(gy) if (x, y) != aggregator]  # column-major
-    split = split_vocab(vt, min(len(order), 128))
+    split = split_vocab(vt, min(len(order), MAX_WORKERS))
     workers = order[: len(split)]
     p = Plan(B=B, K1=K1, V=V, rows=rows, row_tiles=row_tiles, vocab_tiles=vt, logits_dtype=logits_dtype,
              has_q=has_q, arch=arch, grid=grid, workers=workers, aggregator=aggregator, split=split,
