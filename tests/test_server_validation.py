@@ -1,0 +1,117 @@
+"""Every bad field gives INVALID_ARGUMENT with a message naming the field, the allowed range and the value."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from server_fixtures import ServerThread, load_engine, server, test_config, wait_until  # noqa: F401
+
+from specdec.params import Method
+from specdec.v1 import specdec_pb2 as pb
+
+
+def req(**kw) -> pb.GenerateRequest:
+    kw.setdefault("text", "hello")
+    kw.setdefault("max_new_tokens", 4)
+    return pb.GenerateRequest(**kw)
+
+
+def msgs(*roles: str) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=r, content="hi") for r in roles])
+
+
+S = pb.SamplingOptions
+SP = pb.SpeculationOptions
+
+# (case id, request, the expected message: exact where it is short, else a distinctive part)
+BAD = [
+    ("no prompt", pb.GenerateRequest(max_new_tokens=4), "prompt must be set: one of text, token_ids or messages"),
+    ("empty text", req(text=""), "text must not be empty"),
+    ("empty token ids", pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids.ids must not be empty"),
+    ("token id past vocab", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5000])),
+     "token_ids.ids[1] must be in [0, 320), got 5000"),
+    ("negative token id", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[-1])), "token_ids.ids[0] must be in [0, 320), got -1"),
+    ("no messages", pb.GenerateRequest(messages=pb.ChatMessages()), "messages.messages must hold at least one message, got 0"),
+    ("bad role", pb.GenerateRequest(messages=msgs("user", "wizard")),
+     "messages.messages[1].role must be one of system, user, assistant, tool, got 'wizard'"),
+    ("chat without template", pb.GenerateRequest(messages=msgs("user")), "has no chat template"),
+    ("temperature negative", req(sampling=S(temperature=-0.5)), "sampling.temperature must be in [0, 100], got -0.5"),
+    ("temperature too big", req(sampling=S(temperature=1000.0)), "sampling.temperature must be in [0, 100], got 1000.0"),
+    ("temperature NaN", req(sampling=S(temperature=math.nan)), "sampling.temperature must be a finite number, got nan"),
+    ("temperature Inf", req(sampling=S(temperature=math.inf)), "sampling.temperature must be a finite number, got inf"),
+    ("top_p above 1", req(sampling=S(top_p=1.5)), "sampling.top_p must be in (0, 1], got 1.5"),
+    ("top_p zero", req(sampling=S(top_p=0.0)), "sampling.top_p must be in (0, 1], got 0.0"),
+    ("top_k negative", req(sampling=S(top_k=-1)), "sampling.top_k must be in [0, 2^31] (0 = off), got -1"),
+    ("min_p one", req(sampling=S(min_p=1.0)), "sampling.min_p must be in [0, 1), got 1.0"),
+    ("min_p NaN", req(sampling=S(min_p=math.nan)), "sampling.min_p must be a finite number, got nan"),
+    ("max_new_tokens zero", req(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    ("max_new_tokens negative", req(max_new_tokens=-5), "max_new_tokens must be >= 1, got -5"),
+    ("past the context", req(max_new_tokens=100000),
+     "prompt tokens + max_new_tokens must be <= the target's context length 512, got"),
+    ("empty stop", req(stop=["ok", ""]), "stop[1] must be a non-empty string"),
+    ("too many stops", req(stop=[f"s{i}" for i in range(17)]), "stop must hold at most 16 strings, got 17"),
+    ("stop too long", req(stop=["x" * 300]), "stop[0] must be at most 256 characters, got 300"),
+    ("stop token past vocab", req(stop_token_ids=[3, 999]), "stop_token_ids[1] must be in [0, 320), got 999"),
+    ("too many stop tokens", req(stop_token_ids=list(range(65))), "stop_token_ids must hold at most 64 ids, got 65"),
+    ("gamma too big", req(speculation=SP(gamma=33)), "speculation.gamma must be in [0, 32], got 33"),
+    ("gamma negative", req(speculation=SP(gamma=-1)), "speculation.gamma must be in [0, 32], got -1"),
+    ("gamma_max zero", req(speculation=SP(gamma_max=0)), "speculation.gamma_max must be in [1, 32], got 0"),
+    ("gamma and gamma_max", req(speculation=SP(gamma=2, gamma_max=4)),
+     "speculation.gamma (fixed γ) and speculation.gamma_max (adaptive γ) are exclusive, got gamma=2 and gamma_max=4"),
+    ("unknown method", req(speculation=SP(method=99)),
+     "speculation.method must be one of METHOD_UNSPECIFIED, METHOD_DRAFT, METHOD_NGRAM, METHOD_NONE, got 99"),
+    ("disable with draft", req(speculation=SP(disable=True, method=pb.METHOD_DRAFT)),
+     "speculation.disable is set, so speculation.method must be METHOD_UNSPECIFIED or METHOD_NONE, got METHOD_DRAFT"),
+    ("request id too long", req(request_id="r" * 129), "request_id must be at most 128 characters, got 129"),
+    ("request id not printable", req(request_id="a\nb"), "request_id must be printable ASCII (0x20-0x7e), got '\\n'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad,expected", [pytest.param(r, m, id=i) for i, r, m in BAD])
+def test_bad_field_is_invalid_argument_naming_it(server, bad, expected):
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub().Generate(bad, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert expected in e.value.details()
+    # the stream reports the same, before any message
+    with pytest.raises(grpc.RpcError) as e2:
+        list(server.stub().GenerateStream(bad, timeout=30))
+    assert e2.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e2.value.details() == e.value.details()
+
+
+def test_table_is_big_enough_and_the_server_is_unharmed(server):
+    assert len(BAD) >= 15
+    assert wait_until(server.idle, 5)
+    r = server.stub().Generate(req(max_new_tokens=3), timeout=30)
+    assert r.summary.usage.completion_tokens == 3
+
+
+def test_edges_that_are_valid(server):
+    """The boundaries themselves are accepted (so the table above tests the range, not a blanket rejection)."""
+    stub = server.stub()
+    for ok in (
+        req(sampling=S(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=2**64 - 1)),
+        req(sampling=S(temperature=100.0, top_k=2**31 - 1, min_p=0.999, seed=0)),
+        req(speculation=SP(gamma=0)),
+        req(speculation=SP(gamma=32)),
+        req(speculation=SP(gamma_max=32)),
+        req(speculation=SP(disable=True, method=pb.METHOD_NONE)),
+        req(stop=["x" * 256] * 16, stop_token_ids=list(range(64))),
+        req(request_id="r" * 128),
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=[0, 319] * 254), max_new_tokens=4),  # 508 + 4 = the context
+    ):
+        r = stub.Generate(ok, timeout=60)
+        assert r.summary.usage.completion_tokens >= 1
+
+
+def test_draft_method_on_a_server_without_a_draft(tiny_dirs):
+    srv = ServerThread(test_config(metrics_port=None), engine=load_engine(tiny_dirs, draft=None, method=Method.NGRAM))
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            srv.stub().Generate(req(speculation=SP(method=pb.METHOD_DRAFT)), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "speculation.method 'draft' needs a draft model" in e.value.details()
+    finally:
+        srv.close()
