@@ -51,7 +51,6 @@ fi
 
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 "$TT_VENV/bin/python" -c "import ttnn, sys; print('test-tt: ttnn', ttnn.__version__ if hasattr(ttnn, '__version__') else '0.81.1', 'on Python', sys.version.split()[0])" 2>&1 | grep -v DEBUG | grep -v '^Config' || true
-"$TT_VENV/bin/python" -m specdec.tt.jit_check
 # -m overrides the project's default deselection so the device tests report their skip reason.
 "$TT_VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/tt -m "tt_device or not tt_device" \
   tests/tt/test_descriptors.py tests/tt/test_kernel_sources.py tests/tt/test_device.py

@@ -29,6 +29,12 @@ def test_kernel_preprocesses_and_calls_only_declared_names(role, proc, arch):
     assert jc.undeclared_calls(src, pp) == []
 
 
+@pytest.mark.parametrize("arch", list(jc.ARCHS))
+@pytest.mark.parametrize("role,proc", [("reader", "ncrisc"), ("writer", "brisc")])
+def test_dataflow_kernels_type_check_in_the_firmware_unit(role, proc, arch):
+    jc.syntax_check(jc.KERNELS[role], proc, arch)
+
+
 def _copy_tree(tmp_path: Path) -> Path:
     """A copy of csrc/tt/kernels (relative includes keep working)."""
     dst = tmp_path / "kernels"
@@ -69,3 +75,16 @@ def test_only_the_sfpi_toolchain_headers_are_stubbed(tmp_path):
     root = jc.ttnn_root()
     for h in jc.SFPI_STUBS:
         assert not list(root.rglob(h)), f"{h} ships in the wheel; it must not be stubbed"
+
+
+def test_type_check_catches_wrong_api_use(tmp_path):
+    tree = _copy_tree(tmp_path)
+    w = tree / "dataflow" / "writer.cpp"
+    w.write_text(w.read_text().replace("noc_async_write_page(b, out, get_write_ptr(CB_OUT));",
+                                       "noc_async_write_page(out, b, get_write_ptr(CB_OUT));"))
+    with pytest.raises(RuntimeError, match="noc_async_write_page"):
+        jc.syntax_check(w, "brisc")
+    r = tree / "dataflow" / "reader.cpp"
+    r.write_text(r.read_text().replace("cb_reserve_back(CB_LOCALMAX, 1);", "cb_reserve_back(CB_LOCALMAX);"))
+    with pytest.raises(RuntimeError, match="cb_reserve_back"):
+        jc.syntax_check(r, "ncrisc")

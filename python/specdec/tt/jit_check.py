@@ -8,6 +8,11 @@ stubs for the two headers that ship with the SFPI toolchain rather than the whee
 calls to be declared somewhere in the headers it includes, which catches a misspelt API name that
 ``-E`` alone would let through.
 
+For the two data-movement kernels a third check goes further: ``syntax_check`` type-checks them
+(``g++ -fsyntax-only``) inside the firmware entry file the JIT compiles them with (brisck.cc /
+ncrisck.cc), so wrong argument types or counts against the real dataflow API fail here too.  The
+compute kernel cannot be type-checked without the SFPI compiler's vector types.
+
 This module imports neither ttnn nor numpy; it only locates the installed ttnn package.
 """
 from __future__ import annotations
@@ -83,7 +88,7 @@ def jit_defines(arch: str, processor: str, compile_time_args: list[int]) -> list
     d = [ARCHS[arch][4], "TENSIX_FIRMWARE", "LOCAL_MEM_EN=0", "KERNEL_BUILD", "NOC_INDEX=0", "NOC_MODE=0",
          "DISPATCH_MESSAGE_ADDR=0", "NUM_DRAM_BANKS=12", "LOG_BASE_2_OF_NUM_DRAM_BANKS=4",
          "IS_NOT_POW2_NUM_DRAM_BANKS=1", "NUM_L1_BANKS=64", "LOG_BASE_2_OF_NUM_L1_BANKS=6",
-         "PCIE_NOC_X=0", "PCIE_NOC_Y=3",
+         "PCIE_NOC_X=0", "PCIE_NOC_Y=3", "PROGRAMMABLE_CORE_TYPE=0",
          "KERNEL_COMPILE_TIME_ARGS=" + ",".join(str(a) for a in compile_time_args)]
     return d + PROCESSORS[processor]
 
@@ -199,9 +204,48 @@ def check_all(arch: str = "wormhole_b0", root: Path | None = None) -> dict[str, 
     report = {}
     for role, src in KERNELS.items():
         for proc in ROLE_PROCESSORS[role]:
-            pp = preprocess(src, proc, arch, root=root)
+            pp = preprocess(src, proc, arch, compile_time_args=CT_ARGS[role], root=root)
             report[f"{role}/{proc}"] = undeclared_calls(src, pp)
     return report
+
+
+# Realistic compile-time args: TensorAccessorArgs of an interleaved DRAM tensor are
+# [ArgConfig::IsDram (2), aligned page size].
+CT_ARGS = {
+    "reader": [0, 1, 2048, 2, 2048, 2, 64, 2, 4096],  # bf16 logits, draft probs, then logits/params/q
+    "writer": [1, 63, 2, 64],  # draft probs, 63 workers, output accessor
+    "compute": [],
+}
+FIRMWARE = {"brisc": "brisck.cc", "ncrisc": "ncrisck.cc"}
+
+
+def syntax_check(source: Path, processor: str, arch: str = "wormhole_b0", compile_time_args=None,
+                 root: Path | None = None, gxx: str = "g++") -> None:
+    """Type-check a dataflow kernel as tt-metal's JIT compiles it: the firmware entry file
+    (brisck.cc / ncrisck.cc) including the kernel through a generated kernel_includes.hpp, with
+    ``g++ -fsyntax-only``.  Raises RuntimeError with the diagnostics."""
+    root = root or ttnn_root()
+    if processor not in FIRMWARE:
+        raise ValueError("syntax_check covers the data-movement kernels (brisc, ncrisc)")
+    if compile_time_args is None:
+        compile_time_args = CT_ARGS["writer" if processor == "brisc" else "reader"]
+    fw = root / "tt_metal" / "hw" / "firmware" / "src" / "tt-1xx" / FIRMWARE[processor]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "kernel_includes.hpp").write_text(f'#include "{Path(source).resolve()}"\n')
+        # The device is 32-bit; the host compiler is not (and has no 32-bit multilib here), so the
+        # firmware's pointer-to-uint32_t casts are "-fpermissive" errors.  Downgrade those, then
+        # refuse any such diagnostic located in our own sources.
+        cmd = [gxx, "-std=c++17", "-fsyntax-only", "-fpermissive", "-Wno-attributes"]
+        cmd += [f"-D{d}" for d in jit_defines(arch, processor, list(compile_time_args))]
+        cmd += [f"-I{tmp}"] + [f"-I{p}" for p in include_dirs(root, arch, False)]
+        cmd.append(str(fw))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    tree = _kernel_tree(source)
+    own_diag = [ln for ln in r.stderr.splitlines()
+                if ("error" in ln or "fpermissive" in ln) and str(tree) in ln.split(":")[0]]
+    if r.returncode != 0 or own_diag:
+        errs = "\n".join([ln for ln in r.stderr.splitlines() if "error" in ln] + own_diag)
+        raise RuntimeError(f"g++ -fsyntax-only failed for {Path(source).name} ({processor}, {arch}):\n{errs[-4000:]}")
 
 
 if __name__ == "__main__":  # python -m specdec.tt.jit_check
@@ -210,7 +254,14 @@ if __name__ == "__main__":  # python -m specdec.tt.jit_check
     bad = False
     for arch in ARCHS:
         for key, missing in check_all(arch).items():
-            status = "ok" if not missing else "undeclared: " + ", ".join(missing)
+            status = "g++ -E ok, API names ok" if not missing else "undeclared: " + ", ".join(missing)
             bad |= bool(missing)
             print(f"{arch:12s} {key:16s} {status}")
+        for role, proc in (("reader", "ncrisc"), ("writer", "brisc")):
+            try:
+                syntax_check(KERNELS[role], proc, arch)
+                print(f"{arch:12s} {role + '/' + proc:16s} g++ -fsyntax-only in {FIRMWARE[proc]} ok")
+            except RuntimeError as exc:
+                bad = True
+                print(f"{arch:12s} {role + '/' + proc:16s} {exc}")
     sys.exit(1 if bad else 0)
