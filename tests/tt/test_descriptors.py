@@ -58,11 +58,18 @@ def test_plan_split_and_buffers(B, K, V, dtype):
     assert p.n_workers == min(vt, 63)
     assert p.aggregator == (7, 7) and p.aggregator not in p.workers
     assert len(set(p.workers)) == p.n_workers
-    n_max = max(n for _, n in p.split)
     cb = p.cbs
     assert cb["x"].page_size == (4096 if dtype == "float32" else 2048) and cb["x"].pages == 2
-    assert cb["e"].pages == n_max and cb["e"].page_size == 4096
-    assert ("q" in cb) == (K > 0) and (K == 0 or cb["q"].pages == n_max)
+    # every worker's resident e (and q) buffer holds exactly its own slice: pages contiguous per tile-row
+    for core, (_, n) in zip(p.workers, p.split):
+        mine = {c.index: c for c in p.cbs_on(core)}
+        assert mine[P.CB["CB_E"]].pages == n and mine[P.CB["CB_E"]].page_size == 4096
+        assert (P.CB["CB_Q"] in mine) == (K > 0) and (K == 0 or mine[P.CB["CB_Q"]].pages == n)
+    agg = {c.index for c in p.cbs_on(p.aggregator)}
+    assert P.CB["CB_E"] not in agg and P.CB["CB_Q"] not in agg
+    # the shared buffers come first (same L1 address on every core), the per-group ones last
+    order = [c.on for c in cb.values()]
+    assert order == sorted(order, key=lambda on: on != "all")
     assert cb["mailbox"].total_size == p.n_workers * P.REC_BYTES == p.n_workers * 6144
     assert cb["rowres"].total_size == p.row_tiles * 32 * 16
     assert cb["out"].page_size % 64 == 0 and p.out_row_words >= K + 2
@@ -123,12 +130,11 @@ def test_program_descriptor(B, K, V):
     assert wa[15:] == [c for core in p.workers for c in noc_xy(core)]
     assert list(reader.runtime_args[ax][ay])[3] == 1
     # circular buffers: indices, page sizes, totals, cores
-    by_index = {cb.format_descriptors[0].buffer_index: cb for cb in prog.cbs}
-    assert set(by_index) == {c.index for c in p.cbs.values()}
-    for name, c in p.cbs.items():
-        d = by_index[c.index]
-        assert d.total_size == c.total_size and d.format_descriptors[0].page_size == c.page_size
-        assert _cores(d.core_ranges) == everyone
+    descs = [(cb.format_descriptors[0].buffer_index, cb.total_size, cb.format_descriptors[0].page_size,
+              frozenset(_cores(cb.core_ranges))) for cb in prog.cbs]
+    want = [(c.index, c.total_size, c.page_size,
+             frozenset(everyone if c.on == "all" else p.groups[c.on])) for c in p.cbs.values()]
+    assert descs == want
     assert sorted(s.id for s in prog.semaphores) == [P.SEM_AGG, P.SEM_WORK]
     assert all(s.initial_value == 0 for s in prog.semaphores)
 

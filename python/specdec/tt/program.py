@@ -54,7 +54,7 @@ class CBPlan:
     dtype: str  # "bfloat16" | "float32" | "uint32"
     page_size: int
     pages: int
-    on: str  # "all" | "workers"
+    on: str  # "all" (every core of the program) | "group1" | "group2" (workers with n1 / n2 tiles)
 
     @property
     def total_size(self) -> int:
@@ -87,8 +87,22 @@ class Plan:
     def x_tile_bytes(self) -> int:
         return TILE_ELEMS * (4 if self.logits_dtype == "float32" else 2)
 
-    def l1_bytes(self, core: str = "worker") -> int:
-        return sum(cb.total_size for cb in self.cbs.values() if cb.on == "all" or core == "worker")
+    @property
+    def groups(self) -> dict[str, list[tuple[int, int]]]:
+        """Workers by slice size: group1 holds the larger share (n1 tiles), group2 one tile less."""
+        n1 = max(n for _, n in self.split)
+        g1 = [c for c, (_, n) in zip(self.workers, self.split) if n == n1]
+        g2 = [c for c, (_, n) in zip(self.workers, self.split) if n != n1]
+        return {"group1": g1, "group2": g2}
+
+    def cbs_on(self, core: tuple[int, int]) -> list[CBPlan]:
+        g = self.groups
+        where = "group1" if core in g["group1"] else "group2" if core in g["group2"] else None
+        return [cb for cb in self.cbs.values() if cb.on == "all" or cb.on == where]
+
+    def l1_bytes(self) -> int:
+        """Largest circular-buffer footprint over the program's cores."""
+        return max(sum(cb.total_size for cb in self.cbs_on(c)) for c in [*self.workers, self.aggregator])
 
     # per-core argument lists (the kernels' documented order) ---------------------------------------
     def reader_runtime_args(self, addr: dict[str, int]) -> dict[tuple[int, int], list[int]]:
@@ -147,20 +161,28 @@ def plan(B: int, K: int, V: int, *, logits_dtype: str = "bfloat16", has_q: bool 
              out_row_words=-(-(K1 + 1) // 16) * 16)  # 64-byte rows: DRAM alignment on both archs
     n_max = max(n for _, n in split)
     c = p.cbs
+    # Buffers on every core first, with the same sizes everywhere, so that tt-metal gives them the same
+    # L1 address on every core (the writer addresses another core's mailbox/result by its own address).
     c["x"] = CBPlan(CB["CB_X"], logits_dtype, p.x_tile_bytes, 2, "all")
     c["xmax"] = CBPlan(CB["CB_XMAX"], "float32", FP32_TILE_BYTES, 1, "all")
     c["invt"] = CBPlan(CB["CB_INVT"], "float32", FP32_TILE_BYTES, 1, "all")
     c["params"] = CBPlan(CB["CB_PARAMS"], "uint32", TILE * PARAM_WORDS * 4, 1, "all")
     c["localmax"] = CBPlan(CB["CB_LOCALMAX"], "uint32", TILE * 2 * 4, 1, "all")
-    if has_q:
-        c["q"] = CBPlan(CB["CB_Q"], "float32", FP32_TILE_BYTES, n_max, "all")
-    c["e"] = CBPlan(CB["CB_E"], "float32", FP32_TILE_BYTES, n_max, "all")
     c["mailbox"] = CBPlan(CB["CB_MAILBOX"], "uint32", REC_BYTES * p.n_workers, 1, "all")
     c["result"] = CBPlan(CB["CB_RESULT"], "uint32", RES_BYTES, 1, "all")
     c["rec"] = CBPlan(CB["CB_REC"], "uint32", REC_BYTES, 1, "all")
     c["rowres"] = CBPlan(CB["CB_ROWRES"], "uint32", row_tiles * TILE * 16, 1, "all")
     c["out"] = CBPlan(CB["CB_OUT"], "uint32", p.out_row_words * 4, 1, "all")
     c["scratch"] = CBPlan(CB["CB_SCRATCH"], "uint32", HDR["SCRATCH_BYTES"], 1, "all")
+    # The resident slices last, sized per worker group: a worker's CB holds exactly its n tiles, so
+    # the n pages of every tile-row start at the ring's base and are contiguous (the writer reads them
+    # as one array).  With one size for all, a worker with one tile less would wrap on the 2nd tile-row.
+    for group, n in (("group1", n_max), ("group2", n_max - 1)):
+        if not p.groups[group]:
+            continue
+        if has_q:
+            c["q_" + group] = CBPlan(CB["CB_Q"], "float32", FP32_TILE_BYTES, n, group)
+        c["e_" + group] = CBPlan(CB["CB_E"], "float32", FP32_TILE_BYTES, n, group)
     budget = L1_CB_BUDGET[arch]
     if p.l1_bytes() > budget:
         raise ValueError(
@@ -208,10 +230,11 @@ def build_program(p: Plan, addr: dict[str, int], acc: dict[str, list[int]], noc_
     dtypes = {"bfloat16": ttnn.bfloat16, "float32": ttnn.float32, "uint32": ttnn.uint32}
     all_cores = _ranges(ttnn, [*p.workers, p.aggregator])
     workers = _ranges(ttnn, p.workers)
+    where = {"all": all_cores, **{g: _ranges(ttnn, cores) for g, cores in p.groups.items() if cores}}
     cbs = [
         ttnn.CBDescriptor(
             total_size=cb.total_size,
-            core_ranges=all_cores if cb.on == "all" else workers,
+            core_ranges=where[cb.on],
             format_descriptors=[ttnn.CBFormatDescriptor(buffer_index=cb.index, data_format=dtypes[cb.dtype],
                                                         page_size=cb.page_size)],
         )
