@@ -352,3 +352,11 @@ def test_request_log_line_is_structured(server, caplog):
 
     line = json.loads(JsonFormatter().format(rec))
     assert line["request_id"] == "log-me" and line["msg"] == "request finished"
+
+
+def test_oversized_message_is_resource_exhausted_and_server_continues(server):
+    stub = server.stub()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(text="x" * (5 << 20), max_new_tokens=2), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Generate(request(PROMPTS[0], 2), timeout=30).summary.usage.completion_tokens == 2

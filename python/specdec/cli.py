@@ -78,8 +78,12 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark baseline vs speculative (vs transformers) decoding")
+def _add_bench(sub, full: bool) -> None:
+    p = sub.add_parser("bench", help="benchmark baseline vs speculative (vs transformers) decoding",
+                       add_help=full)  # fmt: skip
+    if not full:  # bench's options import torch: only for `specdec bench` itself, so other commands start fast
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
     try:
         from specdec import bench
     except ImportError as e:  # pragma: no cover - bench.py is part of the package
@@ -108,12 +112,13 @@ def _add_health(sub) -> None:
     p.set_defaults(func=cmd_health)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "bench") -> argparse.ArgumentParser:
+    """The full parser; the bench subcommand gets its (torch-importing) options only when ``command`` is bench."""
     parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding served over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
-    _add_bench(sub)
+    _add_bench(sub, command == "bench")
     _add_models(sub)
     _add_health(sub)
     return parser
@@ -346,7 +351,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
