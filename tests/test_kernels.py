@@ -633,3 +633,18 @@ def test_empty_batch():
     assert t.shape == (0,)
     tokens, nacc = K.verify(np.zeros((0, 3, 7), np.float32), np.zeros((0, 2), np.int64), None, np.zeros(0, np.int32))
     assert tokens.shape == (0, 3) and nacc.shape == (0,)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 700, 5000])
+def test_top_k_keeps_ties_at_large_v(k):
+    """Top-k keeps every token tied with the k-th largest (as TopKLogitsWarper), whatever the path."""
+    rng = np.random.default_rng(k)
+    V = 60000
+    x = rng.integers(-40, 41, size=(3, V)).astype(np.float32) / 4  # many exact ties
+    x[1] = rng.standard_normal(V).astype(np.float32)
+    x[2, rng.integers(0, V, 3)] = 30.0
+    _, probs = K.sample(x, temperature=0.9, top_k=k, seed=1, return_probs=True)
+    for b in range(3):
+        kth = np.sort(x[b] * np.float32(1 / 0.9))[::-1][k - 1]
+        np.testing.assert_array_equal(probs[b] > 0, (x[b] * np.float32(1 / 0.9)) >= kth)
+        np.testing.assert_allclose(probs[b], ref.process(x[b], 0.9, k, 1.0, 0.0), rtol=2e-6, atol=1e-9)

@@ -14,10 +14,20 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kHistBins = 256;      // top-p prefilter: bins of width 1/8 in log space
 constexpr float kHistScale = 8.0f;
 
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
 SD_INLINE bool any(vi m) {
-  uint64_t a[8];
-  std::memcpy(a, &m, sizeof(a));
-  return (a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7]) != 0;
+  vi8 a, b;
+  std::memcpy(&a, &m, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&m) + 32, 32);
+  a |= b;
+  vi4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c |= d;
+  uint64_t u[2];
+  std::memcpy(u, &c, 16);
+  return (u[0] | u[1]) != 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -30,16 +40,16 @@ enum StatsMode { kMaxOnly = 0, kScaled = 1, kRaw = 2 };
 template <class T>
 SD_INLINE void stats_impl(const T* l, int64_t n, float invT, int mode, ChunkStats* st) {
   vf vmx = splat(-kInf), vmn = splat(kInf);
-  vi nan = vi{};
+  vf nanacc = vf{};  // x - x is 0 for finite x and NaN for NaN or Inf
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     vf x = loadv(l + i);
     vmx = vmax(vmx, x);
     vmn = vmin(vmn, x);
-    nan |= (x != x);
+    nanacc += x - x;
   }
   float mx = hmax(vmx), mn = hmin(vmn);
-  bool bad = any(nan);
+  bool bad = !(hsum(nanacc) == 0.0);
   for (; i < n; ++i) {
     float x = load1(l + i);
     bad |= (x != x);
@@ -144,30 +154,52 @@ SD_INLINE float w_e(const T* l, int64_t i, float invT, float sm) {
 
 // Sequential inverse-CDF scan inside one chunk: first i with prefix + Σ_{j<=i} w_j > target; if the
 // running sum never gets there (rounding), the last i with w_i > 0; -1 if all weights are zero.
+// Weights are computed 16 at a time with the same vector arithmetic as the chunk sums.
 template <class T>
 int64_t scan_e(const T* l, int64_t n, float invT, float sm, int64_t excl, double prefix, double target) {
+  const vf vinv = splat(invT), vsm = splat(sm);
   double acc = prefix;
   int64_t last = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    if (i == excl) continue;
-    float w = w_e(l, i, invT, sm);
-    if (w > 0.0f) last = i;
-    acc += double(w);
-    if (acc > target) return i;
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    vf e;
+    const int64_t m = std::min<int64_t>(kLanes, n - i0);
+    if (m == kLanes) {
+      e = vexp(loadv(l + i0) * vinv - vsm);
+    } else {
+      for (int j = 0; j < m; ++j) e[j] = exp1(load1(l + i0 + j) * invT - sm);
+    }
+    for (int j = 0; j < m; ++j) {
+      const int64_t i = i0 + j;
+      if (i == excl) continue;
+      const float w = e[j];
+      if (w > 0.0f) last = i;
+      acc += double(w);
+      if (acc > target) return i;
+    }
   }
   return last;
 }
 template <class T>
 int64_t scan_resid(const T* l, const float* q, int64_t n, float invT, float sm, float invZ, double prefix,
                    double target) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ);
   double acc = prefix;
   int64_t last = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    float r = w_e(l, i, invT, sm) * invZ - q[i];
-    if (!(r > 0.0f)) continue;
-    last = i;
-    acc += double(r);
-    if (acc > target) return i;
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    vf r;
+    const int64_t m = std::min<int64_t>(kLanes, n - i0);
+    if (m == kLanes) {
+      r = vexp(loadv(l + i0) * vinv - vsm) * vz - loadv(q + i0);
+    } else {
+      for (int j = 0; j < m; ++j) r[j] = exp1(load1(l + i0 + j) * invT - sm) * invZ - q[i0 + j];
+    }
+    for (int j = 0; j < m; ++j) {
+      const float w = r[j];
+      if (!(w > 0.0f)) continue;
+      last = i0 + j;
+      acc += double(w);
+      if (acc > target) return i0 + j;
+    }
   }
   return last;
 }
@@ -240,6 +272,50 @@ SD_CLONES void k_collect(const float* l, int64_t n, int64_t base, float invT, Ca
 SD_CLONES void k_collect(const bf16_t* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
                          std::vector<float>& tmp) {
   collect_impl(l, n, base, invT, b, k, tmp);
+}
+
+// One streaming pass for top-k rows: max/min/NaN of the chunk and the max of every 64-token group
+// (raw logits). The k-th largest group max is a lower bound on the k-th largest logit (k groups reach
+// it), so only the few groups at or above it are read again to collect the candidates.
+constexpr int64_t kGroup = 64;
+template <class T>
+SD_INLINE void stats_groups_impl(const T* l, int64_t n, ChunkStats* st, float* gmax) {
+  vf vmx = splat(-kInf), vmn = splat(kInf);
+  vf nanacc = vf{};  // x - x is 0 for finite x and NaN for NaN or Inf
+  int64_t i = 0, g = 0;
+  for (; i + kGroup <= n; i += kGroup, ++g) {
+    vf x0 = loadv(l + i), x1 = loadv(l + i + kLanes), x2 = loadv(l + i + 2 * kLanes), x3 = loadv(l + i + 3 * kLanes);
+    vf gm = vmax(vmax(x0, x1), vmax(x2, x3));
+    vmx = vmax(vmx, gm);
+    vmn = vmin(vmn, vmin(vmin(x0, x1), vmin(x2, x3)));
+    nanacc += ((x0 - x0) + (x1 - x1)) + ((x2 - x2) + (x3 - x3));
+    gmax[g] = hmax(gm);
+  }
+  float mx = hmax(vmx), mn = hmin(vmn);
+  bool bad = !(hsum(nanacc) == 0.0);
+  if (i < n) {
+    float gm = -kInf;
+    for (; i < n; ++i) {
+      float x = load1(l + i);
+      bad |= (x != x);
+      gm = x > gm ? x : gm;
+      mn = x < mn ? x : mn;
+    }
+    mx = gm > mx ? gm : mx;
+    gmax[g] = gm;
+  }
+  bad |= !std::isfinite(mx) || !std::isfinite(mn);
+  st->lmax = mx;
+  st->lmin = mn;
+  st->bad = bad;
+  st->sum_s = 0.0;
+  st->sum_r = 0.0;
+}
+SD_CLONES void k_stats_groups(const float* l, int64_t n, ChunkStats* st, float* gmax) {
+  stats_groups_impl(l, n, st, gmax);
+}
+SD_CLONES void k_stats_groups(const bf16_t* l, int64_t n, ChunkStats* st, float* gmax) {
+  stats_groups_impl(l, n, st, gmax);
 }
 
 // Mass histogram over d = sm - s in bins of width 1/kHistScale (the last bin takes the tail).
@@ -374,14 +450,28 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   const float invT = d.greedy ? 1.0f : float(1.0 / P.temperature);
   d.invT = invT;
   const int64_t k = (!d.greedy && P.top_k > 0 && P.top_k < V) ? P.top_k : 0;
-  const int mode = d.greedy ? (need_raw ? kRaw : kMaxOnly) : (kScaled | (need_raw && invT != 1.0f ? kRaw : 0));
+  // Top-k rows never need the full softmax sum: p is renormalised over the kept tokens. Their one
+  // pass over the vocabulary finds the max and the top-k candidates together.
+  const bool need_sum = !d.greedy && k == 0;
+  const int raw_mode = need_raw && (d.greedy || k > 0 || invT != 1.0f) ? kRaw : 0;
+  const int mode = (need_sum ? kScaled : 0) | raw_mode;
 
   for (int w = 0; w < nw; ++w) ctx.wbuf[w].clear();
+  const int64_t ngroups = (V + kGroup - 1) / kGroup;
+  if (k > 0) ctx.gmax.resize(ngroups);
   with_typed(L, [&](auto* l) {
     for_chunks(nch, par, [&](int64_t c, int w) {
       const int64_t b = c * kChunk, n = std::min(kChunk, V - b);
-      k_stats(l + b, n, invT, mode, &ctx.stats[c]);
-      if (k > 0 && !ctx.stats[c].bad) k_collect(l + b, n, b, invT, ctx.wbuf[w], k, ctx.wbuf[w].tmp);
+      if (k > 0) {
+        k_stats_groups(l + b, n, &ctx.stats[c], ctx.gmax.data() + b / kGroup);
+        if (raw_mode && !ctx.stats[c].bad) {
+          ChunkStats raw;
+          k_stats(l + b, n, 1.0f, kRaw, &raw);
+          ctx.stats[c].sum_r = raw.sum_r;
+        }
+      } else {
+        k_stats(l + b, n, invT, mode, &ctx.stats[c]);
+      }
     });
     return 0;
   });
@@ -413,9 +503,10 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   const float sm = lmax * invT;
   d.smax = sm;
   double zall = 0.0;
-  for (int64_t c = 0; c < nch; ++c)
-    zall += ctx.stats[c].sum_s * std::exp(double(ctx.stats[c].lmax * invT) - double(sm));
-  if (need_raw) d.raw_lse = (invT == 1.0f) ? double(sm) + std::log(zall) : raw_lse();
+  if (need_sum)
+    for (int64_t c = 0; c < nch; ++c)
+      zall += ctx.stats[c].sum_s * std::exp(double(ctx.stats[c].lmax * invT) - double(sm));
+  if (need_raw) d.raw_lse = raw_mode ? raw_lse() : double(sm) + std::log(zall);
 
   const bool use_p = P.top_p < 1.0, use_minp = P.min_p > 0.0;
   if (k == 0 && !use_p && !use_minp) {
@@ -427,7 +518,31 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   // Filtered: gather a candidate superset of the kept tokens, sorted by id.
   d.filtered = true;
   if (k > 0) {
-    merge_candidates(ctx, nw);
+    // Lower bound on the k-th largest raw logit from the group maxima, then collect the candidates
+    // (s >= fl(bound * invT)) from the groups that reach it, in token order.
+    float bound = -kInf;
+    if (k <= ngroups) {
+      ctx.tmp.assign(ctx.gmax.begin(), ctx.gmax.end());
+      std::nth_element(ctx.tmp.begin(), ctx.tmp.begin() + (k - 1), ctx.tmp.end(), std::greater<float>());
+      bound = ctx.tmp[k - 1];
+    }
+    const float sb = bound * invT;
+    ctx.cidx.clear();
+    ctx.cs.clear();
+    with_typed(L, [&](auto* l) {
+      for (int64_t g = 0; g < ngroups; ++g) {
+        if (!(ctx.gmax[g] * invT >= sb)) continue;  // s-space: monotone rounding never drops a tie
+        const int64_t e = std::min(V, (g + 1) * kGroup);
+        for (int64_t i = g * kGroup; i < e; ++i) {
+          const float sv = load1(l + i) * invT;
+          if (sv >= sb) {
+            ctx.cidx.push_back(int32_t(i));
+            ctx.cs.push_back(sv);
+          }
+        }
+      }
+      return 0;
+    });
     ctx.tmp.assign(ctx.cs.begin(), ctx.cs.end());
     std::nth_element(ctx.tmp.begin(), ctx.tmp.begin() + (k - 1), ctx.tmp.end(), std::greater<float>());
     d.tau = ctx.tmp[k - 1];

@@ -82,6 +82,7 @@ struct RowCtx {
   std::vector<float> cs, ce, tmp;
   std::vector<std::pair<int32_t, float>> pairs;
   std::vector<double> csum;
+  std::vector<float> gmax;  // per 64-token group maxima (top-k)
   static RowCtx& local();
 };
 
