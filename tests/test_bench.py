@@ -208,7 +208,8 @@ PROMPTS = [bench.Prompt("def add(a, b):", "code"), bench.Prompt("The quick brown
 
 def test_tiny_model_report_is_its_own_measurements(tiny_engine, tmp_path):
     events = []
-    options = bench.BenchOptions(prompts=PROMPTS, max_new_tokens=12, gamma=3, compare_hf=True, chat=False)
+    options = bench.BenchOptions(prompts=PROMPTS, max_new_tokens=12, gamma=3, compare_hf=True, hf_target_only=True,
+                                 chat=False)  # fmt: skip
     report = bench.run_benchmark(tiny_engine, options, events.append)
     rows = report["per_prompt"]
     assert len(rows) == 3 and len(report["warmup"]) == 1

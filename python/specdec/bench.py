@@ -119,7 +119,8 @@ class BenchOptions:
     gamma: int | None = None  # fixed γ; None = the engine's adaptive policy
     gamma_max: int | None = None  # None = the engine's
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    compare_hf: bool = False  # also run transformers' generate: assisted (the peer) and target-only
+    compare_hf: bool = False  # also run transformers' assisted generation (the peer)
+    hf_target_only: bool = False  # also run transformers' plain generate (is the engine's baseline a fair one?)
     hf_draft_dtype: str | None = None  # the draft as the user loaded it; None = the target's dtype
     chat: bool = True  # wrap prompts in the target's chat template when it has one
     # A later --concurrency N fits here: _time_engine already steps a list of requests together.
@@ -289,7 +290,8 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
     options.validate()
     progress = progress or (lambda event: None)
     assistant, hf_draft_dtype = _hf_assistant(engine, options) if options.compare_hf else (None, "")
-    methods = ["baseline", "speculative"] + (["hf_assisted", "hf_target_only"] if options.compare_hf else [])
+    methods = ["baseline", "speculative"] + (["hf_assisted"] if options.compare_hf else [])
+    methods += ["hf_target_only"] if options.hf_target_only else []
     total = len(options.prompts) * len(methods)
     done = 0
     greedy = options.sampling.greedy
@@ -480,8 +482,10 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     report["speculative"]["target_s"] = sum(r["target_s"] for r in spec_runs)
     report["speculative"]["kernel_s"] = sum(r["kernel_s"] for r in spec_runs)
     report["speculative"]["other_s"] = sum(r["other_s"] for r in spec_runs)
+    has_hf_plain = bool(measured) and "hf_target_only" in measured[0]
     if has_hf:
         report["hf_assisted"] = _summary([e["hf_assisted"] for e in measured])
+    if has_hf_plain:
         report["hf_target_only"] = _summary([e["hf_target_only"] for e in measured])
     report["speedup"] = _ratio(report["speculative"]["decode_tokens_per_s"], report["baseline"]["decode_tokens_per_s"])
     report["speedup_e2e"] = _ratio(report["speculative"]["e2e_tokens_per_s"], report["baseline"]["e2e_tokens_per_s"])
@@ -489,6 +493,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     if has_hf:
         report["speedup_vs_hf"] = _ratio(report["speculative"]["decode_tokens_per_s"], report["hf_assisted"]["decode_tokens_per_s"])
         report["hf_assisted_speedup"] = _ratio(report["hf_assisted"]["decode_tokens_per_s"], report["baseline"]["decode_tokens_per_s"])
+    if has_hf_plain:
         report["baseline_vs_hf_target_only"] = _ratio(
             report["baseline"]["decode_tokens_per_s"], report["hf_target_only"]["decode_tokens_per_s"]
         )
@@ -553,12 +558,12 @@ def to_markdown(report: dict) -> str:
     if c["compare_hf"]:
         L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
     L += ["", "## Summary (medians over the measured prompts)", ""]
-    head = "| | baseline (target only) | speculative |" + (" HF assisted | HF target-only |" if hf else "")
-    L += [head, "|---|---|---|" + ("---|---|" if hf else "")]
+    peers = [(name, x) for name, x in (("HF assisted", hf), ("HF target-only", hft)) if x]
+    L += ["| | baseline (target only) | speculative |" + "".join(f" {name} |" for name, _ in peers),
+          "|---|---|---|" + "---|" * len(peers)]  # fmt: skip
 
     def line(label, key, spec=".2f"):
-        row = f"| {label} | {_f(b[key], spec)} | {_f(s[key], spec)} |"
-        return row + (f" {_f(hf[key], spec)} | {_f(hft[key], spec)} |" if hf else "")
+        return f"| {label} | {_f(b[key], spec)} | {_f(s[key], spec)} |" + "".join(f" {_f(x[key], spec)} |" for _, x in peers)
 
     L += [
         line("decode tokens/s", "decode_tokens_per_s"),
@@ -573,6 +578,7 @@ def to_markdown(report: dict) -> str:
     if hf:
         L.append(f"| **speedup vs HF assisted** (speculative ÷ HF assisted decode tokens/s) | **{_f(report['speedup_vs_hf'], '.3f', '×')}** |")
         L.append(f"| HF assisted ÷ baseline | {_f(report['hf_assisted_speedup'], '.3f', '×')} |")
+    if hft:
         L.append(f"| baseline ÷ HF target-only (is the baseline fair?) | {_f(report['baseline_vs_hf_target_only'], '.3f', '×')} |")
     L.append(f"| acceptance rate α | {_f(s['acceptance_rate'], '.3f')} ({s['accepted']}/{s['proposed']}) |")
     L.append(f"| mean accepted length (tokens per verify step) | {_f(s['mean_accepted_length'], '.2f')} |")
@@ -766,7 +772,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--warmup", type=int, default=1, help="leading prompts used as warm-up, reported separately")
     b.add_argument("--no-chat-template", dest="chat", action="store_false", help="send prompts raw")
-    b.add_argument("--compare-hf", action="store_true", help="also run transformers' assisted and plain generate")
+    b.add_argument("--compare-hf", action="store_true", help="also run transformers' assisted generation (the peer)")
+    b.add_argument("--hf-target-only", action="store_true", help="also run transformers' plain generate on the target")
     b.add_argument("--json", dest="json_path", help="write the report as JSON")
     b.add_argument("--plot", dest="plot_path", help="write a PNG chart")
     b.add_argument("--markdown", dest="markdown_path", help="write the Markdown report to a file (default: stdout)")
@@ -784,6 +791,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 seed=args.seed),  # fmt: skip
         compare_hf=args.compare_hf,
+        hf_target_only=args.hf_target_only,
         hf_draft_dtype=args.hf_draft_dtype,
         chat=args.chat,
     )
