@@ -1,0 +1,155 @@
+"""The real reader.cpp / writer.cpp, run on the host by csrc/tt/host/emulator.cpp (a thread per RISC-V
+of every core, fake dataflow API with circular-buffer ring checks, NOC copies, semaphores), from the
+plan of python/specdec/tt/program.py, against the tile model.  numpy + g++ only (no ttnn).
+
+This checks the kernels' logic, protocol (rounds, record layouts, semaphore counts), CB usage and the
+plan's buffer sizes and argument lists; it cannot check hardware behaviour or the compute kernel
+(a host stand-in computes e like softmax_numerator.cpp does on the SFPU).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specdec.tt import model as m
+from specdec.tt import program as P
+
+ROOT = Path(__file__).resolve().parents[2]
+TOK = {"logits": 0x100000, "params": 0x200000, "q": 0x300000, "out": 0x400000}
+
+
+def _noc_xy(core):
+    return core[0] + 18, core[1] + 18
+
+
+def _tiles(a: np.ndarray) -> np.ndarray:
+    """Row-major [32*RT, 32*VT] -> tile order (row of tiles major), 16x16 faces inside each tile."""
+    R, C = a.shape
+    return a.reshape(R // 32, 2, 16, C // 32, 2, 16).transpose(0, 3, 1, 4, 2, 5).reshape(-1)
+
+
+def _build(tmp: Path, p: P.Plan) -> Path:
+    gxx = shutil.which("g++")
+    acc = {"logits": [2, p.x_tile_bytes], "params": [2, 64], "q": [2, 4096], "out": [2, p.out_row_words * 4]}
+    if not p.has_q:
+        acc.pop("q")
+    objs = []
+    for role, ct in (("reader", p.reader_compile_args(acc)), ("writer", p.writer_compile_args(acc))):
+        o = tmp / f"{role}.o"
+        subprocess.run([gxx, "-O1", "-std=c++17", "-pthread", f"-I{ROOT / 'csrc/tt/host/emu'}",
+                        f"-DKERNEL_COMPILE_TIME_ARGS={','.join(map(str, ct))}", f"-Dkernel_main=emu_{role}_main",
+                        "-c", str(ROOT / f"csrc/tt/kernels/dataflow/{role}.cpp"), "-o", str(o)], check=True)
+        objs.append(str(o))
+    exe = tmp / "emulator"
+    subprocess.run([gxx, "-O1", "-std=c++17", "-pthread", f"-I{ROOT / 'csrc/tt/host/emu'}",
+                    "-DKERNEL_COMPILE_TIME_ARGS=0", str(ROOT / "csrc/tt/host/emulator.cpp"), *objs, "-o", str(exe)],
+                   check=True)
+    return exe
+
+
+def _run(tmp: Path, p: P.Plan, x: np.ndarray, q, prm: m.RowParams, bf16: bool) -> np.ndarray:
+    R, V = x.shape
+    RP, VP = p.row_tiles * 32, p.vocab_tiles * 32
+    xp = np.zeros((RP, VP), np.float32)
+    xp[:, V:] = 1000.0  # padding columns: chosen by max/sampling if the kernels failed to mask them
+    xp[:R, :V] = x
+    xt = _tiles(xp)
+    if bf16:
+        xt = (xt.view(np.uint32) >> 16).astype(np.uint16)
+    files = {"logits": xt.tobytes()}
+    params = np.zeros((RP, 16), np.uint32)
+    params[:R] = m.pack_params(prm)
+    files["params"] = params.tobytes()
+    if q is not None:
+        qp = np.zeros((RP, VP), np.float32)
+        qp[:R, :V] = q
+        files["q"] = _tiles(qp).tobytes()
+    out_bytes = p.B * p.out_row_words * 4
+    files["out"] = (np.full(out_bytes // 4, 0xDEADBEEF, np.uint32)).tobytes()
+    addr = {k: TOK[k] for k in files}
+    cores = [*p.workers, p.aggregator]
+    lines = ["l1 1572864", "timeout 60", f"x_fp32 {int(not bf16)}"]
+    for i, c in enumerate(cores):
+        lines.append(f"core {i} {_noc_xy(c)[0]} {_noc_xy(c)[1]}")
+    for i, c in enumerate(cores):
+        for cb in p.cbs_on(c):
+            lines.append(f"cb {i} {cb.index} {cb.page_size} {cb.pages}")
+    idx = {c: i for i, c in enumerate(cores)}
+    for who, args in (("reader", p.reader_runtime_args(addr)), ("compute", p.compute_runtime_args()),
+                      ("writer", p.writer_runtime_args(addr, _noc_xy))):
+        for c, a in args.items():
+            lines.append(f"rt {who} {idx[c]} {len(a)} " + " ".join(map(str, a)))
+    for k, blob in files.items():
+        path = tmp / f"{k}.bin"
+        path.write_bytes(blob)
+        lines.append(f"{'out' if k == 'out' else 'tensor'} {TOK[k]} {path} {len(blob)}")
+    (tmp / "config.txt").write_text("\n".join(lines) + "\n")
+    r = subprocess.run([str(tmp / "emulator"), str(tmp / "config.txt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.frombuffer((tmp / "out.bin").read_bytes(), np.uint32).reshape(p.B, p.out_row_words)
+
+
+CASES = [
+    # B, K, V, grid, bf16, dense draft probs
+    (3, 4, 1000, (3, 3), True, True),    # 15 rows; 8 workers, uneven split (group1 and group2)
+    (9, 4, 777, (3, 2), False, False),   # 45 rows: two tile-rows (CB rings must stay contiguous)
+    (40, 0, 2100, (2, 3), True, False),  # sample: 40 rows, V not a multiple of 32
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+@pytest.mark.parametrize("B,K,V,grid,bf16,dense", CASES)
+def test_emulated_program_equals_model(tmp_path, B, K, V, grid, bf16, dense):
+    rng = np.random.default_rng(B * 100 + K)
+    tl = (rng.standard_normal((B, K + 1, V)) * 3).astype(np.float32)
+    if bf16:
+        tl = m.bf16_round(tl)
+    temp = np.where(np.arange(B) % 4 == 0, 0.0, rng.uniform(0.4, 1.3, B))
+    top_k = np.where(np.arange(B) % 3 == 0, rng.integers(1, 60, B), 0)
+    top_p = np.where(np.arange(B) % 2 == 0, rng.uniform(0.5, 0.99, B), 1.0)
+    min_p = np.where(np.arange(B) % 5 == 1, 0.05, 0.0)
+    nd = rng.integers(0, K + 1, B)
+    q = None
+    if dense and K:
+        q = rng.dirichlet(np.ones(V) * 0.5, (B, K)).astype(np.float32)
+    draft = np.where(rng.random((B, K)) < 0.6, tl[:, :K].argmax(-1), rng.integers(0, V, (B, K))) if K else \
+        np.zeros((B, 0), np.int64)
+    U = rng.random((B, 2 * (K + 1)))
+    prm = m.row_params(B, K, nd, draft, temp, top_k, top_p, min_p, U[:, 0::2], U[:, 1::2])
+    qrows = None
+    if q is not None:
+        qrows = np.zeros((B, K + 1, V), np.float32)
+        qrows[:, :K] = q
+        qrows = qrows.reshape(B * (K + 1), V)
+    p = P.plan(B, K, V, logits_dtype="bfloat16" if bf16 else "float32", has_q=q is not None, grid=grid)
+    assert len(p.groups["group2"]) > 0 or p.vocab_tiles % p.n_workers == 0
+    _build(tmp_path, p)
+    out = _run(tmp_path, p, tl.reshape(B * (K + 1), V), qrows, prm, bf16)
+    want_tok, want_n = m.verify(tl, draft, q, nd, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                u_accept=U[:, 0::2], u_sample=U[:, 1::2], n_workers=p.n_workers)
+    raw = out[:, : K + 1].astype(np.int64)
+    tokens = np.where(raw == 0xFFFFFFFF, -1, raw)
+    np.testing.assert_array_equal(out[:, K + 1].astype(np.int64), want_n)
+    np.testing.assert_array_equal(tokens, want_tok)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_emulator_catches_a_wrapping_slice_buffer(tmp_path):
+    """Negative control: one CB size for all workers (the plan's first version) makes the workers with
+    one tile less wrap their resident slice on the second tile-row; the emulator must refuse it."""
+    B, K, V = 40, 0, 2100
+    p = P.plan(B, K, V, logits_dtype="float32", has_q=False, grid=(2, 3))
+    n1 = max(n for _, n in p.split)
+    assert p.row_tiles == 2 and p.groups["group2"]
+    p.cbs["e_group2"].pages = n1  # the bug
+    _build(tmp_path, p)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, V)).astype(np.float32)
+    U = rng.random((B, 2))
+    prm = m.row_params(B, 0, np.zeros(B, np.int64), np.zeros((B, 0)), 0.8, 0, 1.0, 0.0, U[:, :1], U[:, 1:])
+    with pytest.raises(AssertionError, match="not contiguous"):
+        _run(tmp_path, p, x, None, prm, bf16=False)
