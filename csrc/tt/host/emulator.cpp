@@ -1,12 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// Runs the device program's real reader.cpp and writer.cpp on the host, one thread per RISC-V of every
-// core, with the fake dataflow API in csrc/tt/host/emu (see there) and a host stand-in for the compute
-// kernel (e = exp(x * invT - m) in fp32, as softmax_numerator.cpp computes on the SFPU).  Driven by a
+// Runs the device program's real kernels on the host: reader.cpp, writer.cpp and softmax_numerator.cpp,
+// one thread per kernel per core, against the stand-in APIs in csrc/tt/host/emu (see there).  Driven by a
 // config written by tests/tt/test_emulator.py from python/specdec/tt/program.py's plan: cores, circular
 // buffers per core (allocated in the plan's order), runtime args per kernel and core, tensor files.
 //
-// Build (the test does this): the two kernels are compiled as separate units with their compile-time
-// args, kernel_main renamed to emu_reader_main / emu_writer_main, and linked with this file.
+// Build (the test does this): the three kernels are compiled as separate units with their compile-time
+// args, kernel_main renamed to emu_reader_main / emu_writer_main / emu_compute_main, linked with this file.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -28,6 +27,7 @@
 
 void emu_reader_main();
 void emu_writer_main();
+void emu_compute_main();  // softmax_numerator.cpp against emu/api/compute
 
 namespace emu {
 thread_local Core* cur = nullptr;
@@ -78,45 +78,6 @@ static uint8_t* low_alloc(size_t bytes) {
 
 using namespace specdec_tt;
 
-static float f32(uint32_t b) {
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-}
-static uint32_t bits(float f) {
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    return b;
-}
-
-// Host stand-in for softmax_numerator.cpp: s = fp32(x * invT); z = fp32(s - m); e = fp32(exp(z)).
-static void compute_main(bool x_fp32) {
-    const uint32_t n_tiles = get_arg_val<uint32_t>(0), row_tiles = get_arg_val<uint32_t>(1);
-    for (uint32_t rt = 0; rt < row_tiles; ++rt) {
-        cb_wait_front(CB_INVT, 1);
-        cb_wait_front(CB_XMAX, 1);
-        const uint32_t* inv = reinterpret_cast<const uint32_t*>(uintptr_t(get_read_ptr(CB_INVT)));
-        const uint32_t* m = reinterpret_cast<const uint32_t*>(uintptr_t(get_read_ptr(CB_XMAX)));
-        for (uint32_t t = 0; t < n_tiles; ++t) {
-            cb_wait_front(CB_X, 1);
-            const uint8_t* x = reinterpret_cast<const uint8_t*>(uintptr_t(get_read_ptr(CB_X)));
-            cb_reserve_back(CB_E, 1);
-            uint32_t* e = reinterpret_cast<uint32_t*>(uintptr_t(get_write_ptr(CB_E)));
-            for (uint32_t i = 0; i < TILE_ELEMS; ++i) {
-                const uint32_t xb = x_fp32 ? reinterpret_cast<const uint32_t*>(x)[i]
-                                           : uint32_t(reinterpret_cast<const uint16_t*>(x)[i]) << 16;
-                const float s = f32(xb) * f32(inv[i]);
-                const float z = s - f32(m[i]);
-                e[i] = bits(float(std::exp(double(z))));
-            }
-            cb_pop_front(CB_X, 1);
-            cb_push_back(CB_E, 1);
-        }
-        cb_pop_front(CB_INVT, 1);
-        cb_pop_front(CB_XMAX, 1);
-    }
-}
-
 int main(int argc, char** argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: emulator CONFIG\n");
@@ -125,7 +86,6 @@ int main(int argc, char** argv) {
     std::ifstream cfg(argv[1]);
     std::string line;
     size_t l1_bytes = 1536 * 1024;
-    bool x_fp32 = false;
     std::map<uint32_t, uint32_t> next_free;  // per core: next CB address (offset)
     std::vector<std::pair<uint32_t, std::string>> outs;
     std::map<uint32_t, size_t> tensor_bytes;
@@ -137,10 +97,6 @@ int main(int argc, char** argv) {
             in >> l1_bytes;
         } else if (kind == "timeout") {
             in >> emu::g_timeout_s;
-        } else if (kind == "x_fp32") {
-            int v;
-            in >> v;
-            x_fp32 = v != 0;
         } else if (kind == "core") {
             uint32_t idx, nx, ny;
             in >> idx >> nx >> ny;
@@ -152,12 +108,13 @@ int main(int argc, char** argv) {
             emu::g_noc[{nx, ny}] = idx;
             next_free[idx] = 4096;  // semaphores below
         } else if (kind == "cb") {
-            uint32_t core, index, page, pages;
-            in >> core >> index >> page >> pages;
+            uint32_t core, index, page, pages, fmt;
+            in >> core >> index >> page >> pages >> fmt;
             emu::CB& cb = emu::g_cores.at(core)->cb[index];
             cb.base = next_free[core];
             cb.page = page;
             cb.pages = pages;
+            cb.fmt = fmt;
             next_free[core] += ((page * pages + 31) / 32) * 32;
             if (next_free[core] > l1_bytes) emu::fail("circular buffers exceed L1", core, next_free[core]);
         } else if (kind == "rt") {
@@ -186,7 +143,7 @@ int main(int argc, char** argv) {
         if (!c->rt_reader.empty())
             threads.emplace_back([c] { emu::cur = c; emu::cur_args = &c->rt_reader; emu::cur_role = "reader"; emu_reader_main(); });
         if (!c->rt_compute.empty())
-            threads.emplace_back([c, x_fp32] { emu::cur = c; emu::cur_args = &c->rt_compute; emu::cur_role = "compute"; compute_main(x_fp32); });
+            threads.emplace_back([c] { emu::cur = c; emu::cur_args = &c->rt_compute; emu::cur_role = "compute"; emu_compute_main(); });
         if (!c->rt_writer.empty())
             threads.emplace_back([c] { emu::cur = c; emu::cur_args = &c->rt_writer; emu::cur_role = "writer"; emu_writer_main(); });
     }

@@ -26,6 +26,7 @@ constexpr uint32_t args[] = {KERNEL_COMPILE_TIME_ARGS};
 namespace emu {
 struct CB {
     uint32_t base = 0, page = 0, pages = 0;
+    uint32_t fmt = 0;  // 0 fp32, 1 bf16, 2 uint32
     std::atomic<uint32_t> pushed{0}, popped{0};
 };
 struct Core {

@@ -1,0 +1,2 @@
+#pragma once
+#include "api/compute/emu_compute.h"
