@@ -83,6 +83,14 @@ struct AggState {
 };
 static_assert(sizeof(AggState) <= SCRATCH_BYTES, "aggregator scratch");
 
+// A worker's per-row state, also in L1 (CB_SCRATCH of its own core).
+struct WorkerState {
+    uint32_t t[ROWS];    // final key threshold
+    uint64_t z[ROWS];    // kept mass over the whole vocabulary
+    uint64_t zc[ROWS];   // kept mass over this worker's slice
+};
+static_assert(sizeof(WorkerState) <= SCRATCH_BYTES, "worker scratch");
+
 }  // namespace
 
 void kernel_main() {
@@ -121,6 +129,7 @@ void kernel_main() {
 
     if (!is_aggregator) {
         // ================================ worker ================================
+        WorkerState& W = *reinterpret_cast<WorkerState*>(get_write_ptr(CB_SCRATCH));
         for (uint32_t rt = 0; rt < row_tiles; ++rt) {
             cb_wait_front(CB_PARAMS, 1);
             volatile tt_l1_ptr uint32_t* prm = words(get_read_ptr(CB_PARAMS));
@@ -169,31 +178,30 @@ void kernel_main() {
                     worker_exchange(L, REC_BYTES);
                 }
             }
-            uint32_t t[ROWS];
             for (uint32_t r = 0; r < ROWS; ++r) {
-                t[r] = res[r * RES_ROW_WORDS + 2];
+                W.t[r] = res[r * RES_ROW_WORDS + 2];
             }
 
             // kept mass round
             for (uint32_t r = 0; r < ROWS; ++r) {
-                split64(row_kept_mass(se, r, t[r]), rec + 2 * r);
+                W.zc[r] = row_kept_mass(se, r, W.t[r]);
+                split64(W.zc[r], rec + 2 * r);
             }
             worker_exchange(L, 2 * ROWS * 4);
-            uint64_t z[ROWS];
             for (uint32_t r = 0; r < ROWS; ++r) {
-                z[r] = join64(res[r * RES_ROW_WORDS + 0], res[r * RES_ROW_WORDS + 1]);
+                W.z[r] = join64(res[r * RES_ROW_WORDS + 0], res[r * RES_ROW_WORDS + 1]);
             }
 
             // totals round: residual sum, draft token's weights, own kept mass
             for (uint32_t r = 0; r < ROWS; ++r) {
                 const volatile uint32_t* pr = prm + r * P_WORDS;
-                const Totals tt = row_totals(se, qp, r, t[r], z[r], pr[P_DRAFT], pr[P_MODE] == MODE_RESIDUAL);
+                const Totals tt = row_totals(se, qp, r, W.t[r], W.z[r], pr[P_DRAFT], pr[P_MODE] == MODE_RESIDUAL);
                 volatile uint32_t* o = rec + 10 * r;
                 split64(tt.resid, o + 0);
                 o[2] = tt.has_x;
                 split64(tt.w_x, o + 3);
                 split64(tt.qz_x, o + 5);
-                split64(row_kept_mass(se, r, t[r]), o + 7);
+                split64(W.zc[r], o + 7);
                 o[9] = 0;
             }
             worker_exchange(L, 10 * ROWS * 4);
@@ -204,7 +212,7 @@ void kernel_main() {
                 uint32_t token = NO_TOKEN;
                 if (b[0] == worker_index) {
                     const volatile uint32_t* pr = prm + r * P_WORDS;
-                    token = row_scan(se, qp, r, t[r], z[r], pr[P_DRAFT], b[3] != 0, join64(b[1], b[2]));
+                    token = row_scan(se, qp, r, W.t[r], W.z[r], pr[P_DRAFT], b[3] != 0, join64(b[1], b[2]));
                 }
                 rec[r] = token;
             }
