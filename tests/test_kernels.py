@@ -648,3 +648,39 @@ def test_top_k_keeps_ties_at_large_v(k):
         kth = np.sort(x[b] * np.float32(1 / 0.9))[::-1][k - 1]
         np.testing.assert_array_equal(probs[b] > 0, (x[b] * np.float32(1 / 0.9)) >= kth)
         np.testing.assert_allclose(probs[b], ref.process(x[b], 0.9, k, 1.0, 0.0), rtol=2e-6, atol=1e-9)
+
+
+def test_concurrent_calls_from_python_threads_agree_with_serial_calls():
+    """The server may call the kernels from several threads: the pool is shared, scratch is per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(21)
+    jobs = []
+    for i in range(12):
+        B, Kd, V = int(rng.integers(1, 6)), int(rng.integers(0, 4)), int(rng.choice([50, 9000, 30000]))
+        x = (rng.standard_normal((B, Kd + 1, V)) * 2).astype(np.float32)
+        d = x[:, :Kd].argmax(-1) if Kd else np.zeros((B, 0), np.int64)
+        kw = dict(temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 20, 0][i % 3], top_p=[1.0, 0.9, 0.8][i % 3],
+                  seed=np.arange(B, dtype=np.uint64) + i, offset=i)
+        jobs.append((x, d, np.full(B, Kd), kw))
+    run = lambda j: K.verify(j[0], j[1], None, j[2], return_logprobs=True, **j[3])  # noqa: E731
+    serial = [run(j) for j in jobs]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            for got, want in zip(ex.map(run, jobs), serial):
+                for a, b in zip(got, want):
+                    np.testing.assert_array_equal(a, b)
+
+
+def _child_verify(_):
+    x = np.random.default_rng(0).standard_normal((1, 3, 50000)).astype(np.float32)
+    return K.verify(x, np.zeros((1, 2), np.int64), None, [2], temperature=1.0, seed=1)[0].tolist()
+
+
+def test_kernels_work_in_a_forked_child():
+    """A forked child has no pool threads: the kernels must rebuild the pool, not wait on dead workers."""
+    import multiprocessing
+
+    want = _child_verify(0)  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_child_verify, (0,)).get(timeout=60) == want
