@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/kernels/*.cpp csrc/kernels/*.hpp)
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.hpp)
 
 .PHONY: venv serve test test-slow test-models proto bench-kernels clean
 

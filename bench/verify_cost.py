@@ -46,7 +46,7 @@ def batch_invariant(model, context_ids: list[int], k: int) -> bool:
     """Verify logits over k tokens == the logits of k one-token decode steps, bit for bit."""
     with torch.inference_mode():
         prefix = model.base_model(input_ids=torch.tensor([context_ids]), use_cache=True).past_key_values
-        new = torch.randint(0, 1000, (1, k))
+        new = torch.randint(0, min(1000, model.config.vocab_size), (1, k))
         base = len(context_ids)
         verify = model.get_output_embeddings()(model.base_model(input_ids=new, past_key_values=prefix, use_cache=True).last_hidden_state)[0]
         prefix.crop(base)

@@ -5,12 +5,14 @@
 // the call). The GIL is released while a kernel runs. Use specdec.kernels, not this module.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/acceptance.hpp"
 #include "kernels/rng.hpp"
 #include "kernels/sampling.hpp"
 #include "kernels/threadpool.hpp"
+#include "linear/small_m.hpp"
 
 namespace py = pybind11;
 using specdec::uniform;
@@ -72,6 +74,21 @@ PYBIND11_MODULE(_kernels, m) {
     specdec::Philox4x32::generate(ctr, key, out);
     return py::make_tuple(out[0], out[1], out[2], out[3]);
   });
+
+  // y[m, n] = x[m, k] · w[n, k]^T (+ bias): the few-row linear of decode and verify forwards
+  // (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool.
+  m.def(
+      "linear_small_m",
+      [](uintptr_t x, uintptr_t w, int wtype, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k) {
+        const auto type = wtype == 0 ? specdec::WeightType::kFloat32 : specdec::WeightType::kBFloat16;
+        constexpr int64_t kColumnsPerTask = 256;
+        const int64_t tasks = (n + kColumnsPerTask - 1) / kColumnsPerTask;
+        specdec::parallel_run(tasks, [&](int64_t t, int) {
+          specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(bias), P<float>(y), rows, n,
+                                  k, t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
+        });
+      },
+      py::call_guard<py::gil_scoped_release>());
 
   m.def("num_threads", &specdec::num_threads);
   m.def("set_num_threads", &specdec::set_num_threads, py::call_guard<py::gil_scoped_release>());

@@ -22,6 +22,7 @@ from specdec.params import GenerationRequest, Method, SamplingParams, Speculatio
 
 TOKENS = 3
 TRIALS = 4000
+BATCH = 500
 P_THRESHOLD = 1e-3
 
 
@@ -56,17 +57,27 @@ def exact_joint(model, prompt: list[int], temperature: float, top_p: float) -> d
 
 
 def sample_counts(engine: Engine, prompt, sampling: dict, method: Method) -> dict[tuple[int, ...], int]:
+    """TRIALS generations, one seed each, run as batches (a sequence's output depends only on its seed)."""
     counts: dict[tuple[int, ...], int] = {}
-    for seed in range(TRIALS):
-        req = GenerationRequest(
-            prompt_ids=prompt,
-            max_new_tokens=TOKENS,
-            ignore_eos=True,
-            sampling=SamplingParams(seed=seed, **sampling),
-            speculation=SpeculationParams(method=method, gamma=2),
-        )
-        out = tuple(t for step in engine.generate(req) for t in step.token_ids)
-        counts[out] = counts.get(out, 0) + 1
+    for first in range(0, TRIALS, BATCH):
+        seqs = [
+            engine.start(
+                GenerationRequest(
+                    prompt_ids=prompt,
+                    max_new_tokens=TOKENS,
+                    ignore_eos=True,
+                    sampling=SamplingParams(seed=seed, **sampling),
+                    speculation=SpeculationParams(method=method, gamma=2),
+                )
+            )
+            for seed in range(first, min(first + BATCH, TRIALS))
+        ]
+        live = seqs
+        while live:
+            engine.step_batch(live)
+            live = [s for s in live if not s.finished]
+        for s in seqs:
+            counts[tuple(s.output_ids)] = counts.get(tuple(s.output_ids), 0) + 1
     return counts
 
 
@@ -108,7 +119,7 @@ def test_negative_control_accept_all_is_rejected(engine, monkeypatch):
 
     def accept_all(target_logits, draft_tokens, draft_probs, num_draft, **kw):
         tokens, num_accepted, logprobs = real_verify(target_logits, draft_tokens, draft_probs, num_draft, **kw)
-        k = draft_tokens.shape[1]
+        tokens, num_accepted, k = np.asarray(tokens), np.asarray(num_accepted), draft_tokens.shape[1]
         if k:
             last = tokens[np.arange(len(tokens)), num_accepted]  # a valid target-sampled token
             tokens[:, :k] = draft_tokens

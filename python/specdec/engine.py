@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from specdec import kernels, ragged
+from specdec import fast_linear, kernels, ragged
 from specdec.detokenizer import Detokenizer
 from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
 from specdec.models import LoadedModel, check_pair, load_model, set_threads
@@ -30,6 +30,8 @@ from specdec.policy import AcceptanceEstimate, StepCosts, choose_gamma
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
 PADDING_LOGIT = -1e30
+# New sequences with prompts up to this long prefill together (padded); longer ones prefill alone.
+BATCH_PREFILL_TOKENS = 64
 # After this many steps at γ = 0 the adaptive policy drafts once, so that a recovering α is noticed.
 PROBE_AFTER = 16
 
@@ -41,6 +43,7 @@ class EngineConfig:
     gamma_max: int = 8
     ngram_min: int = 1
     ngram_max: int = 4
+    small_m_linear: bool = True  # few-row linears (decode, verify) through the batch-invariant C++ kernel
 
 
 @dataclass
@@ -142,6 +145,10 @@ class Engine:
         self.target = target
         self.draft = draft
         self.config = config
+        if config.small_m_linear:
+            for m in (target, draft):
+                if m is not None and m.device.type == "cpu":
+                    fast_linear.install(m.model)
         self.tokenizer = target.tokenizer
         rows = [target.vocab_size] + ([draft.vocab_size] if draft is not None else [])
         self.vocab_size = min(rows)  # the ids both models can score
@@ -224,7 +231,7 @@ class Engine:
         return Sequence(request, seed, self._drafters[method], Detokenizer(self.tokenizer, request.stop))
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """One speculative step for each sequence. New sequences prefill alone; the rest share forwards."""
+        """One speculative step for each sequence. New sequences prefill first (short prompts together); the rest share forwards."""
         if any(s.finished for s in seqs):
             raise ValueError("step_batch got a finished sequence")
         now = time.perf_counter()
@@ -233,9 +240,10 @@ class Engine:
                 s.metrics.first_step_at = now
         outs: dict[int, StepOutput] = {}
         running = [s for s in seqs if s.target_len > 0]
-        for s in seqs:
-            if s.target_len == 0:
-                outs[id(s)] = self._step([s])[0]
+        fresh = [s for s in seqs if s.target_len == 0]
+        short = [s for s in fresh if len(s.all_ids) <= BATCH_PREFILL_TOKENS]
+        for group in ([short] if short else []) + [[s] for s in fresh if len(s.all_ids) > BATCH_PREFILL_TOKENS]:
+            outs.update(zip(map(id, group), self._step(group)))
         if running:
             outs.update(zip(map(id, running), self._step(running)))
         return [outs[id(s)] for s in seqs]
@@ -264,7 +272,7 @@ class Engine:
     def _gammas(self, seqs: list[Sequence]) -> list[int]:
         """γ per sequence: fixed where asked, else chosen from α and the measured costs of this batch size."""
         if seqs[0].target_len == 0:
-            return [0]  # the prefill step emits one token, as fast as possible
+            return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
         model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s)]
         shared = 0
