@@ -115,3 +115,23 @@ def test_draft_method_on_a_server_without_a_draft(tiny_dirs):
         assert "speculation.method 'draft' needs a draft model" in e.value.details()
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize(
+    "payload,expected",
+    [
+        (b"\x12\x02\xff\xfe", "String field had bad UTF-8"),  # text = bytes ff fe
+        (b"\xff\xff\xff", "Wire format was corrupt"),
+    ],
+    ids=["invalid utf-8 in text", "corrupt wire format"],
+)
+def test_unparseable_request_is_invalid_argument(server, payload, expected):
+    with grpc.insecure_channel(server.address) as ch:
+        for kind in ("unary_unary", "unary_stream"):
+            method = "/specdec.v1.SpecDecode/" + ("Generate" if kind == "unary_unary" else "GenerateStream")
+            call = getattr(ch, kind)(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as e:
+                result = call(payload, timeout=10)
+                list(result) if kind == "unary_stream" else None
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid specdec.v1.GenerateRequest" in e.value.details() and expected in e.value.details()

@@ -112,7 +112,7 @@ class SpecDecServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.aio.server(options=options)
-        pb_grpc.add_SpecDecodeServicer_to_server(_Servicer(self), self._server)
+        _add_servicer(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if cfg.reflection:
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
@@ -400,23 +400,64 @@ class SpecDecServer:
         return options
 
 
+class _Malformed:
+    """A request that did not parse (bad wire format, invalid UTF-8 in a string): INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, message_type, error: Exception) -> None:
+        self.text = f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {error}"
+
+
+def _tolerant(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # DecodeError, or anything else the parser raises on hostile input
+            return _Malformed(message_type, e)
+
+    return parse
+
+
 class _Servicer(pb_grpc.SpecDecodeServicer):
     def __init__(self, app: SpecDecServer) -> None:
         self._app = app
 
+    async def _reject_malformed(self, request, context) -> None:
+        if isinstance(request, _Malformed):
+            self._app.metrics.failed("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.text)
+
     async def Generate(self, request, context):
+        await self._reject_malformed(request, context)
         return await self._app.generate(request, context)
 
     async def GenerateStream(self, request, context):
+        await self._reject_malformed(request, context)
         async for message in self._app.generate_stream(request, context):
             yield message
 
     async def Benchmark(self, request, context):
+        await self._reject_malformed(request, context)
         async for message in self._app.benchmark(request, context):
             yield message
 
     async def GetModelInfo(self, request, context):
+        await self._reject_malformed(request, context)
         return await self._app.model_info(request, context)
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.aio.Server) -> None:
+    """As the generated ``add_SpecDecodeServicer_to_server``, with request parsing that cannot fail the call."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, _tolerant(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, _tolerant(pb.GenerateRequest), pb.GenerateStreamResponse.SerializeToString),
+        "Benchmark": grpc.unary_stream_rpc_method_handler(
+            servicer.Benchmark, _tolerant(pb.BenchmarkRequest), pb.BenchmarkProgress.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, _tolerant(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 # ---- helpers ------------------------------------------------------------------------------------
