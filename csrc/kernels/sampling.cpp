@@ -37,6 +37,30 @@ SD_INLINE bool any(vi m) {
 
 enum StatsMode { kMaxOnly = 0, kScaled = 1, kRaw = 2 };
 
+// e_i on the kept set (s >= tau and e >= minp), 0 elsewhere: the unfiltered case is tau = -inf, minp = 0.
+// The mask is skipped when it keeps everything (tau = -inf, minp = 0): same values, no selects.
+SD_INLINE vf masked_e(vf x, vf vinv, vf vsm, vf vtau, vf vminp) {
+  const vf sv = x * vinv;
+  const vf e = vexp(sv - vsm);
+  if (vtau[0] == -kInf && vminp[0] == 0.0f) return e;
+  // Keep lanes where both (sv - tau) and (e - minp) are >= 0, using their sign bits (integer ops only;
+  // for finite operands a - b >= 0 exactly when a >= b, since distinct floats never subtract to 0).
+  const vf d1 = sv - vtau, d2 = e - vminp;
+  vi i1, i2, ie;
+  std::memcpy(&i1, &d1, sizeof(i1));
+  std::memcpy(&i2, &d2, sizeof(i2));
+  std::memcpy(&ie, &e, sizeof(ie));
+  ie &= ~((i1 | i2) >> 31);
+  vf out;
+  std::memcpy(&out, &ie, sizeof(out));
+  return out;
+}
+SD_INLINE float masked_e1(float x, float invT, float sm, float tau, float minp) {
+  const float sv = x * invT;
+  const float e = exp1(sv - sm);
+  return (sv >= tau && e >= minp) ? e : 0.0f;
+}
+
 template <class T>
 SD_INLINE void stats_impl(const T* l, int64_t n, float invT, int mode, ChunkStats* st) {
   vf vmx = splat(-kInf), vmn = splat(kInf);
@@ -101,49 +125,52 @@ int64_t k_find_first(const bf16_t* l, int64_t n, float v) { return find_first_im
 
 // Σ e_i over the chunk, with local index `excl` (or -1) left out.
 template <class T>
-SD_INLINE double sum_e_impl(const T* l, int64_t n, float invT, float sm, int64_t excl) {
-  const vf vinv = splat(invT), vsm = splat(sm);
+SD_INLINE double sum_e_impl(const T* l, int64_t n, float invT, float sm, float tau, float minp, int64_t excl) {
+  const vf vinv = splat(invT), vsm = splat(sm), vtau = splat(tau), vminp = splat(minp);
   vf acc = vf{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vf e = vexp(loadv(l + i) * vinv - vsm);
+    vf e = masked_e(loadv(l + i), vinv, vsm, vtau, vminp);
     if (excl >= i && excl < i + kLanes) e[excl - i] = 0.0f;
     acc += e;
   }
   double s = hsum(acc);
   for (; i < n; ++i)
-    if (i != excl) s += double(exp1(load1(l + i) * invT - sm));
+    if (i != excl) s += double(masked_e1(load1(l + i), invT, sm, tau, minp));
   return s;
 }
-SD_CLONES double k_sum_e(const float* l, int64_t n, float invT, float sm, int64_t excl) {
-  return sum_e_impl(l, n, invT, sm, excl);
+SD_CLONES double k_sum_e(const float* l, int64_t n, float invT, float sm, float tau, float minp, int64_t excl) {
+  return sum_e_impl(l, n, invT, sm, tau, minp, excl);
 }
-SD_CLONES double k_sum_e(const bf16_t* l, int64_t n, float invT, float sm, int64_t excl) {
-  return sum_e_impl(l, n, invT, sm, excl);
+SD_CLONES double k_sum_e(const bf16_t* l, int64_t n, float invT, float sm, float tau, float minp, int64_t excl) {
+  return sum_e_impl(l, n, invT, sm, tau, minp, excl);
 }
 
 // Residual weights r_i = max(fl(e_i·invZ) - q_i, 0).
 template <class T>
-SD_INLINE double sum_resid_impl(const T* l, const float* q, int64_t n, float invT, float sm, float invZ) {
-  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ), zero = vf{};
+SD_INLINE double sum_resid_impl(const T* l, const float* q, int64_t n, float invT, float sm, float tau, float minp,
+                                 float invZ) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ), zero = vf{}, vtau = splat(tau), vminp = splat(minp);
   vf acc = vf{};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vf r = vexp(loadv(l + i) * vinv - vsm) * vz - loadv(q + i);
+    vf r = masked_e(loadv(l + i), vinv, vsm, vtau, vminp) * vz - loadv(q + i);
     acc += vmax(r, zero);
   }
   double s = hsum(acc);
   for (; i < n; ++i) {
-    float r = exp1(load1(l + i) * invT - sm) * invZ - q[i];
+    float r = masked_e1(load1(l + i), invT, sm, tau, minp) * invZ - q[i];
     s += double(r > 0.0f ? r : 0.0f);
   }
   return s;
 }
-SD_CLONES double k_sum_resid(const float* l, const float* q, int64_t n, float invT, float sm, float invZ) {
-  return sum_resid_impl(l, q, n, invT, sm, invZ);
+SD_CLONES double k_sum_resid(const float* l, const float* q, int64_t n, float invT, float sm, float tau, float minp,
+                             float invZ) {
+  return sum_resid_impl(l, q, n, invT, sm, tau, minp, invZ);
 }
-SD_CLONES double k_sum_resid(const bf16_t* l, const float* q, int64_t n, float invT, float sm, float invZ) {
-  return sum_resid_impl(l, q, n, invT, sm, invZ);
+SD_CLONES double k_sum_resid(const bf16_t* l, const float* q, int64_t n, float invT, float sm, float tau, float minp,
+                             float invZ) {
+  return sum_resid_impl(l, q, n, invT, sm, tau, minp, invZ);
 }
 
 // Weight of element i for the sequential scan (identical to the vector lanes above).
@@ -156,17 +183,18 @@ SD_INLINE float w_e(const T* l, int64_t i, float invT, float sm) {
 // running sum never gets there (rounding), the last i with w_i > 0; -1 if all weights are zero.
 // Weights are computed 16 at a time with the same vector arithmetic as the chunk sums.
 template <class T>
-int64_t scan_e(const T* l, int64_t n, float invT, float sm, int64_t excl, double prefix, double target) {
-  const vf vinv = splat(invT), vsm = splat(sm);
+int64_t scan_e(const T* l, int64_t n, float invT, float sm, float tau, float minp, int64_t excl, double prefix,
+               double target) {
+  const vf vinv = splat(invT), vsm = splat(sm), vtau = splat(tau), vminp = splat(minp);
   double acc = prefix;
   int64_t last = -1;
   for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
     vf e;
     const int64_t m = std::min<int64_t>(kLanes, n - i0);
     if (m == kLanes) {
-      e = vexp(loadv(l + i0) * vinv - vsm);
+      e = masked_e(loadv(l + i0), vinv, vsm, vtau, vminp);
     } else {
-      for (int j = 0; j < m; ++j) e[j] = exp1(load1(l + i0 + j) * invT - sm);
+      for (int j = 0; j < m; ++j) e[j] = masked_e1(load1(l + i0 + j), invT, sm, tau, minp);
     }
     for (int j = 0; j < m; ++j) {
       const int64_t i = i0 + j;
@@ -180,18 +208,18 @@ int64_t scan_e(const T* l, int64_t n, float invT, float sm, int64_t excl, double
   return last;
 }
 template <class T>
-int64_t scan_resid(const T* l, const float* q, int64_t n, float invT, float sm, float invZ, double prefix,
-                   double target) {
-  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ);
+int64_t scan_resid(const T* l, const float* q, int64_t n, float invT, float sm, float tau, float minp, float invZ,
+                   double prefix, double target) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ), vtau = splat(tau), vminp = splat(minp);
   double acc = prefix;
   int64_t last = -1;
   for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
     vf r;
     const int64_t m = std::min<int64_t>(kLanes, n - i0);
     if (m == kLanes) {
-      r = vexp(loadv(l + i0) * vinv - vsm) * vz - loadv(q + i0);
+      r = masked_e(loadv(l + i0), vinv, vsm, vtau, vminp) * vz - loadv(q + i0);
     } else {
-      for (int j = 0; j < m; ++j) r[j] = exp1(load1(l + i0 + j) * invT - sm) * invZ - q[i0 + j];
+      for (int j = 0; j < m; ++j) r[j] = masked_e1(load1(l + i0 + j), invT, sm, tau, minp) * invZ - q[i0 + j];
     }
     for (int j = 0; j < m; ++j) {
       const float w = r[j];
@@ -205,73 +233,23 @@ int64_t scan_resid(const T* l, const float* q, int64_t n, float invT, float sm, 
 }
 
 template <class T>
-SD_INLINE void write_probs_impl(const T* l, int64_t n, float invT, float sm, float invZ, float* out) {
-  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ);
+SD_INLINE void write_probs_impl(const T* l, int64_t n, float invT, float sm, float tau, float minp, float invZ,
+                                float* out) {
+  const vf vinv = splat(invT), vsm = splat(sm), vz = splat(invZ), vtau = splat(tau), vminp = splat(minp);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    vf p = vexp(loadv(l + i) * vinv - vsm) * vz;
+    vf p = masked_e(loadv(l + i), vinv, vsm, vtau, vminp) * vz;
     std::memcpy(out + i, &p, sizeof(p));
   }
-  for (; i < n; ++i) out[i] = exp1(load1(l + i) * invT - sm) * invZ;
+  for (; i < n; ++i) out[i] = masked_e1(load1(l + i), invT, sm, tau, minp) * invZ;
 }
-SD_CLONES void k_write_probs(const float* l, int64_t n, float invT, float sm, float invZ, float* out) {
-  write_probs_impl(l, n, invT, sm, invZ, out);
+SD_CLONES void k_write_probs(const float* l, int64_t n, float invT, float sm, float tau, float minp, float invZ,
+                             float* out) {
+  write_probs_impl(l, n, invT, sm, tau, minp, invZ, out);
 }
-SD_CLONES void k_write_probs(const bf16_t* l, int64_t n, float invT, float sm, float invZ, float* out) {
-  write_probs_impl(l, n, invT, sm, invZ, out);
-}
-
-// Keeps the k largest s (ties kept) among what it has seen: prune to the k-th largest when full.
-void prune_topk(CandBuf& b, int64_t k, std::vector<float>& tmp) {
-  tmp.assign(b.s.begin(), b.s.end());
-  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
-  const float th = tmp[k - 1];
-  size_t w = 0;
-  for (size_t r = 0; r < b.s.size(); ++r)
-    if (b.s[r] >= th) {
-      b.s[w] = b.s[r];
-      b.idx[w] = b.idx[r];
-      ++w;
-    }
-  b.s.resize(w);
-  b.idx.resize(w);
-  b.theta = th;
-}
-
-// Appends every element with s >= threshold (threshold = b.theta, raised by pruning when k > 0).
-template <class T>
-SD_INLINE void collect_impl(const T* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
-                            std::vector<float>& tmp) {
-  const vf vinv = splat(invT);
-  const size_t cap = size_t(std::max<int64_t>(4 * k, 4096));
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    vf s = loadv(l + i) * vinv;
-    vi m = s >= splat(b.theta);
-    if (!any(m)) continue;
-    for (int j = 0; j < kLanes; ++j)
-      if (m[j]) {
-        b.idx.push_back(int32_t(base + i + j));
-        b.s.push_back(s[j]);
-      }
-    if (k > 0 && b.s.size() > cap) prune_topk(b, k, tmp);
-  }
-  for (; i < n; ++i) {
-    float s = load1(l + i) * invT;
-    if (s >= b.theta) {
-      b.idx.push_back(int32_t(base + i));
-      b.s.push_back(s);
-    }
-  }
-  if (k > 0 && b.s.size() > cap) prune_topk(b, k, tmp);
-}
-SD_CLONES void k_collect(const float* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
-                         std::vector<float>& tmp) {
-  collect_impl(l, n, base, invT, b, k, tmp);
-}
-SD_CLONES void k_collect(const bf16_t* l, int64_t n, int64_t base, float invT, CandBuf& b, int64_t k,
-                         std::vector<float>& tmp) {
-  collect_impl(l, n, base, invT, b, k, tmp);
+SD_CLONES void k_write_probs(const bf16_t* l, int64_t n, float invT, float sm, float tau, float minp, float invZ,
+                             float* out) {
+  write_probs_impl(l, n, invT, sm, tau, minp, invZ, out);
 }
 
 // One streaming pass for top-k rows: max/min/NaN of the chunk and the max of every 64-token group
@@ -329,7 +307,10 @@ SD_INLINE void hist_impl(const T* l, int64_t n, float invT, float sm, double* hi
     vf e = vexp(s - vsm);
     vf b = vmin((vsm - s) * splat(kHistScale), top);
     vi bi = __builtin_convertvector(b, vi);
-    for (int j = 0; j < kLanes; ++j) hist[bi[j]] += double(e[j]);
+    for (int j = 0; j < kLanes; j += 2) {
+      hist[bi[j]] += double(e[j]);
+      hist[kHistBins + bi[j + 1]] += double(e[j + 1]);
+    }
   }
   for (; i < n; ++i) {
     float s = load1(l + i) * invT;
@@ -375,9 +356,9 @@ auto with_typed(const LogitsRow& L, const F& f) {
 }
 
 // The smallest s among tokens whose strictly-larger mass is < T (top-p threshold). Reorders s/e.
-float weighted_threshold(float* s, float* e, int64_t n, double T) {
+float weighted_threshold(float* s, float* e, int64_t n, double T, double above0 = 0.0) {
   int64_t lo = 0, hi = n;
-  double above = 0.0;
+  double above = above0;
   float best = kInf;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
@@ -430,6 +411,117 @@ void merge_candidates(RowCtx& ctx, int nworkers) {
   }
 }
 
+// Collects the tokens of histogram bucket `bstar` (same bucket arithmetic as k_hist) and the smallest
+// s among tokens in buckets before it.
+template <class T>
+SD_INLINE void collect_bucket_impl(const T* l, int64_t n, int64_t base, float invT, float sm, int bstar, CandBuf& b,
+                                   float* min_above) {
+  // bucket(s) = int(min((sm - s)·8, 255)); with x = (sm - s)·8: bucket < bstar iff x < bstar, and
+  // bucket == bstar iff bstar <= x < bstar + 1 (x >= 255 for the last bucket). Sign bits, no selects.
+  const vf vinv = splat(invT), vsm = splat(sm), top = splat(float(kHistBins - 1));
+  const vf lo = splat(float(bstar)), hi = splat(bstar == kHistBins - 1 ? kInf : float(bstar + 1));
+  const vf pinf = splat(kInf);
+  vi pinf_bits;
+  std::memcpy(&pinf_bits, &pinf, sizeof(pinf_bits));
+  vf vmin_above = pinf;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf sv = loadv(l + i) * vinv;
+    const vf x = vmin((vsm - sv) * splat(kHistScale), top);
+    const vf dlo = x - lo, dhi = x - hi;
+    vi ilo, ihi, isv;
+    std::memcpy(&ilo, &dlo, sizeof(ilo));
+    std::memcpy(&ihi, &dhi, sizeof(ihi));
+    std::memcpy(&isv, &sv, sizeof(isv));
+    const vi below = ilo >> 31;                 // all ones where x < bstar
+    const vi in_bucket = ~below & (ihi >> 31);  // bstar <= x < bstar + 1
+    const vi cand = (isv & below) | (pinf_bits & ~below);
+    vf cf;
+    std::memcpy(&cf, &cand, sizeof(cf));
+    vmin_above = vmin(vmin_above, cf);
+    if (any(in_bucket)) {
+      for (int j = 0; j < kLanes; ++j)
+        if (in_bucket[j]) {
+          b.idx.push_back(int32_t(base + i + j));
+          b.s.push_back(sv[j]);
+        }
+    }
+  }
+  float ma = hmin(vmin_above);
+  for (; i < n; ++i) {
+    const float sv = load1(l + i) * invT;
+    const int bi = int(std::min((sm - sv) * kHistScale, float(kHistBins - 1)));
+    if (bi < bstar) ma = std::min(ma, sv);
+    if (bi == bstar) {
+      b.idx.push_back(int32_t(base + i));
+      b.s.push_back(sv);
+    }
+  }
+  *min_above = std::min(*min_above, ma);
+}
+SD_CLONES void k_collect_bucket(const float* l, int64_t n, int64_t base, float invT, float sm, int bstar, CandBuf& b,
+                                float* min_above) {
+  collect_bucket_impl(l, n, base, invT, sm, bstar, b, min_above);
+}
+SD_CLONES void k_collect_bucket(const bf16_t* l, int64_t n, int64_t base, float invT, float sm, int bstar, CandBuf& b,
+                                float* min_above) {
+  collect_bucket_impl(l, n, base, invT, sm, bstar, b, min_above);
+}
+
+// Top-p threshold without top-k: the smallest kept s. A mass histogram over d = m - s (per chunk, merged
+// in chunk order so the result does not depend on threads) finds the bucket where the strictly-larger
+// mass crosses top_p·Z: buckets before it are kept, buckets after it dropped, and only its own tokens
+// go through the weighted selection.
+float top_p_threshold(RowCtx& ctx, const LogitsRow& L, float invT, float sm, double top_p, bool par) {
+  const int64_t V = L.V, nch = nchunks(V);
+  const int nw = par ? std::max(1, available_workers()) : 1;
+  ctx.chist.assign(size_t(nch) * 2 * kHistBins, 0.0);
+  with_typed(L, [&](auto* l) {
+    for_chunks(nch, par, [&](int64_t c, int) {
+      const int64_t b = c * kChunk;
+      k_hist(l + b, std::min(kChunk, V - b), invT, sm, ctx.chist.data() + c * 2 * kHistBins);
+    });
+    return 0;
+  });
+  double H[kHistBins];
+  double total = 0.0;
+  for (int b = 0; b < kHistBins; ++b) {
+    double h = 0.0;
+    for (int64_t c = 0; c < nch; ++c) h += ctx.chist[c * 2 * kHistBins + b] + ctx.chist[c * 2 * kHistBins + kHistBins + b];
+    H[b] = h;
+    total += h;
+  }
+  const double T = top_p * total;
+  double above = 0.0;
+  int bstar = kHistBins - 1;
+  for (int b = 0; b < kHistBins; ++b) {
+    if (above + H[b] >= T) {
+      bstar = b;
+      break;
+    }
+    above += H[b];
+  }
+  if (int(ctx.wbuf.size()) < nw) ctx.wbuf.resize(nw);
+  std::vector<float> min_above(nw, kInf);
+  for (int w = 0; w < nw; ++w) ctx.wbuf[w].clear();
+  with_typed(L, [&](auto* l) {
+    for_chunks(nch, par, [&](int64_t c, int w) {
+      const int64_t b = c * kChunk;
+      k_collect_bucket(l + b, std::min(kChunk, V - b), b, invT, sm, bstar, ctx.wbuf[w], &min_above[w]);
+    });
+    return 0;
+  });
+  merge_candidates(ctx, nw);
+  const int64_t n = int64_t(ctx.cs.size());
+  ctx.ce.resize(n);
+  k_exp_shift(ctx.cs.data(), n, sm, ctx.ce.data());
+  const float best = weighted_threshold(ctx.cs.data(), ctx.ce.data(), n, T, above);
+  if (best < kInf) return best;
+  float ma = kInf;
+  for (int w = 0; w < nw; ++w) ma = std::min(ma, min_above[w]);
+  return ma;
+}
+
 }  // namespace
 
 RowCtx& RowCtx::local() {
@@ -444,7 +536,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   const int nw = par ? std::max(1, available_workers()) : 1;
   ctx.stats.resize(nch);
   if (int(ctx.wbuf.size()) < nw) ctx.wbuf.resize(nw);
-  if (int(ctx.whist.size()) < nw) ctx.whist.resize(nw);
 
   d.greedy = !(P.temperature > double(kGreedyTemperature));
   const float invT = d.greedy ? 1.0f : float(1.0 / P.temperature);
@@ -515,9 +606,30 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
     return d;
   }
 
-  // Filtered: gather a candidate superset of the kept tokens, sorted by id.
+  if (k == 0) {
+    // No top-k: the kept set is a mask over the whole vocabulary, {s >= tau} ∩ {e >= min_p}.
+    float tau = -kInf;
+    if (use_p) tau = top_p_threshold(ctx, L, invT, sm, P.top_p, par);
+    d.tau = tau;
+    d.minp = use_minp ? float(P.min_p) : 0.0f;
+    ctx.csum.resize(nch);
+    with_typed(L, [&](auto* l) {
+      for_chunks(nch, par, [&](int64_t c, int) {
+        const int64_t b = c * kChunk;
+        ctx.csum[c] = k_sum_e(l + b, std::min(kChunk, V - b), invT, sm, d.tau, d.minp, -1);
+      });
+      return 0;
+    });
+    double z = 0.0;
+    for (int64_t c = 0; c < nch; ++c) z += ctx.csum[c];
+    d.Z = z;
+    d.invZ = float(1.0 / z);
+    return d;
+  }
+
+  // Top-k: gather a candidate superset of the kept tokens, sorted by id.
   d.filtered = true;
-  if (k > 0) {
+  {
     // Lower bound on the k-th largest raw logit from the group maxima, then collect the candidates
     // (s >= fl(bound * invT)) from the groups that reach it, in token order.
     float bound = -kInf;
@@ -546,40 +658,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
     ctx.tmp.assign(ctx.cs.begin(), ctx.cs.end());
     std::nth_element(ctx.tmp.begin(), ctx.tmp.begin() + (k - 1), ctx.tmp.end(), std::greater<float>());
     d.tau = ctx.tmp[k - 1];
-  } else {
-    float sthr = -kInf;
-    if (use_p) {
-      for (int w = 0; w < nw; ++w) ctx.whist[w].assign(kHistBins, 0.0);
-      with_typed(L, [&](auto* l) {
-        for_chunks(nch, par, [&](int64_t c, int w) {
-          const int64_t b = c * kChunk;
-          k_hist(l + b, std::min(kChunk, V - b), invT, sm, ctx.whist[w].data());
-        });
-        return 0;
-      });
-      const double T = P.top_p * zall * (1.0 + 1e-4);
-      double cum = 0.0;
-      int bstar = kHistBins - 1;
-      for (int bi = 0; bi < kHistBins - 1; ++bi) {
-        for (int w = 0; w < nw; ++w) cum += ctx.whist[w][bi];
-        if (cum >= T) {
-          bstar = bi;
-          break;
-        }
-      }
-      if (bstar < kHistBins - 1) sthr = sm - (float(bstar + 1) / kHistScale) * 1.001f - 1e-3f - 1e-6f * std::fabs(sm);
-    } else {
-      sthr = sm + float(std::log(P.min_p)) - 1e-2f - 1e-6f * std::fabs(sm);
-    }
-    for (int w = 0; w < nw; ++w) ctx.wbuf[w].theta = sthr;
-    with_typed(L, [&](auto* l) {
-      for_chunks(nch, par, [&](int64_t c, int w) {
-        const int64_t b = c * kChunk;
-        k_collect(l + b, std::min(kChunk, V - b), b, invT, ctx.wbuf[w], 0, ctx.wbuf[w].tmp);
-      });
-      return 0;
-    });
-    merge_candidates(ctx, nw);
   }
   int64_t n = int64_t(ctx.cs.size());
   ctx.ce.resize(n);
@@ -632,7 +710,7 @@ float prob_of(const Dist& d, const LogitsRow& L, int64_t x) {
   if (d.greedy) return x == d.argmax ? 1.0f : 0.0f;
   const float s = with_typed(L, [&](auto* l) { return load1(l + x); }) * d.invT;
   const float e = exp1(s - d.smax);
-  if (d.filtered && !(s >= d.tau && e >= d.minp)) return 0.0f;
+  if (!(s >= d.tau && e >= d.minp)) return 0.0f;
   return e * d.invZ;
 }
 
@@ -659,7 +737,7 @@ int64_t sample_p(RowCtx& ctx, const Dist& d, const LogitsRow& L, double u, int64
   return with_typed(L, [&](auto* l) -> int64_t {
     for_chunks(nch, par, [&](int64_t c, int) {
       const int64_t b = c * kChunk;
-      ctx.csum[c] = k_sum_e(l + b, std::min(kChunk, V - b), d.invT, d.smax, excl >= b && excl < b + kChunk ? excl - b : -1);
+      ctx.csum[c] = k_sum_e(l + b, std::min(kChunk, V - b), d.invT, d.smax, d.tau, d.minp, excl >= b && excl < b + kChunk ? excl - b : -1);
     });
     double R = 0.0;
     for (int64_t c = 0; c < nch; ++c) R += ctx.csum[c];
@@ -679,7 +757,7 @@ int64_t sample_p(RowCtx& ctx, const Dist& d, const LogitsRow& L, double u, int64
     const int64_t b = lastc * kChunk;
     double pre = 0.0;
     for (int64_t c = 0; c < lastc; ++c) pre += ctx.csum[c];
-    const int64_t i = scan_e(l + b, std::min(kChunk, V - b), d.invT, d.smax,
+    const int64_t i = scan_e(l + b, std::min(kChunk, V - b), d.invT, d.smax, d.tau, d.minp,
                              excl >= b && excl < b + kChunk ? excl - b : -1, pre, target);
     return i < 0 ? -1 : b + i;
   });
@@ -710,7 +788,7 @@ int64_t sample_residual(RowCtx& ctx, const Dist& d, const LogitsRow& L, const fl
   return with_typed(L, [&](auto* l) -> int64_t {
     for_chunks(nch, par, [&](int64_t c, int) {
       const int64_t b = c * kChunk;
-      ctx.csum[c] = k_sum_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ);
+      ctx.csum[c] = k_sum_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.tau, d.minp, d.invZ);
     });
     double R = 0.0;
     for (int64_t c = 0; c < nch; ++c) R += ctx.csum[c];
@@ -730,7 +808,7 @@ int64_t sample_residual(RowCtx& ctx, const Dist& d, const LogitsRow& L, const fl
     const int64_t b = cc * kChunk;
     double pre = 0.0;
     for (int64_t c = 0; c < cc; ++c) pre += ctx.csum[c];
-    const int64_t i = scan_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ, pre, target);
+    const int64_t i = scan_resid(l + b, q + b, std::min(kChunk, V - b), d.invT, d.smax, d.tau, d.minp, d.invZ, pre, target);
     return i < 0 ? -1 : b + i;
   });
 }
@@ -750,7 +828,7 @@ void write_probs(const Dist& d, const LogitsRow& L, float* out, bool par) {
   with_typed(L, [&](auto* l) {
     for_chunks(nch, par, [&](int64_t c, int) {
       const int64_t b = c * kChunk;
-      k_write_probs(l + b, std::min(kChunk, V - b), d.invT, d.smax, d.invZ, out + b);
+      k_write_probs(l + b, std::min(kChunk, V - b), d.invT, d.smax, d.tau, d.minp, d.invZ, out + b);
     });
     return 0;
   });

@@ -57,7 +57,6 @@ struct Dist {
 struct CandBuf {
   std::vector<int32_t> idx;
   std::vector<float> s;
-  std::vector<float> tmp;  // pruning scratch
   float theta = -std::numeric_limits<float>::infinity();
   void clear() {
     idx.clear();
@@ -77,11 +76,11 @@ struct ChunkStats {
 struct RowCtx {
   std::vector<ChunkStats> stats;
   std::vector<CandBuf> wbuf;  // per pool worker
-  std::vector<std::vector<double>> whist;
   std::vector<int32_t> cidx;
   std::vector<float> cs, ce, tmp;
   std::vector<std::pair<int32_t, float>> pairs;
   std::vector<double> csum;
+  std::vector<double> chist;  // per-chunk top-p histograms
   std::vector<float> gmax;  // per 64-token group maxima (top-k)
   static RowCtx& local();
 };
