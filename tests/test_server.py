@@ -24,7 +24,7 @@ from server_fixtures import (  # noqa: F401 - fixtures
 
 from specdec.engine import Engine, EngineConfig
 from specdec.metrics import METRIC_NAMES
-from specdec.params import FinishReason, GenerationRequest, SamplingParams
+from specdec.params import FinishReason, GenerationRequest
 from specdec.v1 import specdec_pb2 as pb
 
 PROMPTS = ["Café crème, naïve façade", "漢字とかなの文章です。", "Emoji: 🚀🔥✨ and math", "def add(a, b):\n"]

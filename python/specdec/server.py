@@ -40,7 +40,7 @@ from specdec.convert import (
 )
 from specdec.metrics import Metrics
 from specdec.params import FinishReason, Method
-from specdec.scheduler import Closed, Handle, InternalError, JobCancelled, QueueFull, Scheduler
+from specdec.scheduler import Closed, Handle, JobCancelled, QueueFull, Scheduler
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
