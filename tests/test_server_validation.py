@@ -135,3 +135,62 @@ def test_unparseable_request_is_invalid_argument(server, payload, expected):
                 list(result) if kind == "unary_stream" else None
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a valid specdec.v1.GenerateRequest" in e.value.details() and expected in e.value.details()
+
+
+# ---- fuzz: whatever the message, validation answers with ValueError (INVALID_ARGUMENT) or a request ----------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from specdec.convert import parse_request  # noqa: E402
+
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1.0, -0.0, 0.5, 1e-45]))
+i32 = st.integers(-(2**31), 2**31 - 1)
+small_ids = st.lists(st.one_of(st.integers(-5, 400), i32), max_size=8)
+
+
+@st.composite
+def generate_requests(draw) -> pb.GenerateRequest:
+    r = pb.GenerateRequest(request_id=draw(st.text(max_size=140)))
+    kind = draw(st.sampled_from(["none", "text", "ids", "messages"]))
+    if kind == "text":
+        r.text = draw(st.text(max_size=40))
+    elif kind == "ids":
+        r.token_ids.SetInParent()
+        r.token_ids.ids.extend(draw(small_ids))
+    elif kind == "messages":
+        r.messages.SetInParent()
+        for role, content in draw(st.lists(st.tuples(st.sampled_from(["user", "system", "bot", ""]), st.text(max_size=10)), max_size=3)):
+            r.messages.messages.add(role=role, content=content)
+    for name, strat in (("temperature", floats), ("top_p", floats), ("min_p", floats), ("top_k", i32),
+                        ("seed", st.integers(0, 2**64 - 1))):  # fmt: skip
+        if draw(st.booleans()):
+            setattr(r.sampling, name, draw(strat))
+    if draw(st.booleans()):
+        r.max_new_tokens = draw(st.one_of(i32, st.integers(-2, 600)))
+    r.stop.extend(draw(st.lists(st.text(max_size=300), max_size=18)))
+    r.stop_token_ids.extend(draw(st.lists(st.one_of(st.integers(-2, 330), i32), max_size=66)))
+    r.speculation.method = draw(st.sampled_from([0, 1, 2, 3, 7, -1]))
+    r.speculation.disable = draw(st.booleans())
+    if draw(st.booleans()):
+        r.speculation.gamma = draw(st.one_of(st.integers(-2, 40), i32))
+    if draw(st.booleans()):
+        r.speculation.gamma_max = draw(st.one_of(st.integers(-2, 40), i32))
+    return r
+
+
+@pytest.fixture(scope="module")
+def fuzz_engine(tiny_dirs):
+    return load_engine(tiny_dirs)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(r=generate_requests())
+def test_fuzzed_requests_give_a_request_or_a_named_value_error(fuzz_engine, r):
+    try:
+        seq = fuzz_engine.start(parse_request(r).build(fuzz_engine))
+    except ValueError as e:
+        assert str(e) and not str(e).startswith("Traceback")
+    else:
+        assert seq.request.max_new_tokens >= 1 and len(seq.request.prompt_ids) >= 1
+        fuzz_engine.release(seq)
