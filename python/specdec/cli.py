@@ -31,6 +31,8 @@ def _add_serve(sub) -> None:
     m.add_argument("--draft-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="draft dtype")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",
+                   help="acceptance/sampling kernels: cpu (C++) or tt (tt-metal device kernels, not yet run on hardware)")  # fmt: skip
     s = p.add_argument_group("speculation")
     s.add_argument("--method", choices=["draft", "ngram", "none"], default="draft",
                    help="default drafter (draft falls back to ngram without a draft model)")  # fmt: skip
@@ -146,6 +148,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("--max-queue must be >= 0 and --max-running >= 1")
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
+    from specdec import kernels
+
+    try:
+        kernels.set_backend(args.kernels)
+    except RuntimeError as err:
+        return _fail(str(err))
     try:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -107,22 +107,27 @@ class DraftModelDrafter:
                     qs[i].append(qi)
                     pending[i] = [tok]
         for p, q in zip(out, qs):
-            p.q = torch.stack(q) if q else None
+            p.q = torch.stack(q) if q and q[0] is not None else None
         return out
 
-    def _draft_one_position(self, seqs: list[Sequence], pending: list[list[int]], j: int) -> tuple[list[int], torch.Tensor]:
+    def _draft_one_position(
+        self, seqs: list[Sequence], pending: list[list[int]], j: int
+    ) -> tuple[list[int], list[torch.Tensor | None]]:
         rows = [ragged.Row(s.draft_cache, s.draft_len, p, [len(p) - 1]) for s, p in zip(seqs, pending)]
         caches, logits = ragged.forward(self.model, rows, self.vocab_size)
         for s, c, p in zip(seqs, caches, pending):
             s.draft_cache, s.draft_len = c, s.draft_len + len(p)
-        tokens, q = kernels.sample(
+        # q matters only to sampled rows: greedy ones are verified against argmax p alone.
+        sampled = any(not s.request.sampling.greedy for s in seqs)
+        result = kernels.sample(
             torch.cat(logits).cpu(),
             **stack_filters([s.request.sampling for s in seqs]),
             seed=np.array([s.seed ^ DRAFT_SEED_SALT for s in seqs], dtype=np.uint64),
             offset=np.array([s.step_index * OFFSETS_PER_STEP + j for s in seqs], dtype=np.uint64),
-            return_probs=True,
+            return_probs=sampled,
         )
-        return [int(t) for t in tokens], torch.as_tensor(q)
+        tokens, q = result if sampled else (result, [None] * len(seqs))
+        return [int(t) for t in tokens], list(torch.as_tensor(q)) if sampled else q
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
         if seq.draft_cache is not None and seq.draft_len > valid_len:

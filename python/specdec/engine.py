@@ -200,7 +200,8 @@ class Engine:
             "target_dtype": str(self.target.dtype).removeprefix("torch."),
             "draft_dtype": str(self.draft.dtype).removeprefix("torch.") if self.draft else "",
             "device": str(self.target.device),
-            "vocab_size": self.vocab_size,
+            "vocab_size": self.real_vocab,  # ids a request may use
+            "model_vocab_rows": self.vocab_size,  # output-embedding rows both models share (may include padding)
             "context_length": self.context_length,
             "method": c.method.value,
             "gamma_policy": "adaptive" if c.gamma is None else "fixed",
