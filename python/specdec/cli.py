@@ -48,6 +48,21 @@ def _add_serve(sub) -> None:
     n.add_argument("--port-file", help="write the bound gRPC port to this file once listening")
     n.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest request/response (default 4 MiB)")
     n.add_argument("--no-reflection", action="store_true", help="switch off gRPC server reflection")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", help="PEM certificate chain of the server (with --tls-key: TLS)")
+    sec.add_argument("--tls-key", help="PEM private key of the server")
+    sec.add_argument("--tls-client-ca", help="PEM CA bundle; client certificates signed by it are required (mTLS)")
+    sec.add_argument("--auth-token-file",
+                     help="file holding a shared secret; every call but health then needs 'authorization: Bearer "
+                          "<token>' (default: $SPECDEC_AUTH_TOKEN if set, else no token auth)")  # fmt: skip
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-prompt-tokens", type=int, default=8192, help="prompt tokens per request (default 8192)")
+    lim.add_argument("--max-new-tokens-limit", type=int, default=None,
+                     help="largest max_new_tokens a request may ask for (default: the target's context length)")  # fmt: skip
+    lim.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request (default 16)")
+    lim.add_argument("--max-stop-length", type=int, default=256, help="characters per stop string (default 256)")
+    lim.add_argument("--max-concurrent-streams", type=int, default=128,
+                     help="Generate/GenerateStream calls in flight beyond which RESOURCE_EXHAUSTED (default 128)")  # fmt: skip
     q = p.add_argument_group("admission")
     q.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which RESOURCE_EXHAUSTED (default 64)")
     q.add_argument("--max-running", type=int, default=8, help="requests stepped together (default 8)")
@@ -58,10 +73,29 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_client_security(p) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system's root CAs")
+    g.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
+    g.add_argument("--tls-cert", help="PEM client certificate for mTLS (implies --tls)")
+    g.add_argument("--tls-key", help="PEM client private key for mTLS")
+    g.add_argument("--server-name", help="name to check in the server's certificate (default: from --address)")
+    g.add_argument("--auth-token-file", help="file holding the bearer token (default: $SPECDEC_AUTH_TOKEN if set)")
+
+
+def _client(args: argparse.Namespace, **kw):
+    from specdec.client import Client
+    from specdec.security import load_token
+
+    return Client(args.address, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  server_name=args.server_name, token=load_token(args.auth_token_file), **kw)  # fmt: skip
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion from a running server")
     p.add_argument("prompt", help="the prompt text ('-' reads stdin)")
     p.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}")
+    _add_client_security(p)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (the target's chat template)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (64)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server's default)")
@@ -111,6 +145,7 @@ def _add_health(sub) -> None:
     p.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--service", default="", help='the service to check (default "": the whole server)')
     p.add_argument("--timeout", type=float, default=5.0)
+    _add_client_security(p)
     p.set_defaults(func=cmd_health)
 
 
@@ -148,6 +183,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("--max-queue must be >= 0 and --max-running >= 1")
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
+    for name in ("max_prompt_tokens", "max_new_tokens_limit", "max_stop_strings", "max_stop_length",
+                 "max_concurrent_streams", "max_message_bytes"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_stop_strings" else 1):
+            return _fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_stop_strings' else 1}, got {value}")
+    from specdec.security import load_token, server_credentials
+
+    try:
+        server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)  # fails early on a bad pair or path
+        args.auth_token = load_token(args.auth_token_file)
+    except (ValueError, UnicodeDecodeError) as err:
+        return _fail(str(err))
     from specdec import kernels
 
     try:
@@ -184,6 +231,7 @@ def _loader(args: argparse.Namespace):
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from specdec.convert import Limits
     from specdec.server import ServerConfig, SpecDecServer
 
     log = logging.getLogger("specdec.cli")
@@ -196,6 +244,13 @@ async def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         max_message_bytes=args.max_message_bytes,
         reflection=not args.no_reflection,
+        limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens_limit,
+                      max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length),  # fmt: skip
+        max_concurrent_streams=args.max_concurrent_streams,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=args.auth_token,
     )
     server = SpecDecServer(config, loader=_loader(args))
     port = await server.start()
@@ -284,13 +339,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf import json_format
 
-    from specdec.client import Client
-
     try:
         request = _request_from_args(args)
+        client = _client(args, timeout=args.timeout)
     except ValueError as e:
         return _fail(str(e))
-    with Client(args.address, timeout=args.timeout) as client:
+    with client:
         try:
             if args.json:
                 response = client.generate_request(request)
@@ -346,9 +400,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
 
-    from specdec.client import Client
-
-    with Client(args.address) as client:
+    try:
+        client = _client(args)
+    except ValueError as e:
+        return _fail(str(e))
+    with client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except grpc.RpcError as e:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.security import bearer_metadata, channel_credentials
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -74,12 +75,27 @@ def build_request(
     return req
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+def _channel_options(max_message_bytes: int, server_name: str | None = None) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                            ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
+    if server_name:  # the name the server's certificate must carry, when it differs from the address
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def _credentials(credentials, tls: bool, ca: str | None, cert: str | None, key: str | None):
+    if credentials is not None or not tls:
+        return credentials
+    return channel_credentials(ca, cert, key)
 
 
 class Client:
-    """Blocking client. ``credentials`` (grpc.ChannelCredentials) makes it a TLS channel."""
+    """Blocking client.
+
+    TLS: ``tls_ca`` (the CA bundle that signed the server; ``tls=True`` alone uses the system roots), and for
+    mTLS ``tls_cert`` + ``tls_key``; or ready ``credentials`` (grpc.ChannelCredentials). ``server_name``
+    overrides the name checked in the server's certificate. ``token`` sends ``authorization: Bearer <token>``.
+    """
 
     def __init__(
         self,
@@ -89,8 +105,16 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 4 << 20,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls: bool = False,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        options = _channel_options(max_message_bytes)
+        options = _channel_options(max_message_bytes, server_name)
+        credentials = _credentials(credentials, tls or tls_ca is not None or tls_cert is not None, tls_ca, tls_cert, tls_key)
+        metadata = tuple(metadata) + bearer_metadata(token)
         if credentials is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
@@ -148,8 +172,16 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 4 << 20,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls: bool = False,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
-        options = _channel_options(max_message_bytes)
+        options = _channel_options(max_message_bytes, server_name)
+        credentials = _credentials(credentials, tls or tls_ca is not None or tls_cert is not None, tls_ca, tls_cert, tls_key)
+        metadata = tuple(metadata) + bearer_metadata(token)
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         else:

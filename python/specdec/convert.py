@@ -42,6 +42,8 @@ class Limits:
     max_stop_token_ids: int = 64
     max_messages: int = 256
     default_max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # the largest max_new_tokens a request may ask for (None: the context length)
+    max_prompt_tokens: int = 8192  # prompt tokens after tokenizing (--max-prompt-tokens)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ParsedRequest:
     prompt_kind: str  # "text", "token_ids" or "messages"
     prompt: str | list[int] | list[dict[str, str]]
     template: GenerationRequest = field(repr=False)  # everything but prompt_ids
+    max_prompt_tokens: int | None = None  # checked once the prompt is tokenized
 
     def build(self, engine) -> GenerationRequest:
         if self.prompt_kind == "text":
@@ -60,6 +63,9 @@ class ParsedRequest:
             ids = list(engine.encode_chat(self.prompt))
         else:
             ids = list(self.prompt)
+        n = self.max_prompt_tokens
+        _require(n is None or len(ids) <= n,
+                 f"prompt must be at most {n} tokens (limit max_prompt_tokens), got {len(ids)}")  # fmt: skip
         t = self.template
         return GenerationRequest(
             prompt_ids=ids,
@@ -156,6 +162,8 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
     elif kind == "token_ids":
         _require(len(msg.token_ids.ids) > 0, "token_ids.ids must not be empty")
         prompt = list(msg.token_ids.ids)
+        n = limits.max_prompt_tokens
+        _require(len(prompt) <= n, f"prompt must be at most {n} tokens (limit max_prompt_tokens), got {len(prompt)}")
     else:
         messages = msg.messages.messages
         n = limits.max_messages
@@ -166,18 +174,20 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
         prompt = [{"role": m.role, "content": m.content} for m in messages]
 
     n = limits.max_stop_strings
-    _require(len(msg.stop) <= n, f"stop must hold at most {n} strings, got {len(msg.stop)}")
+    _require(len(msg.stop) <= n, f"stop must hold at most {n} strings, got {len(msg.stop)} (limit max_stop_strings)")
     for i, s in enumerate(msg.stop):
         _require(len(s) > 0, f"stop[{i}] must be a non-empty string")
         _require(
             len(s) <= limits.max_stop_length,
-            f"stop[{i}] must be at most {limits.max_stop_length} characters, got {len(s)}",
+            f"stop[{i}] must be at most {limits.max_stop_length} characters, got {len(s)} (limit max_stop_length)",
         )
     n = limits.max_stop_token_ids
     _require(len(msg.stop_token_ids) <= n, f"stop_token_ids must hold at most {n} ids, got {len(msg.stop_token_ids)}")
 
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     _require(max_new >= 1, f"max_new_tokens must be >= 1, got {max_new}")
+    n = limits.max_new_tokens
+    _require(n is None or max_new <= n, f"max_new_tokens must be <= {n} (limit max_new_tokens), got {max_new}")
 
     template = GenerationRequest(
         prompt_ids=[],
@@ -190,7 +200,7 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
         logprobs=msg.logprobs,
         request_id=request_id,
     )
-    return ParsedRequest(request_id, kind, prompt, template)
+    return ParsedRequest(request_id, kind, prompt, template, max_prompt_tokens=limits.max_prompt_tokens)
 
 
 def engine_message(msg: str) -> str:

@@ -40,6 +40,7 @@ from specdec.convert import (
 )
 from specdec.metrics import Metrics
 from specdec.params import FinishReason, Method
+from specdec.security import TokenAuthInterceptor, server_credentials
 from specdec.scheduler import Closed, Handle, JobCancelled, QueueFull, Scheduler
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -72,6 +73,11 @@ class ServerConfig:
     max_message_bytes: int = 4 << 20
     reflection: bool = True
     limits: Limits = field(default_factory=Limits)
+    max_concurrent_streams: int = 128  # Generate + GenerateStream calls in flight beyond which RESOURCE_EXHAUSTED
+    tls_cert: str | None = None  # PEM paths; cert + key turn TLS on
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # with it, client certificates signed by this CA are required (mTLS)
+    auth_token: str | None = field(default=None, repr=False)  # bearer token required on every call but health
 
 
 class SpecDecServer:
@@ -93,6 +99,7 @@ class SpecDecServer:
         self._draining = False
         self._shutdown_task: asyncio.Task | None = None
         self._active_calls = 0
+        self._generate_calls = 0  # Generate + GenerateStream calls in flight (max_concurrent_streams)
         self._info: pb.GetModelInfoResponse | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -111,7 +118,11 @@ class SpecDecServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self._server = grpc.aio.server(options=options)
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        interceptors = []
+        if cfg.auth_token:
+            interceptors.append(TokenAuthInterceptor(cfg.auth_token, on_reject=lambda: self.metrics.failed("unauthenticated")))
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         _add_servicer(_Servicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if cfg.reflection:
@@ -120,13 +131,18 @@ class SpecDecServer:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{_host(cfg.host)}:{cfg.port}"
-        self.port = self._server.add_insecure_port(address)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if not self.port:
             raise OSError(f"could not bind {address}")
         await self._server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
-        log.info("listening", extra={"fields": {"address": f"{cfg.host}:{self.port}", "metrics_port": self.metrics_port}})
+        tls = "off" if credentials is None else ("mtls" if cfg.tls_client_ca else "tls")
+        log.info("listening", extra={"fields": {"address": f"{cfg.host}:{self.port}", "metrics_port": self.metrics_port,
+                                                "tls": tls, "auth": "token" if cfg.auth_token else "off"}})  # fmt: skip
         if self.engine is not None:
             await self._on_loaded()
         else:
@@ -232,6 +248,15 @@ class SpecDecServer:
 
     async def _open(self, request: pb.GenerateRequest, context) -> Handle:
         await self._check_serving(context)
+        limit = self.config.max_concurrent_streams
+        if self._generate_calls > limit:  # this call is already counted
+            self.metrics.failed("resource_exhausted")
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "1000"),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"max_concurrent_streams: {limit} Generate/GenerateStream calls are in flight on this replica; "
+                "retry in 1 s or on another replica",
+            )
         try:
             parsed = parse_request(request, self.config.limits)
         except ValueError as e:
@@ -292,6 +317,7 @@ class SpecDecServer:
 
     async def generate(self, request, context) -> pb.GenerateResponse:
         self._active_calls += 1
+        self._generate_calls += 1
         try:
             handle = await self._open(request, context)
             completion = None
@@ -300,9 +326,11 @@ class SpecDecServer:
             return response_to_proto(completion)
         finally:
             self._active_calls -= 1
+            self._generate_calls -= 1
 
     async def generate_stream(self, request, context):
         self._active_calls += 1
+        self._generate_calls += 1
         try:
             handle = await self._open(request, context)
             index = 0
@@ -317,6 +345,7 @@ class SpecDecServer:
                     yield pb.GenerateStreamResponse(request_id=handle.request_id, summary=summary_to_proto(item))
         finally:
             self._active_calls -= 1
+            self._generate_calls -= 1
 
     async def model_info(self, request, context) -> pb.GetModelInfoResponse:
         await self._check_serving(context)

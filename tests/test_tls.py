@@ -1,0 +1,164 @@
+"""TLS and mTLS: certificates are made inside the test (a throwaway CA, server and client certificates)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+import grpc
+import pytest
+from server_fixtures import ServerThread, load_engine, test_config
+
+from specdec.client import Client
+
+x509 = pytest.importorskip("cryptography.x509")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+
+
+def _name(cn: str):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, usage=None, san=None):
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + dt.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))  # fmt: skip
+    if usage:
+        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path, cert=None, key=None) -> str:
+    data = b""
+    if cert is not None:
+        data += cert.public_bytes(serialization.Encoding.PEM)
+    if key is not None:
+        data += key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())  # fmt: skip
+    path.write_bytes(data)
+    return str(path)
+
+
+def make_pki(root, tag: str) -> dict[str, str]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by that CA."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert(f"specdec test CA {tag}", ca_key, _name(f"specdec test CA {tag}"), ca_key, ca=True)
+    skey, ckey = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = _cert("localhost", skey, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=san)
+    client = _cert(f"client {tag}", ckey, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    root.mkdir(parents=True, exist_ok=True)
+    return {
+        "ca": _write(root / "ca.pem", ca),
+        "server_cert": _write(root / "server.pem", server),
+        "server_key": _write(root / "server.key", key=skey),
+        "client_cert": _write(root / "client.pem", client),
+        "client_key": _write(root / "client.key", key=ckey),
+    }
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    return {"good": make_pki(root / "good", "good"), "other": make_pki(root / "other", "other")}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs):
+    return load_engine(tiny_dirs)
+
+
+def _serve(engine, **kw) -> ServerThread:
+    s = ServerThread(test_config(**kw), engine=engine)
+    assert s.wait_ready()
+    return s
+
+
+def _ok(client: Client) -> None:
+    r = client.generate("hello", max_new_tokens=2, timeout=30)
+    assert r.summary.usage.completion_tokens == 2
+
+
+def _refused(client: Client) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate("hello", max_new_tokens=2, timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()  # the handshake fails
+    return e.value
+
+
+def test_tls_client_succeeds_and_plaintext_client_fails(engine, pki):
+    g = pki["good"]
+    s = _serve(engine, tls_cert=g["server_cert"], tls_key=g["server_key"])
+    try:
+        with Client(s.address, tls_ca=g["ca"]) as c:
+            _ok(c)
+            assert c.health() == "SERVING"
+        with Client(s.address) as c:  # plaintext against TLS
+            _refused(c)
+        with Client(s.address, tls_ca=pki["other"]["ca"]) as c:  # a client that trusts another CA
+            _refused(c)
+        with Client(s.address, tls_ca=g["ca"]) as c:  # the server keeps serving
+            _ok(c)
+    finally:
+        s.close()
+
+
+def test_plaintext_server_still_serves_plaintext(engine):
+    """The negative of the test above: without --tls-cert the same plaintext client succeeds."""
+    s = _serve(engine)
+    try:
+        with Client(s.address) as c:
+            _ok(c)
+    finally:
+        s.close()
+
+
+def test_mtls_requires_a_client_certificate_from_the_ca(engine, pki):
+    g, o = pki["good"], pki["other"]
+    s = _serve(engine, tls_cert=g["server_cert"], tls_key=g["server_key"], tls_client_ca=g["ca"])
+    try:
+        with Client(s.address, tls_ca=g["ca"], tls_cert=g["client_cert"], tls_key=g["client_key"]) as c:
+            _ok(c)
+        with Client(s.address, tls_ca=g["ca"]) as c:  # no client certificate
+            _refused(c)
+        with Client(s.address, tls_ca=g["ca"], tls_cert=o["client_cert"], tls_key=o["client_key"]) as c:  # other CA
+            _refused(c)
+        with Client(s.address) as c:  # plaintext
+            _refused(c)
+        with Client(s.address, tls_ca=g["ca"], tls_cert=g["client_cert"], tls_key=g["client_key"]) as c:
+            _ok(c)  # still serving
+    finally:
+        s.close()
+
+
+def test_server_credentials_reject_half_configurations(pki):
+    from specdec.security import server_credentials
+
+    g = pki["good"]
+    with pytest.raises(ValueError, match="go together"):
+        server_credentials(g["server_cert"], None)
+    with pytest.raises(ValueError, match="needs --tls-cert"):
+        server_credentials(None, None, g["ca"])
+    with pytest.raises(ValueError, match="could not read the TLS key"):
+        server_credentials(g["server_cert"], g["server_key"] + ".missing")
+    assert server_credentials(None, None) is None
+
+
+def test_cli_health_over_mtls(engine, pki):
+    from specdec.cli import main
+
+    g = pki["good"]
+    s = _serve(engine, tls_cert=g["server_cert"], tls_key=g["server_key"], tls_client_ca=g["ca"])
+    try:
+        base = ["health", "--address", s.address, "--timeout", "5"]
+        assert main(base + ["--tls-ca", g["ca"], "--tls-cert", g["client_cert"], "--tls-key", g["client_key"]]) == 0
+        assert main(base + ["--tls-ca", g["ca"]]) == 1  # no client certificate
+        assert main(base) == 1  # plaintext
+    finally:
+        s.close()
