@@ -32,7 +32,7 @@ METRIC_NAMES = {
     "specdec_prompt_tokens_total": "counter: prompt tokens of finished requests",
     "specdec_verify_steps_total": "counter: target verify steps of finished requests",
     "specdec_requests_total": "counter by finish_reason (length, eos, stop_sequence, stop_token, cancelled, deadline)",
-    "specdec_requests_failed_total": "counter by kind (invalid_argument, resource_exhausted, unavailable, internal)",
+    "specdec_requests_failed_total": "counter by kind (invalid_argument, resource_exhausted, unavailable, unauthenticated, internal)",
     "specdec_requests_running": "gauge: requests being stepped",
     "specdec_requests_waiting": "gauge: requests in the admission queue",
 }
