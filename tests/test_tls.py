@@ -162,3 +162,52 @@ def test_cli_health_over_mtls(engine, pki):
         assert main(base) == 1  # plaintext
     finally:
         s.close()
+
+
+def test_cli_serve_with_mtls_flags(tiny_dirs, pki, tmp_path):
+    """`specdec serve --tls-cert --tls-key --tls-client-ca` end to end; a bad key path fails before loading."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server_fixtures import wait_until
+
+    g = pki["good"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "python") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = [sys.executable, "-m", "specdec.cli", "serve", "--target", tiny_dirs["target"], "--method", "none",
+            "--host", "127.0.0.1", "--port", "0", "--no-metrics"]  # fmt: skip
+    bad = subprocess.run(base + ["--tls-cert", g["server_cert"], "--tls-key", str(tmp_path / "nope.key")],
+                         capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "could not read the TLS key" in bad.stderr
+    half = subprocess.run(base + ["--tls-cert", g["server_cert"]], capture_output=True, text=True, timeout=60, env=env)
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+
+    port_file = tmp_path / "port"
+    cmd = base + ["--port-file", str(port_file), "--tls-cert", g["server_cert"], "--tls-key", g["server_key"],
+                  "--tls-client-ca", g["ca"]]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        assert wait_until(lambda: port_file.exists() or proc.poll() is not None, 60)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        address = f"127.0.0.1:{int(port_file.read_text())}"
+        good = dict(tls_ca=g["ca"], tls_cert=g["client_cert"], tls_key=g["client_key"])
+        with Client(address, **good) as c:
+            assert wait_until(lambda: _health_or_none(c) == "SERVING", 60)
+            _ok(c)
+        with Client(address, tls_ca=g["ca"]) as c:
+            _refused(c)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert '"tls": "mtls"' in err
+    assert "PRIVATE KEY" not in out + err  # the key's contents are never printed
+
+
+def _health_or_none(c: Client):
+    try:
+        return c.health(timeout=2)
+    except grpc.RpcError:
+        return None
