@@ -34,7 +34,9 @@ FINISH_TO_PROTO = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits the message alone decides. Defaults are documented in the README."""
+    """Per-request limits (the README's limits table; ``specdec serve --max-*`` flags). All but
+    ``max_prompt_tokens`` for text and chat prompts are decided by the message alone; that one is checked once
+    the prompt is tokenized (``ParsedRequest.build``, on the engine's thread)."""
 
     max_request_id_length: int = 128
     max_stop_strings: int = 16
