@@ -351,6 +351,7 @@ def test_metrics_endpoint_exposes_the_named_series_with_true_counts(tiny_dirs):
         assert metric(text, "specdec_e2e_request_latency_seconds_count") == 3
         assert metric(text, "specdec_inter_token_latency_seconds_count") == 33  # every token after the first
         assert metric(text, "specdec_requests_running") == 0 and metric(text, "specdec_requests_waiting") == 0
+        assert metric(text, "specdec_sequences_holding_cache") == 0
     finally:
         srv.close()
 

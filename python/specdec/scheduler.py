@@ -24,6 +24,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class Scheduler:
         self._stop = False
         self._step_s_ema: float | None = None  # for the retry hint
         self.steps = 0  # engine steps taken (tests and diagnostics)
+        # Every sequence started, for as long as anything references it: a leaked KV cache shows up here.
+        self._seqs: weakref.WeakSet = weakref.WeakSet()
         self._thread = threading.Thread(target=self._run, name="specdec-scheduler", daemon=True)
 
     # ---- event-loop side ------------------------------------------------------------------------
@@ -174,6 +177,22 @@ class Scheduler:
         """True while any request or job is queued, running or being started."""
         with self._cv:
             return bool(self._inbox or self._waiting or self._running or self._jobs or self._job_running)
+
+    def snapshot(self) -> dict[str, int]:
+        """Read-only counts: queued, running, jobs, and started sequences still unfinished or holding a KV cache.
+
+        When the server is idle all of them are 0; anything else is a request or cache that was not freed.
+        """
+        with self._cv:
+            seqs = list(self._seqs)
+            return {
+                "inbox": len(self._inbox),
+                "waiting": len(self._waiting),
+                "running": len(self._running),
+                "jobs": len(self._jobs) + int(self._job_running),
+                "unfinished": sum(not s.finished for s in seqs),
+                "holding_cache": sum(s.target_cache is not None or s.draft_cache is not None for s in seqs),
+            }
 
     def submit(self, handle: Handle, parsed: ParsedRequest) -> None:
         """Queue a request; raise QueueFull beyond max_queue, Closed when shutting down."""
@@ -274,6 +293,7 @@ class Scheduler:
                 h.put("error", InternalError(f"{type(e).__name__} while starting request {h.request_id}"))
                 continue
             with self._cv:
+                self._seqs.add(h.seq)
                 self._waiting.append(h)
 
     def _reap(self) -> None:

@@ -106,6 +106,7 @@ class SpecDecServer:
         self.metrics.bind_counts(
             lambda: self.scheduler.running if self.scheduler else 0,
             lambda: self.scheduler.waiting if self.scheduler else 0,
+            lambda: self.scheduler.snapshot()["holding_cache"] if self.scheduler else 0,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
