@@ -86,3 +86,17 @@ def test_sampled_output_depends_only_on_seed(engines):
     ref = {id(r): alone(engine, r) for r in reqs}
     for s in together(engine, reqs):
         assert s.output_ids == ref[id(s.request)]
+
+
+def test_greedy_beside_sampled_with_a_longer_gamma(engines):
+    """A greedy row drafts its first position beside a sampled row (which needs q), its later ones alone: the
+    drafter must not mix q tensors and None for it (found by the reliability fuzz: TypeError in torch.stack)."""
+    engine = engines["other"]
+    greedy = GenerationRequest(engine.encode(PROMPTS[0]), 12, ignore_eos=True, speculation=SpeculationParams(gamma=3))
+    sampled = GenerationRequest(engine.encode(PROMPTS[1]), 12, ignore_eos=True, speculation=SpeculationParams(gamma=1),
+                                sampling=SamplingParams(temperature=0.8, seed=5))  # fmt: skip
+    ref = {id(r): alone(engine, r) for r in (greedy, sampled)}
+    finished = list(together(engine, [greedy, sampled], stagger=False))
+    assert len(finished) == 2
+    for s in finished:
+        assert s.output_ids == ref[id(s.request)]

@@ -106,8 +106,10 @@ class DraftModelDrafter:
                     out[i].seconds += seconds
                     qs[i].append(qi)
                     pending[i] = [tok]
-        for p, q in zip(out, qs):
-            p.q = torch.stack(q) if q and q[0] is not None else None
+        for s, p, q in zip(seqs, out, qs):
+            # Only a sampled row needs q, and it has one at every position (its group is always sampled); a greedy
+            # row may have drafted some positions beside a sampled row (q) and later ones without (None).
+            p.q = torch.stack(q) if q and not s.request.sampling.greedy else None
         return out
 
     def _draft_one_position(
