@@ -16,6 +16,10 @@ namespace specdec {
 namespace {
 
 constexpr int64_t ROWS = 8;  // rows of x multiplied by one streamed weight row (accumulators in registers)
+// Software prefetch distance along a weight row. The hardware prefetcher alone falls behind once the FMAs
+// of several x rows sit between the weight loads: measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes,
+// M=8 took 1.57x the M=1 time without it and 1.25x with 8 KiB (4-16 KiB all within noise).
+constexpr int64_t PREFETCH_BYTES = 8192;
 
 float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -66,7 +70,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const floa
   __m512 a0[MB], a1[MB];
   for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
+  constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);  // past a row's end it fetches the next rows: harmless
   for (; i + 16 <= k; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + i + ahead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + i + ahead), _MM_HINT_T0);
     const __m512 v0 = load_w(w0 + i, 0xFFFF), v1 = load_w(w1 + i, 0xFFFF);
     for (int r = 0; r < MB; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * k + i);
