@@ -288,3 +288,67 @@ def test_real_small_model_with_ngram_drafter():
     assert report["c"] == 0.0 and report["speculative"]["proposed"] > 0
     assert report["speedup"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["baseline"]["decode_tokens_per_s"])
     assert "the mat" in report["per_prompt"][0]["baseline"]["text"]
+
+
+# ---- concurrency ----------------------------------------------------------------------------------
+
+
+def test_concurrency_report_counts_every_token_and_its_ratios_are_the_measured_ones(tiny_engine, tmp_path):
+    events = []
+    options = bench.BenchOptions(prompts=PROMPTS, max_new_tokens=8, gamma=3, chat=False, concurrency=[1, 2, 4],
+                                 requests_per_stream=2)  # fmt: skip
+    report = bench.run_concurrency(tiny_engine, options, events.append)
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 2, 4]
+    measured = [bench._encode(tiny_engine, p, False) for p in PROMPTS[1:]]
+    for lv in report["levels"]:
+        n = lv["concurrency"]
+        for name in ("baseline", "speculative"):
+            m = lv[name]
+            detail = m["requests_detail"]
+            # N streams x 2 requests x 8 tokens, each request its own 8 tokens, and nothing counted twice
+            assert m["requests"] == len(detail) == 2 * n and m["tokens"] == 16 * n
+            assert [r["tokens"] for r in detail] == [len(r["output_ids"]) for r in detail] == [8] * (2 * n)
+            assert sorted(r["request_id"] for r in detail) == sorted(f"c{n}-s{k}-r{j}" for k in range(n) for j in range(2))
+            assert m["ttft_samples"] == 2 * n and m["itl_samples"] == 2 * n * 7  # every token after a request's first
+            assert m["tokens_per_s"] == pytest.approx(m["tokens"] / m["wall_s"])
+            assert max(r["e2e_s"] for r in detail) <= m["wall_s"] + 1e-9
+            # a stream's second request was submitted when its first ended, so the wall covers them back to back
+            for k in range(n):
+                first, second = (r for r in detail if r["stream"] == k)
+                assert first["e2e_s"] + second["e2e_s"] <= m["wall_s"] + 1e-9
+            for key in ("ttft_s", "itl_s"):
+                assert 0 < m[key]["p50"] <= m[key]["p99"]
+            assert m["ttft_s"]["p50"] == pytest.approx(statistics.median(r["ttft_s"] for r in detail))
+            assert 1 <= m["mean_batch"] <= n
+        assert lv["speedup"] == pytest.approx(lv["speculative"]["tokens_per_s"] / lv["baseline"]["tokens_per_s"])
+        one = report["levels"][0]
+        for name in ("baseline", "speculative"):
+            assert lv[f"{name}_scaling"] == pytest.approx(lv[name]["tokens_per_s"] / one[name]["tokens_per_s"])
+        assert lv["speculative"]["proposed"] > 0 and lv["baseline"]["proposed"] == 0
+        # greedy: speculative = baseline request for request, and each = the prompt's output alone
+        assert lv["identical_outputs"] is True
+        for r in lv["baseline"]["requests_detail"]:
+            k, j = r["stream"], int(r["request_id"].rsplit("r", 1)[1])
+            alone = bench._time_engine(tiny_engine, [bench.GenerationRequest(measured[(k + j) % 3], 8, ignore_eos=True)])
+            assert r["output_ids"] == alone[0]["output_ids"]
+    assert report["identical_outputs"] is True
+    assert sum(e["event"] == "done" for e in events) == 2 * 4 and events[-1]["event"] == "finished"
+    text = bench.to_json(report)
+    assert json.loads(text)["levels"][2]["speculative"]["tokens"] == 64
+    md = bench.concurrency_to_markdown(report)
+    assert "| 4 | speculative |" in md and "speculative ÷ baseline" in md and "TTFT p99" in md
+
+
+def test_concurrency_arguments(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--concurrency", "1,4,8", "--requests-per-stream", "3"])
+    o = bench.options_from_args(args)
+    assert o.concurrency == [1, 4, 8] and o.requests_per_stream == 3
+    for bad in ("0,4", "a", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--concurrency", bad])
+    with pytest.raises(ValueError, match="requests_per_stream"):
+        bench.BenchOptions(requests_per_stream=0).validate()
+    assert bench._percentiles([]) == {"p50": None, "p99": None}
+    assert bench._percentiles([1.0, 2.0, 3.0, 4.0]) == {"p50": 2.5, "p99": pytest.approx(3.97)}

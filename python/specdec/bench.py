@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
@@ -123,7 +124,9 @@ class BenchOptions:
     hf_target_only: bool = False  # also run transformers' plain generate (is the engine's baseline a fair one?)
     hf_draft_dtype: str | None = None  # the draft as the user loaded it; None = the target's dtype
     chat: bool = True  # wrap prompts in the target's chat template when it has one
-    # A later --concurrency N fits here: _time_engine already steps a list of requests together.
+    # --concurrency: streams run at once (run_concurrency); each runs requests_per_stream requests in turn.
+    concurrency: list[int] = field(default_factory=list)
+    requests_per_stream: int = 2
 
     def validate(self) -> None:
         if not 0 <= self.warmup < len(self.prompts):
@@ -134,6 +137,10 @@ class BenchOptions:
             raise ValueError("the drafter under test must be 'draft' or 'ngram' ('none' is the baseline)")
         SpeculationParams(self.method, self.gamma, self.gamma_max).validate()
         self.sampling.validate()
+        if any(n < 1 for n in self.concurrency):
+            raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if self.requests_per_stream < 1:
+            raise ValueError(f"requests_per_stream must be >= 1, got {self.requests_per_stream}")
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -356,21 +363,12 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
         "gamma_max": gamma_max,
         "max_new_tokens": options.max_new_tokens,
         "sampling": asdict(options.sampling),
-        "threads": torch.get_num_threads(),
         "prompts": len(options.prompts) - options.warmup,
         "warmup_prompts": options.warmup,
         "chat_template": bool(options.chat and getattr(engine.tokenizer, "chat_template", None)),
         "compare_hf": options.compare_hf,
         "order": "interleaved, rotating per prompt",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "specdec_commit": _git_commit(),
-        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
-        "duration_s": time.time() - t_start,
-        # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
-        "load_average_start": [round(x, 2) for x in load_start],
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        **_run_environment(t_start, load_start),
     }
     memory = {
         "rss_bytes_before": rss_start,
@@ -386,6 +384,255 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
     report["engine_cost_ratio"] = engine.cost_ratio()
     progress({"event": "finished", "done": total, "total": total, "message": "benchmark finished"})
     return report
+
+
+# ---- concurrency: N streams at once ----------------------------------------------------------------
+
+
+def _percentiles(xs: list[float]) -> dict:
+    """p50 and p99 (linear interpolation between order statistics); None without samples."""
+    if not xs:
+        return {"p50": None, "p99": None}
+    p50, p99 = (float(v) for v in np.percentile(np.asarray(xs, dtype=np.float64), [50, 99]))
+    return {"p50": p50, "p99": p99}
+
+
+def _time_streams(engine, streams: list[list[GenerationRequest]]) -> dict:
+    """All streams at once, each running its requests one after another: a request joins the batch at the step
+    after its predecessor finished, as the scheduler admits them. Per request: TTFT from its submission to its
+    first token; inter-token latency per token, the gap since the request's previous emitting step ÷ the tokens
+    that step emitted (as the server's histogram). Aggregate tokens/s = all tokens ÷ wall time to the last token."""
+    t0 = time.perf_counter()
+    queues = [list(s) for s in streams]
+    live: list[tuple] = []  # (sequence, record)
+    records: list[dict] = []
+    seqs = []
+    steps = rows = 0
+
+    def submit(k: int, now: float) -> None:
+        request = queues[k].pop(0)
+        seq = engine.start(request)
+        seqs.append(seq)
+        rec = {"stream": k, "request_id": request.request_id, "submitted": now, "first": None, "last": None,
+               "end": None, "tokens": 0, "itl": []}  # fmt: skip
+        records.append(rec)
+        live.append((seq, rec))
+
+    try:
+        for k in range(len(streams)):
+            submit(k, t0)
+        while live:
+            outs = engine.step_batch([seq for seq, _ in live])
+            now = time.perf_counter()
+            steps, rows = steps + 1, rows + len(live)
+            ended = []
+            for (seq, rec), out in zip(live, outs):
+                n = len(out.token_ids)
+                if n:
+                    if rec["first"] is None:
+                        rec["first"] = now
+                    else:
+                        rec["itl"].extend([(now - rec["last"]) / n] * n)
+                    rec["last"] = now
+                    rec["tokens"] += n
+                if out.finished:
+                    rec["end"] = now
+                    rec["output_ids"] = list(seq.output_ids)
+                    m = seq.metrics
+                    rec.update(proposed=m.proposed, accepted=m.accepted, verify_steps=m.verify_steps)
+                    ended.append(rec["stream"])
+            live = [(seq, rec) for seq, rec in live if rec["end"] is None]
+            for k in ended:
+                if queues[k]:
+                    submit(k, now)
+    finally:
+        for seq in seqs:
+            engine.release(seq)
+    wall = max(r["end"] for r in records) - t0
+    tokens = sum(r["tokens"] for r in records)
+    proposed, accepted = sum(r["proposed"] for r in records), sum(r["accepted"] for r in records)
+    verify_steps = sum(r["verify_steps"] for r in records)
+    return {
+        "streams": len(streams),
+        "requests": len(records),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_s": _percentiles([r["first"] - r["submitted"] for r in records]),
+        "itl_s": _percentiles([x for r in records for x in r["itl"]]),
+        "ttft_samples": len(records),
+        "itl_samples": sum(len(r["itl"]) for r in records),
+        "engine_steps": steps,
+        "mean_batch": rows / steps,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else 0.0,
+        "verify_steps": verify_steps,
+        "mean_gamma": proposed / max(verify_steps - len(records), 1),  # drafts per decode step (prefills draft none)
+        "requests_detail": [
+            {"stream": r["stream"], "request_id": r["request_id"], "tokens": r["tokens"], "ttft_s": r["first"] - r["submitted"],
+             "e2e_s": r["end"] - r["submitted"], "output_ids": r["output_ids"]}
+            for r in records
+        ],  # fmt: skip
+    }
+
+
+def run_concurrency(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None) -> dict:
+    """For each concurrency N: N streams at once, baseline (target only) and speculative on the same prompts."""
+    options.validate()
+    if not options.concurrency:
+        raise ValueError("run_concurrency needs at least one concurrency level")
+    progress = progress or (lambda event: None)
+    prompts = [_encode(engine, p, options.chat) for p in options.prompts[options.warmup :]]
+    base_seed = options.sampling.seed if options.sampling.seed is not None else 1234
+    methods = {"baseline": SpeculationParams(method=Method.NONE, gamma=0),
+               "speculative": SpeculationParams(options.method, options.gamma, options.gamma_max)}  # fmt: skip
+
+    def streams(n: int, method: str, per_stream: int, max_new_tokens: int) -> list[list[GenerationRequest]]:
+        # Stream k takes the prompts in turn from prompt k; the same (stream, j) gets the same prompt and seed in
+        # both methods, so greedy outputs must match request for request.
+        return [[GenerationRequest(
+                    prompt_ids=prompts[(k + j) % len(prompts)],
+                    max_new_tokens=max_new_tokens,
+                    ignore_eos=True,
+                    sampling=SamplingParams(**{**asdict(options.sampling), "seed": base_seed + k * per_stream + j}),
+                    speculation=methods[method],
+                    request_id=f"c{n}-s{k}-r{j}",
+                 ) for j in range(per_stream)] for k in range(n)]  # fmt: skip
+
+    rss_start, load_start, t_start = _rss_bytes(), os.getloadavg(), time.time()
+    total = 2 * (len(options.concurrency) + 1)
+    done = 0
+    # Warm-up: one short round of each method at the highest concurrency (the batched paths), excluded.
+    warm_n, warm_tokens = max(options.concurrency), max(2, options.max_new_tokens // 4)
+    warmup = {}
+    for name in methods:
+        progress({"event": "start", "phase": "warmup", "method": name, "concurrency": warm_n, "done": done, "total": total,
+                  "message": f"warm-up: {name} at concurrency {warm_n}"})  # fmt: skip
+        warmup[name] = _time_streams(engine, streams(warm_n, name, 1, warm_tokens))["wall_s"]
+        done += 1
+        progress({"event": "done", "phase": "warmup", "done": done, "total": total, "message": f"warm-up {name} done"})
+    levels = []
+    for i, n in enumerate(options.concurrency):
+        order = list(methods) if i % 2 == 0 else list(methods)[::-1]  # alternate: drift hits both alike
+        level = {"concurrency": n, "order": order}
+        for name in order:
+            progress({"event": "start", "phase": "measure", "method": name, "concurrency": n, "done": done,
+                      "total": total, "message": f"concurrency {n}: {name}"})  # fmt: skip
+            level[name] = _time_streams(engine, streams(n, name, options.requests_per_stream, options.max_new_tokens))
+            done += 1
+            progress({"event": "done", "phase": "measure", "method": name, "concurrency": n, "done": done,
+                      "total": total, "tokens_per_s": level[name]["tokens_per_s"],
+                      "message": f"concurrency {n}: {name} {level[name]['tokens_per_s']:.2f} tok/s"})  # fmt: skip
+        levels.append(level)
+    info = engine.info()
+    gamma = options.gamma if options.gamma is not None else (None if options.gamma_max else engine.config.gamma)
+    gamma_max = options.gamma_max or engine.config.gamma_max
+    config = {
+        "target": info["target"],
+        "draft": info["draft"] if options.method == Method.DRAFT else "",
+        "target_dtype": info["target_dtype"],
+        "draft_dtype": info["draft_dtype"] if options.method == Method.DRAFT else "",
+        "device": info["device"],
+        "drafter": options.method.value,
+        "gamma_policy": f"fixed γ={gamma}" if gamma is not None else f"adaptive, γ ≤ {gamma_max}",
+        "concurrency": list(options.concurrency),
+        "requests_per_stream": options.requests_per_stream,
+        "max_new_tokens": options.max_new_tokens,
+        "prompts": len(prompts),
+        "sampling": asdict(options.sampling),
+        "chat_template": bool(options.chat and getattr(engine.tokenizer, "chat_template", None)),
+        "warmup": {"concurrency": warm_n, "max_new_tokens": warm_tokens, "wall_s": warmup},
+        "order": "baseline and speculative alternate first per concurrency level",
+        **_run_environment(t_start, load_start),
+    }
+    report = make_concurrency_report(config, levels, greedy=options.sampling.greedy)
+    report["memory"] = {"rss_bytes_before": rss_start, "rss_bytes_after": _rss_bytes(),
+                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+    progress({"event": "finished", "done": total, "total": total, "message": "concurrency benchmark finished"})
+    return report
+
+
+def make_concurrency_report(config: dict, levels: list[dict], *, greedy: bool) -> dict:
+    """Ratios from the measured levels: speculative ÷ baseline per level, aggregate(N) ÷ aggregate(1) per method."""
+    one = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    rows = []
+    for lv in levels:
+        row = dict(lv)
+        b, s = lv["baseline"], lv["speculative"]
+        row["speedup"] = _ratio(s["tokens_per_s"], b["tokens_per_s"])
+        for name in ("baseline", "speculative"):
+            row[f"{name}_scaling"] = _ratio(lv[name]["tokens_per_s"], one[name]["tokens_per_s"]) if one else None
+        if greedy:
+            row["identical_outputs"] = [r["output_ids"] for r in b["requests_detail"]] == [
+                r["output_ids"] for r in s["requests_detail"]]  # fmt: skip
+        rows.append(row)
+    return {"kind": "concurrency", "config": config, "levels": rows,
+            "identical_outputs": all(r["identical_outputs"] for r in rows) if greedy else None}  # fmt: skip
+
+
+def concurrency_to_markdown(report: dict) -> str:
+    c = report["config"]
+    sampling = c["sampling"]
+    samp = "greedy" if sampling["temperature"] == 0 else f"temperature {sampling['temperature']}, seed {sampling['seed']}"
+    L = ["# specdec concurrency benchmark", "", "## Configuration", "", "| | |", "|---|---|"]
+    L += [
+        f"| target | `{c['target']}` ({c['target_dtype']}) |",
+        f"| draft | `{c['draft']}` ({c['draft_dtype']}) |" if c["draft"] else f"| drafter | {c['drafter']} |",
+        f"| drafter, γ policy | {c['drafter']}, {c['gamma_policy']} |",
+        f"| streams | {', '.join(map(str, c['concurrency']))} at once; each runs {c['requests_per_stream']} requests in turn |",
+        f"| tokens per request | {c['max_new_tokens']} (EOS ignored); {c['prompts']} prompts, stream k starts at prompt k |",
+        f"| sampling | {samp} |",
+        f"| warm-up (excluded) | one round at concurrency {c['warmup']['concurrency']}, {c['warmup']['max_new_tokens']} tokens |",
+        f"| order | {c['order']} |",
+        f"| threads, device | {c['threads']}, {c['device']} |",
+        f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
+        f"| specdec commit | {c.get('specdec_commit') or 'unknown'} |",
+        f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
+        f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
+    ]
+    L += ["", "## Aggregate tokens/s (all streams' tokens ÷ wall time, measured)", ""]
+    L += ["| concurrency | baseline tok/s | speculative tok/s | speculative ÷ baseline | baseline (N) ÷ (1) | speculative (N) ÷ (1) |"
+          + (" greedy outputs identical |" if report["identical_outputs"] is not None else ""),
+          "|---|---|---|---|---|---|" + ("---|" if report["identical_outputs"] is not None else "")]  # fmt: skip
+    for r in report["levels"]:
+        L.append(
+            f"| {r['concurrency']} | {_f(r['baseline']['tokens_per_s'])} | {_f(r['speculative']['tokens_per_s'])} | "
+            f"{_f(r['speedup'], '.2f', '×')} | {_f(r['baseline_scaling'], '.2f', '×')} | {_f(r['speculative_scaling'], '.2f', '×')} |"
+            + (f" {r['identical_outputs']} |" if report["identical_outputs"] is not None else "")
+        )
+    L += ["", "## Latency per request", ""]
+    L += ["| concurrency | method | TTFT p50 (s) | TTFT p99 (s) | inter-token p50 (ms) | inter-token p99 (ms) | requests | tokens | wall (s) | mean batch | α | mean γ |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["levels"]:
+        for name in ("baseline", "speculative"):
+            m = r[name]
+            ms = {k: None if v is None else 1000 * v for k, v in m["itl_s"].items()}
+            L.append(
+                f"| {r['concurrency']} | {name} | {_f(m['ttft_s']['p50'], '.3f')} | {_f(m['ttft_s']['p99'], '.3f')} | "
+                f"{_f(ms['p50'], '.1f')} | {_f(ms['p99'], '.1f')} | {m['requests']} | {m['tokens']} | {_f(m['wall_s'], '.2f')} | "
+                f"{_f(m['mean_batch'], '.2f')} | {_f(m['acceptance_rate'], '.2f') if name == 'speculative' else '–'} | "
+                f"{_f(m['mean_gamma'], '.2f') if name == 'speculative' else '–'} |"
+            )
+    L += ["", "TTFT runs from a request's submission (its stream's previous request finished) to its first token. "
+          "Inter-token latency is per token: the gap between a request's emitting steps ÷ the tokens of that step. "
+          "p99 over few samples is close to the maximum.", ""]  # fmt: skip
+    return "\n".join(L) + "\n"
+
+
+def _run_environment(t_start: float, load_start: tuple[float, float, float]) -> dict:
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "specdec_commit": _git_commit(),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
+        "duration_s": time.time() - t_start,
+        # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 # ---- the report (pure arithmetic on the measurements: unit-tested with synthetic numbers) --------
@@ -774,9 +1021,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--no-chat-template", dest="chat", action="store_false", help="send prompts raw")
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' assisted generation (the peer)")
     b.add_argument("--hf-target-only", action="store_true", help="also run transformers' plain generate on the target")
+    b.add_argument("--concurrency", type=_levels, default=[], metavar="N[,N...]",
+                   help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
+                        "latency per level, baseline and speculative on the same prompts")  # fmt: skip
+    b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
     b.add_argument("--json", dest="json_path", help="write the report as JSON")
     b.add_argument("--plot", dest="plot_path", help="write a PNG chart")
     b.add_argument("--markdown", dest="markdown_path", help="write the Markdown report to a file (default: stdout)")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or any(n < 1 for n in levels):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be integers >= 1, got {text!r}")
+    return levels
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -794,6 +1055,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         hf_target_only=args.hf_target_only,
         hf_draft_dtype=args.hf_draft_dtype,
         chat=args.chat,
+        concurrency=args.concurrency,
+        requests_per_stream=args.requests_per_stream,
     )
 
 
@@ -804,6 +1067,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     options.validate()
+    if options.concurrency and (options.compare_hf or options.hf_target_only or args.plot_path):
+        print("specdec bench: --concurrency runs baseline and speculative only (no --compare-hf, --hf-target-only, --plot)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     target, draft = args.target, args.draft
     if target is None:
         from specdec.fetch import default_pair
@@ -824,13 +1091,17 @@ def run_cli(args: argparse.Namespace) -> int:
     def progress(event: dict) -> None:
         bar.total = event["total"]
         if event["event"] == "start":
-            bar.set_postfix_str(f"{event['phase']} {event['prompt'] + 1}/{event['prompts']} {event['method']}")
+            bar.set_postfix_str(event["message"])
         elif event["event"] == "done":
             bar.update(1)
 
-    report = run_benchmark(engine, options, progress)
+    if options.concurrency:
+        report = run_concurrency(engine, options, progress)
+        md = concurrency_to_markdown(report)
+    else:
+        report = run_benchmark(engine, options, progress)
+        md = to_markdown(report)
     bar.close()
-    md = to_markdown(report)
     if args.markdown_path:
         Path(args.markdown_path).write_text(md, encoding="utf-8")
     else:
