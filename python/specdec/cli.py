@@ -5,6 +5,7 @@
     specdec bench [...]                      the benchmark (see ``specdec.bench``)
     specdec models fetch [ROLE...] | list    the default models
     specdec health                           exit 0 only when the server reports SERVING
+    specdec loadtest --target T [--draft D]  load, faults and fuzz against a server on loopback (bounded)
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ def _add_health(sub) -> None:
     p.set_defaults(func=cmd_health)
 
 
+def _add_loadtest(sub) -> None:
+    from specdec import loadtest
+
+    p = sub.add_parser("loadtest", help="load, faults and fuzz against a server on loopback, bounded in time",
+                       description=loadtest.__doc__.split("\n\n")[0])  # fmt: skip
+    loadtest.add_arguments(p)
+    p.set_defaults(func=loadtest.run_cli)
+
+
 def build_parser(command: str | None = "bench") -> argparse.ArgumentParser:
     """The full parser; the bench subcommand gets its (torch-importing) options only when ``command`` is bench."""
     parser = argparse.ArgumentParser(prog="specdec", description="Exact speculative decoding served over gRPC.")
@@ -158,6 +168,7 @@ def build_parser(command: str | None = "bench") -> argparse.ArgumentParser:
     _add_bench(sub, command == "bench")
     _add_models(sub)
     _add_health(sub)
+    _add_loadtest(sub)
     return parser
 
 
