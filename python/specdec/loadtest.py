@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -623,11 +624,14 @@ def run(args: argparse.Namespace) -> dict:
         rss_bytes={"after_warmup": rss_start, "end": rss_end, "growth": rss_end / rss_start - 1},
         sigterm=term,
     )
+    summary["server_log"] = str(server.log_path)
     summary["ok"] = bool(
         not load.errors and not load.mismatches and not fuzz.bad and healthy and not any(idle_after_load.values())
         and not any(idle_after_fuzz.values()) and term["exit_code"] == 0 and not term["hung"]
         and set(term["outcomes"]) <= {"finished", "UNAVAILABLE"} and summary["rss_bytes"]["growth"] < 0.10
     )  # fmt: skip
+    if summary["ok"]:
+        shutil.rmtree(workdir, ignore_errors=True)  # the server's log is kept only when something failed
     return summary
 
 
@@ -648,7 +652,7 @@ def format_summary(s: dict) -> str:
         f"SIGTERM with {term['in_flight_at_signal']}/{term['streams']} streams in flight: {term['outcomes']}, "
         f"{term['hung']} hung, exit code {term['exit_code']} after {term['exit_s']:.1f} s",
         *(f"  example: {e}" for e in ld["examples"] + fz["examples"]),
-        "result: " + ("OK" if s["ok"] else "FAILED"),
+        "result: " + ("OK" if s["ok"] else f"FAILED (server log: {s['server_log']})"),
     ]
     return "\n".join(lines)
 
