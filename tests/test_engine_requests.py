@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from specdec.detokenizer import Detokenizer
 from specdec.engine import Engine, EngineConfig
 from specdec.models import load_model
 from specdec.params import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
-from specdec.policy import StepCosts, analytic_bound, choose_gamma, expected_tokens
+from specdec.policy import AcceptanceEstimate, StepCosts, analytic_bound, choose_gamma, expected_tokens
 
 PROMPT = "Emoji: 🚀🔥 and math"
 
@@ -149,3 +150,20 @@ def test_policy_bound_and_choice():
         costs.record_target(m, 1.0 if m <= 8 else m / 8)
     assert choose_gamma([0.8], 0.05, costs.target_cost, 8) == 7
     assert choose_gamma([0.8] * 8, 0.05, costs.target_cost, 8) == 0
+
+
+@pytest.mark.parametrize("true_alpha", [0.5, 0.8, 0.95])
+def test_acceptance_estimate_is_unbiased_under_truncation(true_alpha):
+    """Steps stop at the first rejection. The estimate must recover α anyway; accepted ÷ proposed must not
+    (the negative control: it is the biased estimator the policy used to have)."""
+    rng = np.random.default_rng(0)
+    est = AcceptanceEstimate(prior_weight=1e-9, decay=1.0)
+    proposed_total = accepted_total = 0
+    for _ in range(20000):
+        accepted = 0
+        while accepted < 8 and rng.random() < true_alpha:
+            accepted += 1
+        est.update(8, accepted)
+        proposed_total, accepted_total = proposed_total + 8, accepted_total + accepted
+    assert est.alpha == pytest.approx(true_alpha, abs=0.01)
+    assert abs(accepted_total / proposed_total - true_alpha) > 0.05

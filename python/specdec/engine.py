@@ -62,6 +62,7 @@ class SequenceMetrics:
     completion_tokens: int = 0
     proposed: int = 0
     accepted: int = 0
+    tested: int = 0  # drafts whose acceptance was decided: the accepted ones plus the first rejected one
     verify_steps: int = 0
     step_tokens: int = 0  # accepted + 1 per verify step, before any truncation by stops
     per_position_proposed: list[int] = field(default_factory=list)
@@ -76,6 +77,11 @@ class SequenceMetrics:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-position acceptance probability (what E(α, γ) takes); acceptance_rate is lower when γ truncates."""
+        return self.accepted / self.tested if self.tested else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -101,6 +107,7 @@ class SequenceMetrics:
             self.per_position_accepted[i] += int(i < accepted)
         self.proposed += proposed
         self.accepted += accepted
+        self.tested += accepted + (accepted < proposed)
 
 
 class Sequence:

@@ -74,20 +74,27 @@ def _nearest_below(table: dict[int, Ema], key: int) -> float | None:
 
 
 class AcceptanceEstimate:
-    """α from recent proposals, with a prior so that the first steps speculate and with decay to track drift."""
+    """α, the per-position acceptance probability, from recent verify steps.
+
+    A step stops at its first rejection, so the drafts after it are never tested: accepted ÷ proposed
+    underestimates α (true α = 0.8 at γ = 8 gives about 0.42). Each step instead counts its accepted drafts
+    as successes and its one rejection, if any, as a failure, the maximum-likelihood estimate for this
+    truncated geometric. A prior makes the first steps speculate; decay tracks drift.
+    """
 
     def __init__(self, prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.85) -> None:
         self.accepted = prior * prior_weight
-        self.proposed = prior_weight
+        self.tested = prior_weight
         self.decay = decay
 
     def update(self, proposed: int, accepted: int) -> None:
+        """One verify step that proposed ``proposed`` drafts and accepted the first ``accepted`` of them."""
         self.accepted = self.accepted * self.decay + accepted
-        self.proposed = self.proposed * self.decay + proposed
+        self.tested = self.tested * self.decay + accepted + (accepted < proposed)
 
     @property
     def alpha(self) -> float:
-        return self.accepted / self.proposed
+        return self.accepted / self.tested
 
 
 def choose_gamma(
