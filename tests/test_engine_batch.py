@@ -100,3 +100,20 @@ def test_greedy_beside_sampled_with_a_longer_gamma(engines):
     assert len(finished) == 2
     for s in finished:
         assert s.output_ids == ref[id(s.request)]
+
+
+def test_extreme_but_valid_filters_do_not_fail_the_batch(engines):
+    """top_p 1e-300 and min_p just below 1 are valid; rounded to float32 they became 0 and 1, the kernel refused
+    them and the whole batch failed (found by the reliability fuzz)."""
+    engine = engines["other"]
+    extreme = [SamplingParams(temperature=0.7, top_p=1e-300, seed=1), SamplingParams(temperature=0.7, min_p=1 - 1e-11, seed=2),
+               SamplingParams(temperature=1e-300, seed=3)]  # fmt: skip
+    reqs = [GenerationRequest(engine.encode(PROMPTS[i]), 6, ignore_eos=True, sampling=s, speculation=SpeculationParams(gamma=2))
+            for i, s in enumerate(extreme)]  # fmt: skip
+    greedy = GenerationRequest(engine.encode(PROMPTS[3]), 6, ignore_eos=True)
+    finished = list(together(engine, [*reqs, greedy], stagger=False))
+    assert len(finished) == 4 and all(len(s.output_ids) == 6 for s in finished)
+    # top_p → 0 and min_p → 1 keep only the most likely token: the output is the greedy one
+    for s in finished[:2]:
+        plain = GenerationRequest(s.request.prompt_ids, 6, ignore_eos=True, speculation=SpeculationParams(method=Method.NONE))
+        assert s.output_ids == alone(engine, plain)

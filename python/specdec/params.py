@@ -36,12 +36,15 @@ class FinishReason(str, Enum):
 
 
 def stack_filters(samplings: list[SamplingParams]) -> dict[str, np.ndarray]:
-    """Per-row kernel processing arguments for a batch of requests."""
+    """Per-row kernel processing arguments for a batch of requests.
+
+    Floats stay float64, as validated and as the kernels take them: float32 would round a valid top_p of 1e-300
+    to 0 and a min_p of 0.99999999999 to 1, which the kernel rejects, failing every request of the batch."""
     return {
-        "temperature": np.array([s.temperature for s in samplings], dtype=np.float32),
+        "temperature": np.array([s.temperature for s in samplings], dtype=np.float64),
         "top_k": np.array([s.top_k for s in samplings], dtype=np.int32),
-        "top_p": np.array([s.top_p for s in samplings], dtype=np.float32),
-        "min_p": np.array([s.min_p for s in samplings], dtype=np.float32),
+        "top_p": np.array([s.top_p for s in samplings], dtype=np.float64),
+        "min_p": np.array([s.min_p for s in samplings], dtype=np.float64),
     }
 
 
