@@ -17,13 +17,14 @@ from specdec.params import Method, SamplingParams
 # ---- synthetic measurements ---------------------------------------------------------------------
 
 
-def run(n, ttft, wall, *, proposed=0, accepted=0, steps=None, c=None, ids=None, pp=None, pa=None):
+def run(n, ttft, wall, *, proposed=0, accepted=0, tested=None, steps=None, c=None, ids=None, pp=None, pa=None):
     r = bench._rates(n, ttft, wall)
     r.update(
         output_ids=ids if ids is not None else list(range(n)),
         text="",
         proposed=proposed,
         accepted=accepted,
+        tested=tested if tested is not None else accepted,
         verify_steps=steps if steps is not None else n,
         per_position_proposed=pp or [],
         per_position_accepted=pa or [],
@@ -54,7 +55,8 @@ def synthetic(accepted=(8, 8, 8), spec_decode_s=(2.0, 5.0, 4.0), warm_spec_decod
         entry(0, "warmup", run(11, 9.0, 9.0 + 100.0), run(11, 0.0, warm_spec_decode_s, proposed=10, accepted=10, c=0.5))
     ]
     for i, (bd, sd, a) in enumerate(zip(base_decode_s, spec_decode_s, accepted), start=1):
-        spec = run(11, 0.5, 0.5 + sd, proposed=10, accepted=a, steps=4, c=0.25 + 0.05 * (i - 2),
+        # Two of the four steps ended in a rejection: 2 more drafts tested than accepted.
+        spec = run(11, 0.5, 0.5 + sd, proposed=10, accepted=a, tested=min(a + 2, 10), steps=4, c=0.25 + 0.05 * (i - 2),
                    ids=ids[i - 1] if ids else None, pp=[4, 3, 3], pa=[3, 3, a - 6])  # fmt: skip
         hf_runs = (run(11, 0.5, 0.5 + 2 * sd), run(11, 0.5, 0.5 + bd)) if hf else None
         results.append(entry(i, "measure", run(11, 0.5, 0.5 + bd), spec, hf_runs))
@@ -130,6 +132,18 @@ def test_acceptance_summaries_pool_counts():
     assert s["mean_accepted_length"] == pytest.approx(33 / 12)
     # positions: proposed 4,3,3 per prompt; accepted 3,3,(a−6)
     assert s["per_position_acceptance"] == pytest.approx([9 / 12, 9 / 9, 9 / 9])
+
+
+def test_bound_takes_alpha_over_tested_drafts_not_over_proposed():
+    # Each prompt: 10 drafts proposed, 4 accepted, then one rejection ended the step; 5 never tested.
+    results = synthetic()
+    for e in results:
+        e["speculative"].update(proposed=10, accepted=4, tested=5)
+    report = bench.make_report(CONFIG, results, greedy=True)
+    s = report["speculative"]
+    assert s["acceptance_rate"] == pytest.approx(0.4) and s["alpha"] == pytest.approx(0.8)
+    assert report["analytic_bound"] == pytest.approx(bench.analytic_bound(0.8, 4, report["c"]))
+    assert report["analytic_bound"] != pytest.approx(bench.analytic_bound(0.4, 4, report["c"]))
 
 
 def test_identical_outputs_and_hf_ratios():
@@ -227,8 +241,8 @@ def test_tiny_model_report_is_its_own_measurements(tiny_engine, tmp_path):
     assert report["speedup"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["baseline"]["decode_tokens_per_s"])
     assert report["speedup_vs_hf"] == pytest.approx(report["speculative"]["decode_tokens_per_s"] / report["hf_assisted"]["decode_tokens_per_s"])
     # The bound, from the reported α, γ and c.
-    alpha = sum(r["speculative"]["accepted"] for r in rows) / sum(r["speculative"]["proposed"] for r in rows)
-    assert report["speculative"]["acceptance_rate"] == pytest.approx(alpha)
+    alpha = sum(r["speculative"]["accepted"] for r in rows) / sum(r["speculative"]["tested"] for r in rows)
+    assert report["speculative"]["alpha"] == pytest.approx(alpha)
     c = report["c"]
     assert c == pytest.approx(statistics.median(r["c"] for r in rows)) and c > 0
     assert report["analytic_bound"] == pytest.approx((1 - alpha**4) / (1 - alpha) / (3 * c + 1))

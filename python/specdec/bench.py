@@ -191,6 +191,7 @@ def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
             text=s.text,
             proposed=m.proposed,
             accepted=m.accepted,
+            tested=m.tested,
             verify_steps=m.verify_steps,
             per_position_proposed=list(m.per_position_proposed),
             per_position_accepted=list(m.per_position_accepted),
@@ -663,6 +664,7 @@ def _summary(runs: list[dict]) -> dict:
 def _acceptance(runs: list[dict]) -> dict:
     proposed = sum(r["proposed"] for r in runs)
     accepted = sum(r["accepted"] for r in runs)
+    tested = sum(r["tested"] for r in runs)
     steps = sum(r["verify_steps"] for r in runs)
     tokens = sum(r["tokens"] for r in runs)
     width = max((len(r["per_position_proposed"]) for r in runs), default=0)
@@ -670,6 +672,8 @@ def _acceptance(runs: list[dict]) -> dict:
     pa = [sum(r["per_position_accepted"][i] for r in runs if i < len(r["per_position_accepted"])) for i in range(width)]
     return {
         "acceptance_rate": accepted / proposed if proposed else 0.0,
+        # α of E(α, γ): a step stops at its first rejection, so only the drafts up to it were tested.
+        "alpha": accepted / tested if tested else 0.0,
         # Tokens emitted per target verify step, bonus included (the engine's definition). With ignore_eos
         # and no stop strings nothing is truncated, so this is generated tokens ÷ verify steps.
         "mean_accepted_length": tokens / steps if steps else 0.0,
@@ -711,7 +715,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
         if "hf_assisted" in e:
             row["speedup_vs_hf"] = _ratio(spec["decode_tokens_per_s"], e["hf_assisted"]["decode_tokens_per_s"])
         row["c"] = spec["c"]
-        row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["acceptance_rate"], row["c"], gamma, gamma_max)
+        row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["alpha"], row["c"], gamma, gamma_max)
         row["efficiency"] = _ratio(row["speedup"], row["analytic_bound"])
         row["verify_step_s"] = spec["target_s"] / spec["verify_steps"] if spec["verify_steps"] else None
         row["target_decode_step_s"] = base["decode_s"] / (base["tokens"] - base["first_tokens"])
@@ -745,7 +749,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
             report["baseline"]["decode_tokens_per_s"], report["hf_target_only"]["decode_tokens_per_s"]
         )
     report["c"] = _median([r["c"] for r in spec_runs])
-    alpha = report["speculative"]["acceptance_rate"]
+    alpha = report["speculative"]["alpha"]
     report["analytic_bound"], report["bound_gamma"] = bound_for(alpha, report["c"], gamma, gamma_max)
     report["expected_tokens_per_step"] = expected_tokens(alpha, report["bound_gamma"]) if report["bound_gamma"] is not None else None
     report["efficiency"] = _ratio(report["speedup"], report["analytic_bound"])
@@ -827,7 +831,8 @@ def to_markdown(report: dict) -> str:
         L.append(f"| HF assisted ÷ baseline | {_f(report['hf_assisted_speedup'], '.3f', '×')} |")
     if hft:
         L.append(f"| baseline ÷ HF target-only (is the baseline fair?) | {_f(report['baseline_vs_hf_target_only'], '.3f', '×')} |")
-    L.append(f"| acceptance rate α | {_f(s['acceptance_rate'], '.3f')} ({s['accepted']}/{s['proposed']}) |")
+    L.append(f"| acceptance rate (accepted ÷ proposed) | {_f(s['acceptance_rate'], '.3f')} ({s['accepted']}/{s['proposed']}) |")
+    L.append(f"| α (accepted ÷ tested, the bound's) | {_f(s['alpha'], '.3f')} |")
     L.append(f"| mean accepted length (tokens per verify step) | {_f(s['mean_accepted_length'], '.2f')} |")
     L.append(f"| mean γ (drafts per decode step) | {_f(s['mean_gamma'], '.2f')} |")
     L.append("| per-position acceptance | " + ", ".join(f"{x:.2f}" for x in s["per_position_acceptance"]) + " |")
