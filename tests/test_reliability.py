@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import os
 
-import grpc
 import pytest
 from server_fixtures import ControlledEngine, ServerThread, load_engine, test_config, wait_until
 
 from specdec import loadtest
 from specdec.params import Method
-from specdec.v1 import specdec_pb2 as pb
 
 MAX_MESSAGE_BYTES = 64 << 10
 METHODS = ("none", "ngram", "draft")
@@ -90,7 +88,7 @@ def test_faults_cancel_deadline_disconnect_leave_nothing_behind(slow_srv, slow_r
     after = served(slow_srv, "cancelled") + served(slow_srv, "deadline")
     assert after - before == stats.cancels + stats.deadlines + stats.disconnects, stats
     # and it still answers correctly
-    r = slow_srv.stub().Generate(loadtest._greedy(loadtest.PROMPTS[0], 8), timeout=30)
+    r = slow_srv.stub().Generate(loadtest.greedy_request(loadtest.PROMPTS[0], 8), timeout=30)
     assert list(r.token_ids) == slow_ref.outputs[loadtest.PROMPTS[0]]
 
 
@@ -132,7 +130,7 @@ def test_fuzzed_requests_get_ok_or_a_client_error_and_the_server_stays_healthy(s
     assert {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} <= set(stats.outcomes), stats.outcomes
     assert loadtest.health(srv.address) == "SERVING"
     assert_clean(srv)
-    r = srv.stub().Generate(loadtest._greedy(loadtest.PROMPTS[1], 16), timeout=30)
+    r = srv.stub().Generate(loadtest.greedy_request(loadtest.PROMPTS[1], 16), timeout=30)
     assert list(r.token_ids) == ref.outputs[loadtest.PROMPTS[1]]
 
 

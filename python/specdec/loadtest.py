@@ -101,8 +101,8 @@ class Reference:
 # ---- references and load ------------------------------------------------------------------------
 
 
-def _greedy(prompt: str, n: int, method: str = "none", **kw) -> pb.GenerateRequest:
-    return build_request(prompt, max_new_tokens=n, temperature=0.0, ignore_eos=True, method=method, **kw)
+def greedy_request(prompt: str, n: int, method: str = "none") -> pb.GenerateRequest:
+    return build_request(prompt, max_new_tokens=n, temperature=0.0, ignore_eos=True, method=method)
 
 
 def reference(address: str, *, max_new_tokens: int, long_tokens: int, prompts: list[str] = PROMPTS,
@@ -110,9 +110,9 @@ def reference(address: str, *, max_new_tokens: int, long_tokens: int, prompts: l
     """Each prompt alone (nothing else in flight), greedy and target-only."""
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.SpecDecodeStub(ch)
-        outputs = {p: list(stub.Generate(_greedy(p, max_new_tokens), timeout=timeout_s).token_ids) for p in prompts}
+        outputs = {p: list(stub.Generate(greedy_request(p, max_new_tokens), timeout=timeout_s).token_ids) for p in prompts}
         t0 = time.perf_counter()
-        stub.Generate(_greedy(prompts[0], long_tokens), timeout=timeout_s)
+        stub.Generate(greedy_request(prompts[0], long_tokens), timeout=timeout_s)
         long_s = time.perf_counter() - t0
     return Reference(outputs, max_new_tokens, long_tokens, long_s)
 
@@ -162,7 +162,7 @@ def _client_loop(address: str, ref: Reference, methods: tuple[str, ...], faults:
 
 def _checked(stub, action: str, prompt: str, k: int, method: str, ref: Reference, timeout_s: float,
              stats: LoadStats) -> None:  # fmt: skip
-    request = _greedy(prompt, k, method)
+    request = greedy_request(prompt, k, method)
     if action == "unary":
         r = stub.Generate(request, timeout=timeout_s)
         ids, n = list(r.token_ids), r.summary.usage.completion_tokens
@@ -187,7 +187,7 @@ def _fault(stub, action: str, prompt: str, method: str, ref: Reference, rng: ran
         timeout = ref.long_s * rng.uniform(*DEADLINE_FRACTION)
     else:
         timeout, cancel_after = timeout_s, rng.randint(1, 4)
-    call = stub.GenerateStream(_greedy(prompt, ref.long_tokens, method), timeout=timeout)
+    call = stub.GenerateStream(greedy_request(prompt, ref.long_tokens, method), timeout=timeout)
     chunks = 0
     try:
         for m in call:
@@ -213,7 +213,7 @@ def _disconnect(address: str, prompt: str, method: str, ref: Reference, rng: ran
     ch = grpc.insecure_channel(address)
     close_after, chunks = rng.randint(1, 3), 0
     try:
-        for m in pb_grpc.SpecDecodeStub(ch).GenerateStream(_greedy(prompt, ref.long_tokens, method), timeout=600):
+        for m in pb_grpc.SpecDecodeStub(ch).GenerateStream(greedy_request(prompt, ref.long_tokens, method), timeout=600):
             if m.HasField("summary"):
                 stats.served += 1
                 return
@@ -513,7 +513,8 @@ def sigterm_under_load(server: ServerProcess, ref: Reference, streams: int, time
         n = ref.max_new_tokens if i % 2 == 0 else ref.long_tokens
         try:
             with grpc.insecure_channel(server.address) as ch:
-                for m in pb_grpc.SpecDecodeStub(ch).GenerateStream(_greedy(PROMPTS[i % len(PROMPTS)], n), timeout=timeout_s):
+                request = greedy_request(PROMPTS[i % len(PROMPTS)], n)
+                for m in pb_grpc.SpecDecodeStub(ch).GenerateStream(request, timeout=timeout_s):
                     started[i].set()
                     if m.HasField("summary"):
                         finished_before_signal[i] = not signalled.is_set()
