@@ -603,7 +603,7 @@ def concurrency_to_markdown(report: dict) -> str:
             + (f" {r['identical_outputs']} |" if report["identical_outputs"] is not None else "")
         )
     L += ["", "## Latency per request", ""]
-    L += ["| concurrency | method | TTFT p50 (s) | TTFT p99 (s) | inter-token p50 (ms) | inter-token p99 (ms) | requests | tokens | wall (s) | mean batch | α | mean γ |",
+    L += ["| concurrency | method | TTFT p50 (s) | TTFT p99 (s) | inter-token p50 (ms) | inter-token p99 (ms) | requests | tokens | wall (s) | mean batch | accepted ÷ proposed | mean γ |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["levels"]:
         for name in ("baseline", "speculative"):
