@@ -5,7 +5,7 @@
     specdec bench [...]                      the benchmark (see ``specdec.bench``)
     specdec models fetch [ROLE...] | list    the default models
     specdec health                           exit 0 only when the server reports SERVING
-    specdec loadtest --target T [--draft D]  load, faults and fuzz against a server on loopback (bounded)
+    specdec loadtest [--target T --draft D]  load, faults and fuzz against a server on loopback (bounded)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     specdec loadtest --target T --draft D --duration 60 --clients 8 --fuzz-cases 2000
 
-The command starts ``specdec serve`` with the given models as a subprocess on 127.0.0.1 and then:
+The command starts ``specdec serve`` with the given models (default: the default pair) as a subprocess on 127.0.0.1 and then:
 1. references: each prompt alone, greedy and target-only (every greedy output under load must be a prefix of
    its reference), timing one long request alone to size the deadlines;
 2. load: ``--clients`` clients, each on its own channel, for ``--duration`` seconds. Most requests are checked
@@ -436,13 +436,14 @@ class ServerProcess:
     log_path: Path
 
 
-def spawn_server(target: str, draft: str | None, extra: list[str], workdir: Path, timeout_s: float = 600.0) -> ServerProcess:
-    """``specdec serve`` on 127.0.0.1 (ports picked by the OS); returns once health says SERVING."""
+def spawn_server(target: str | None, draft: str | None, extra: list[str], workdir: Path,
+                 timeout_s: float = 600.0) -> ServerProcess:  # fmt: skip
+    """``specdec serve`` on 127.0.0.1 (ports picked by the OS; no target: the default pair); returns once SERVING."""
     port_file, out, log = workdir / "port", workdir / "serve.out", workdir / "serve.log"
-    cmd = [sys.executable, "-m", "specdec.cli", "serve", "--target", target, "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--port-file", str(port_file), "--log-level", "warning", *extra]  # fmt: skip
-    if draft:
-        cmd += ["--draft", draft]
+    cmd = [sys.executable, "-m", "specdec.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+           "--port-file", str(port_file), "--log-level", "warning", *extra]  # fmt: skip
+    cmd += ["--target", target] if target else []
+    cmd += ["--draft", draft] if draft else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                                    os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     # Files, not pipes: a full pipe would block the server.
@@ -553,8 +554,8 @@ def sigterm_under_load(server: ServerProcess, ref: Reference, streams: int, time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="target model (directory, .gguf or hub id)")
-    p.add_argument("--draft", help="draft model (without it the server uses the n-gram drafter)")
+    p.add_argument("--target", help="target model: directory, .gguf or hub id (default: the default pair, as serve)")
+    p.add_argument("--draft", help="draft model (with --target; without one the server uses the n-gram drafter)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for specdec serve (repeatable), e.g. --serve-arg=--dtype=bfloat16")  # fmt: skip
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
@@ -659,6 +660,9 @@ def format_summary(s: dict) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.draft and not args.target:
+        print("specdec loadtest: --draft needs --target", file=sys.stderr)
+        return 2
     if args.clients < 1 or args.duration <= 0 or args.max_new_tokens < 1 or args.long_tokens < 1:
         print("specdec loadtest: --clients, --duration, --max-new-tokens and --long-tokens must be positive", file=sys.stderr)
         return 2
