@@ -117,3 +117,36 @@ def test_extreme_but_valid_filters_do_not_fail_the_batch(engines):
     for s in finished[:2]:
         plain = GenerationRequest(s.request.prompt_ids, 6, ignore_eos=True, speculation=SpeculationParams(method=Method.NONE))
         assert s.output_ids == alone(engine, plain)
+
+
+@pytest.mark.parametrize("rows", [1, 3])  # one row's caches grow in place; batched rows get new ones
+@pytest.mark.parametrize("where", ["_verify", "_emit"])
+def test_recover_after_a_failed_step_keeps_the_output_exact(engines, monkeypatch, where, rows):
+    """A step that raises after its forwards grew the caches: recover() drops that, and the next steps give
+    exactly the output of an undisturbed run (greedy, batched)."""
+    engine = engines["other"]
+    reqs = requests(engine, spec=lambda i: SpeculationParams(gamma=3))[:rows]
+    expected = [alone(engine, r) for r in reqs]
+    seqs = [engine.start(r) for r in reqs]
+    engine.step_batch(seqs)
+    engine.step_batch(seqs)
+    original = getattr(engine, where)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine, where, broken)
+    lengths = [len(s.all_ids) for s in seqs]
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step_batch(seqs)
+    monkeypatch.setattr(engine, where, original)
+    assert [len(s.all_ids) for s in seqs] == lengths  # nothing emitted by the failed step
+    # Between healthy steps both counts are len(all_ids) - 1; the failure must have broken that to mean anything.
+    valid = [len(s.all_ids) - 1 for s in seqs]
+    dirty = [s.target_cache.get_seq_length() != v or s.target_len != v or s.draft_len > v for s, v in zip(seqs, valid)]
+    assert all(dirty)
+    for s in seqs:
+        engine.recover(s)
+    while not all(s.finished for s in seqs):
+        engine.step_batch([s for s in seqs if not s.finished])
+    assert [list(s.output_ids) for s in seqs] == expected

@@ -327,6 +327,33 @@ def test_engine_failure_is_internal_with_request_id_and_server_keeps_serving(tin
         srv.close()
 
 
+def test_a_request_that_breaks_the_batch_step_fails_alone(tiny_dirs, reference_engine):
+    """Three requests stepped together; one makes every step it is in raise. Only that one gets INTERNAL; the
+    others, retried alone and then batched again, finish with exactly their reference output."""
+    engine = ControlledEngine(load_engine(tiny_dirs))
+    engine.fail_ids.add("explode-2")
+    srv = ServerThread(test_config(max_running=4), engine=engine)
+    try:
+        stub = srv.stub()
+        engine.gate.clear()
+        first = stub.Generate.future(request(PROMPTS[0], 12, request_id="fine-1"), timeout=30)
+        assert wait_until(lambda: engine.step_calls >= 1, 10)  # fine-1's first step is held at the gate
+        bad = stub.Generate.future(request(PROMPTS[1], 12, request_id="explode-2"), timeout=30)
+        third = stub.Generate.future(request(PROMPTS[3], 12, request_id="fine-3"), timeout=30)
+        assert wait_until(lambda: srv.scheduler.waiting == 2, 10)
+        engine.gate.set()
+        with pytest.raises(grpc.RpcError) as e:
+            bad.result(30)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "explode-2" in e.value.details()
+        assert list(first.result(30).token_ids) == reference(reference_engine, PROMPTS[0], 12)[0]
+        assert list(third.result(30).token_ids) == reference(reference_engine, PROMPTS[3], 12)[0]
+        assert wait_until(srv.idle, 5)
+        assert _seq(engine, "explode-2").target_cache is None
+    finally:
+        engine.gate.set()
+        srv.close()
+
+
 # ---- metrics ------------------------------------------------------------------------------------
 
 

@@ -263,6 +263,20 @@ class Engine:
         self.release(seq)
         return StepOutput([], "", None, True, seq.finish_reason, seq.matched_stop)
 
+    def recover(self, seq: Sequence) -> None:
+        """After a step that raised: drop what it did to the caches, so the sequence can step again.
+
+        Between steps both caches hold a prefix of ``all_ids`` short of its last token (the next step's first
+        input). A failed step may have grown them with drafts, or advanced ``target_len`` before emitting;
+        cropping back to that invariant makes the next step redo the work.
+        """
+        valid = len(seq.all_ids) - 1
+        if seq.target_cache is not None and seq.target_len > 0:
+            seq.target_len = min(seq.target_len, valid)
+            seq.target_cache.crop(seq.target_len)
+        if seq.draft_cache is not None and seq.draft_len > valid:
+            seq.drafter.rollback(seq, valid)
+
     def release(self, seq: Sequence) -> None:
         seq.target_cache = seq.draft_cache = None
         seq.target_len = seq.draft_len = 0

@@ -28,10 +28,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from specdec.convert import Completion, ParsedRequest, engine_message
 from specdec.params import FinishReason
+
+if TYPE_CHECKING:
+    from specdec.engine import StepOutput
 
 log = logging.getLogger("specdec.scheduler")
 
@@ -324,19 +327,15 @@ class Scheduler:
         with self._cv:
             batch = list(self._running)
         t0 = time.perf_counter()
-        try:
-            outs = self.engine.step_batch([h.seq for h in batch])
-        except Exception as e:
-            ids = ", ".join(h.request_id for h in batch)
-            log.exception("engine step failed for requests %s", ids)
-            self._fail(batch, f"{type(e).__name__} in the engine step of request(s) {ids}")
-            return
+        outs = self._step_isolating(batch)
         now = time.perf_counter()
         dt = now - t0
         self.steps += 1
         self._step_s_ema = dt if self._step_s_ema is None else 0.8 * self._step_s_ema + 0.2 * dt
         finished = []
         for h, out in zip(batch, outs):
+            if out is None:
+                continue  # failed, and already answered
             n = len(out.token_ids)
             if n:
                 if h.first_token_at is None:
@@ -356,6 +355,32 @@ class Scheduler:
                 self._running = [h for h in self._running if h not in finished]
             for h in finished:
                 self._complete(h, h.seq.finish_reason or FinishReason.LENGTH)
+
+    def _step_isolating(self, batch: list[Handle]) -> list[StepOutput | None]:
+        """One engine step for the batch. If it raises, each request steps alone, so that a request that breaks
+        the engine fails by itself instead of taking the rest of its batch with it. None marks a failed request."""
+        emitted = [len(h.seq.all_ids) for h in batch]
+        try:
+            return self.engine.step_batch([h.seq for h in batch])
+        except Exception as e:
+            ids = ", ".join(h.request_id for h in batch)
+            log.exception("engine step failed for requests %s", ids)
+            if len(batch) == 1:
+                self._fail(batch, f"{type(e).__name__} in the engine step of request {ids}")
+                return [None]
+        outs: list[StepOutput | None] = []
+        for h, before in zip(batch, emitted):
+            try:
+                if len(h.seq.all_ids) != before:
+                    # The failed step already appended tokens that the client never received: no clean retry.
+                    raise RuntimeError("the failed batch step had already emitted tokens for it")
+                self.engine.recover(h.seq)
+                outs.append(self.engine.step_batch([h.seq])[0])
+            except Exception as e:
+                log.exception("engine step failed for request %s stepped alone", h.request_id)
+                self._fail([h], f"{type(e).__name__} in the engine step of request {h.request_id}")
+                outs.append(None)
+        return outs
 
     def _fail(self, batch: list[Handle], message: str) -> None:
         with self._cv:
