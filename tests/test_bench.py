@@ -353,6 +353,18 @@ def test_concurrency_report_counts_every_token_and_its_ratios_are_the_measured_o
     assert "| 4 | speculative |" in md and "speculative ÷ baseline" in md and "TTFT p99" in md
 
 
+def test_concurrency_identity_matches_requests_by_id_not_by_finishing_order():
+    def level(order, outputs):
+        detail = [{"request_id": rid, "output_ids": outputs[rid]} for rid in order]
+        return {"tokens_per_s": 1.0, "requests_detail": detail}
+
+    same = {"a": [1, 2], "b": [3, 4]}
+    levels = [{"concurrency": 1, "baseline": level("ab", same), "speculative": level("ba", same)}]
+    assert bench.make_concurrency_report({}, levels, greedy=True)["identical_outputs"] is True
+    levels[0]["speculative"] = level("ba", {"a": [1, 2], "b": [3, 5]})
+    assert bench.make_concurrency_report({}, levels, greedy=True)["identical_outputs"] is False
+
+
 def test_concurrency_arguments(tmp_path):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
