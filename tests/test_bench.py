@@ -30,6 +30,7 @@ def run(n, ttft, wall, *, proposed=0, accepted=0, tested=None, steps=None, c=Non
         per_position_accepted=pa or [],
         draft_s=0.1,
         target_s=1.0,
+        prefill_s=0.5,
         kernel_s=0.01,
         other_s=0.01,
         c=c,
@@ -110,6 +111,8 @@ def test_bound_formula_at_fixed_gamma():
     assert report["expected_tokens_per_step"] == pytest.approx(3.3616)
     assert report["analytic_bound"] == pytest.approx(1.6808)
     assert report["efficiency"] == pytest.approx(1.25 / 1.6808)
+    # target_s 1.0 per prompt over its 4 steps, the first of which is the prefill (timed in prefill_s)
+    assert report["verify_step_s"] == pytest.approx(3.0 / 9) and report["per_prompt"][0]["verify_step_s"] == pytest.approx(1 / 3)
     row = report["per_prompt"][0]  # α 0.8, c 0.2
     assert row["analytic_bound"] == pytest.approx(3.3616 / 1.8)
 
@@ -271,6 +274,8 @@ def test_tiny_model_identical_draft_accepts_everything(tiny_dirs):
     assert s["acceptance_rate"] == 1.0 and s["per_position_acceptance"] == [1.0] * 4
     # 11 tokens: the prefill step emits 1, then two steps of 5: three verify steps.
     assert s["verify_steps"] == 3 and s["mean_accepted_length"] == pytest.approx(11 / 3)
+    # The prefill is timed apart: the verify cost is target time over the two decode steps only.
+    assert s["prefill_s"] > 0 and report["verify_step_s"] == pytest.approx(s["target_s"] / 2)
     assert report["bound_gamma"] == 4
     assert report["analytic_bound"] == pytest.approx(5 / (4 * report["c"] + 1))
     assert report["identical_outputs"] is True

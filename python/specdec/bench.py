@@ -197,6 +197,7 @@ def _time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
             per_position_accepted=list(m.per_position_accepted),
             draft_s=m.draft_s,
             target_s=m.target_s,
+            prefill_s=m.prefill_s,
             kernel_s=m.kernel_s,
             other_s=m.other_s,
         )
@@ -721,7 +722,8 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
         row["c"] = spec["c"]
         row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["alpha"], row["c"], gamma, gamma_max)
         row["efficiency"] = _ratio(row["speedup"], row["analytic_bound"])
-        row["verify_step_s"] = spec["target_s"] / spec["verify_steps"] if spec["verify_steps"] else None
+        # target_s holds verify forwards only; every request's first step is its prefill.
+        row["verify_step_s"] = spec["target_s"] / (spec["verify_steps"] - 1) if spec["verify_steps"] > 1 else None
         row["target_decode_step_s"] = base["decode_s"] / (base["tokens"] - base["first_tokens"])
         if greedy:
             row["identical"] = spec["output_ids"] == base["output_ids"]
@@ -735,6 +737,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     report["speculative"].update(_acceptance(spec_runs))
     report["speculative"]["draft_s"] = sum(r["draft_s"] for r in spec_runs)
     report["speculative"]["target_s"] = sum(r["target_s"] for r in spec_runs)
+    report["speculative"]["prefill_s"] = sum(r["prefill_s"] for r in spec_runs)
     report["speculative"]["kernel_s"] = sum(r["kernel_s"] for r in spec_runs)
     report["speculative"]["other_s"] = sum(r["other_s"] for r in spec_runs)
     has_hf_plain = bool(measured) and "hf_target_only" in measured[0]
@@ -758,7 +761,8 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     report["expected_tokens_per_step"] = expected_tokens(alpha, report["bound_gamma"]) if report["bound_gamma"] is not None else None
     report["efficiency"] = _ratio(report["speedup"], report["analytic_bound"])
     verify_steps = sum(r["verify_steps"] for r in spec_runs)
-    report["verify_step_s"] = report["speculative"]["target_s"] / verify_steps if verify_steps else None
+    decode_steps = verify_steps - len(spec_runs)  # each request's first step is its prefill, not a verify
+    report["verify_step_s"] = report["speculative"]["target_s"] / decode_steps if decode_steps > 0 else None
     base_decode_tokens = sum(r["tokens"] - r["first_tokens"] for r in base_runs)
     report["target_decode_step_s"] = sum(r["decode_s"] for r in base_runs) / base_decode_tokens if base_decode_tokens else None
     if greedy:

@@ -70,7 +70,8 @@ class SequenceMetrics:
     first_step_at: float | None = None
     first_token_at: float | None = None
     draft_s: float = 0.0
-    target_s: float = 0.0
+    target_s: float = 0.0  # verify forwards; the first step's prefill is counted apart, in prefill_s
+    prefill_s: float = 0.0
     kernel_s: float = 0.0
     other_s: float = 0.0
 
@@ -373,7 +374,10 @@ class Engine:
             m.step_tokens += n + 1
             outs.append(self._emit(s, [int(t) for t in tokens[i, : n + 1]], [float(x) for x in logprobs[i, : n + 1]]))
             m.draft_s += p.seconds
-            m.target_s += t_target
+            if prefill:
+                m.prefill_s += t_target
+            else:
+                m.target_s += t_target
             m.kernel_s += t_kernel
         elapsed = time.perf_counter() - t_step
         for s, p in zip(seqs, proposals):
