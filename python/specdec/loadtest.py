@@ -301,7 +301,9 @@ def request_strategy(vocab_size: int, context_length: int, max_message_bytes: in
         elif kind in ("ids", "bad_ids", "long_ids"):
             r.token_ids.SetInParent()
             ids = {"ids": st.lists(in_vocab, min_size=1, max_size=12), "bad_ids": st.lists(token, max_size=12),
-                   "long_ids": st.lists(in_vocab, min_size=context_length - 8, max_size=context_length + 8)}[kind]  # fmt: skip
+                   # A short drawn list tiled to about the context length: Hypothesis draws at most ~8k elements.
+                   "long_ids": st.tuples(st.lists(in_vocab, min_size=1, max_size=8), st.integers(-8, 8)).map(
+                       lambda t: (t[0] * (context_length // len(t[0]) + 2))[: context_length + t[1]])}[kind]  # fmt: skip
             r.token_ids.ids.extend(draw(ids))
         elif kind == "messages":  # the tiny and chat-less models refuse; chat models check the roles
             r.messages.SetInParent()
