@@ -577,15 +577,22 @@ def _outputs_by_id(run: dict) -> dict[str, list[int]]:
     return {r["request_id"]: r["output_ids"] for r in run["requests_detail"]}
 
 
+def _model_rows(c: dict) -> list[str]:
+    """The configuration table's model rows, shared by both reports."""
+    return [
+        f"| target | `{c['target']}` ({c['target_dtype']}) |",
+        f"| draft | `{c['draft']}` ({c['draft_dtype']}) |" if c["draft"] else f"| drafter | {c['drafter']} |",
+        f"| drafter, γ policy | {c['drafter']}, {c['gamma_policy']} |",
+    ]
+
+
 def concurrency_to_markdown(report: dict) -> str:
     c = report["config"]
     sampling = c["sampling"]
     samp = "greedy" if sampling["temperature"] == 0 else f"temperature {sampling['temperature']}, seed {sampling['seed']}"
     L = ["# specdec concurrency benchmark", "", "## Configuration", "", "| | |", "|---|---|"]
     L += [
-        f"| target | `{c['target']}` ({c['target_dtype']}) |",
-        f"| draft | `{c['draft']}` ({c['draft_dtype']}) |" if c["draft"] else f"| drafter | {c['drafter']} |",
-        f"| drafter, γ policy | {c['drafter']}, {c['gamma_policy']} |",
+        *_model_rows(c),
         f"| streams | {', '.join(map(str, c['concurrency']))} at once; each runs {c['requests_per_stream']} requests in turn |",
         f"| tokens per request | {c['max_new_tokens']} (EOS ignored); {c['prompts']} prompts, stream k starts at prompt k |",
         f"| sampling | {samp} |",
@@ -801,9 +808,7 @@ def to_markdown(report: dict) -> str:
     L = ["# specdec benchmark", ""]
     L += ["## Configuration", "", "| | |", "|---|---|"]
     L += [
-        f"| target | `{c['target']}` ({c['target_dtype']}) |",
-        f"| draft | `{c['draft']}` ({c['draft_dtype']}) |" if c["draft"] else f"| drafter | {c['drafter']} |",
-        f"| drafter, γ policy | {c['drafter']}, {c['gamma_policy']} |",
+        *_model_rows(c),
         f"| prompts | {c['prompts']} measured + {c['warmup_prompts']} warm-up (excluded), chat template: {c['chat_template']} |",
         f"| new tokens per prompt | {c['max_new_tokens']} (EOS ignored) |",
         f"| sampling | {samp} |",
