@@ -152,6 +152,18 @@ def test_policy_bound_and_choice():
     assert choose_gamma([0.8] * 8, 0.05, costs.target_cost, 8) == 0
 
 
+def test_unmeasured_verify_sizes_are_flat_up_to_the_kernel_rows_then_grow():
+    costs = StepCosts(flat_tokens=16)
+    costs.record_target(8, 1.0)
+    assert costs.target_cost(8) == costs.target_cost(16) == 1.0  # memory-bound: try larger γ
+    assert costs.target_cost(32) == pytest.approx(2.0) and costs.target_cost(72) == pytest.approx(4.5)
+    costs.record_target(40, 3.0)
+    assert costs.target_cost(40) == 3.0 and costs.target_cost(80) == pytest.approx(6.0)
+    assert costs.target_cost(4) == 1.0  # below every measurement: the smallest one
+    # A batch of 8 with α = 0.8 and a cheap draft: γ stays within what a flat verify allows.
+    assert choose_gamma([0.8] * 8, 0.05, costs.target_cost, 8) == 1
+
+
 @pytest.mark.parametrize("true_alpha", [0.5, 0.8, 0.95])
 def test_acceptance_estimate_is_unbiased_under_truncation(true_alpha):
     """Steps stop at the first rejection. The estimate must recover α anyway; accepted ÷ proposed must not

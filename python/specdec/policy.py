@@ -41,9 +41,15 @@ class StepCosts:
     The draft is keyed by the rows in one draft forward, the target by the tokens in one verify forward
     (all rows together): at batch 1 that is k = γ + 1, and in a batch it is what makes verify turn
     compute-bound as the batch grows.
+
+    A size not measured yet is estimated from the nearest smaller one: the same cost up to ``flat_tokens``
+    (where a verify stays memory-bound: the small-M kernel streams the weights once for up to 16 rows), so
+    that larger γ gets tried; beyond it, a cost growing with the tokens, so that a batch does not explore
+    γ values whose verify is compute-bound and many times a decode step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flat_tokens: int = 16) -> None:
+        self.flat_tokens = flat_tokens
         self.draft: dict[int, Ema] = {}
         self.target: dict[int, Ema] = {}
 
@@ -57,7 +63,13 @@ class StepCosts:
         return _nearest_below(self.draft, rows)
 
     def target_cost(self, tokens: int) -> float | None:
-        return _nearest_below(self.target, tokens)
+        known = _nearest_key(self.target, tokens)
+        if known is None:
+            return None
+        cost = self.target[known].value
+        if tokens > known and tokens > self.flat_tokens:
+            cost *= tokens / max(known, self.flat_tokens)
+        return cost
 
     def cost_ratio(self) -> float | None:
         """c = one draft forward ÷ one one-token target forward, at batch 1."""
@@ -65,12 +77,18 @@ class StepCosts:
         return None if d is None or t is None else d / t
 
 
-def _nearest_below(table: dict[int, Ema], key: int) -> float | None:
-    """The measurement at ``key``, else at the nearest smaller key (optimistic, so larger ones get tried)."""
+def _nearest_key(table: dict[int, Ema], key: int) -> int | None:
+    """``key`` if measured, else the nearest smaller measured key (else the smallest)."""
     if not table:
         return None
     below = [k for k in table if k <= key]
-    return table[max(below) if below else min(table)].value
+    return max(below) if below else min(table)
+
+
+def _nearest_below(table: dict[int, Ema], key: int) -> float | None:
+    """The measurement at ``key``, else at the nearest smaller key (optimistic, so larger ones get tried)."""
+    known = _nearest_key(table, key)
+    return None if known is None else table[known].value
 
 
 class AcceptanceEstimate:
