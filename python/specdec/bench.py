@@ -586,6 +586,17 @@ def _model_rows(c: dict) -> list[str]:
     ]
 
 
+def _environment_rows(c: dict) -> list[str]:
+    """The configuration table's machine and run rows (``_run_environment``), shared by both reports."""
+    return [
+        f"| threads, device | {c['threads']}, {c['device']} |",
+        f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
+        f"| specdec commit | {c.get('specdec_commit') or 'unknown'} |",
+        f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
+        f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
+    ]
+
+
 def concurrency_to_markdown(report: dict) -> str:
     c = report["config"]
     sampling = c["sampling"]
@@ -598,11 +609,7 @@ def concurrency_to_markdown(report: dict) -> str:
         f"| sampling | {samp} |",
         f"| warm-up (excluded) | one round at concurrency {c['warmup']['concurrency']}, {c['warmup']['max_new_tokens']} tokens |",
         f"| order | {c['order']} |",
-        f"| threads, device | {c['threads']}, {c['device']} |",
-        f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
-        f"| specdec commit | {c.get('specdec_commit') or 'unknown'} |",
-        f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
-        f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
+        *_environment_rows(c),
     ]
     L += ["", "## Aggregate tokens/s (all streams' tokens ÷ wall time, measured)", ""]
     L += ["| concurrency | baseline tok/s | speculative tok/s | speculative ÷ baseline | baseline (N) ÷ (1) | speculative (N) ÷ (1) |"
@@ -813,11 +820,7 @@ def to_markdown(report: dict) -> str:
         f"| new tokens per prompt | {c['max_new_tokens']} (EOS ignored) |",
         f"| sampling | {samp} |",
         f"| order | {c['order']} |",
-        f"| threads, device | {c['threads']}, {c['device']} |",
-        f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
-        f"| specdec commit | {c.get('specdec_commit') or 'unknown'} |",
-        f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
-        f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
+        *_environment_rows(c),
     ]
     if c["compare_hf"]:
         L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
