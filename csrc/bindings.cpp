@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "kernels/acceptance.hpp"
 #include "kernels/rng.hpp"
@@ -75,17 +76,19 @@ PYBIND11_MODULE(_kernels, m) {
     return py::make_tuple(out[0], out[1], out[2], out[3]);
   });
 
-  // y[m, n] = x[m, k] · w[n, k]^T (+ bias): the few-row linear of decode and verify forwards
-  // (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool.
+  // y[m, n] = x[m, k] · w[n, k]^T (· scale[n] for int8) (+ bias): the few-row linear of decode and verify
+  // forwards (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool.
   m.def(
       "linear_small_m",
-      [](uintptr_t x, uintptr_t w, int wtype, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k) {
-        const auto type = wtype == 0 ? specdec::WeightType::kFloat32 : specdec::WeightType::kBFloat16;
+      [](uintptr_t x, uintptr_t w, int wtype, uintptr_t scale, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n,
+         int64_t k) {
+        if (wtype < 0 || wtype > 2) throw std::invalid_argument("wtype must be 0 (float32), 1 (bfloat16) or 2 (int8)");
+        const auto type = static_cast<specdec::WeightType>(wtype);
         constexpr int64_t kColumnsPerTask = 256;
         const int64_t tasks = (n + kColumnsPerTask - 1) / kColumnsPerTask;
         specdec::parallel_run(tasks, [&](int64_t t, int) {
-          specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(bias), P<float>(y), rows, n,
-                                  k, t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
+          specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(scale), P<const float>(bias),
+                                  P<float>(y), rows, n, k, t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
         });
       },
       py::call_guard<py::gil_scoped_release>());

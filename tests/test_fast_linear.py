@@ -1,4 +1,5 @@
-"""The small-M linear kernel: correct, batch-invariant (bit-identical rows for any row count), checked."""
+"""The small-M linear kernel and its int8 variant: correct, batch-invariant (bit-identical rows for any row
+count), checked."""
 
 from __future__ import annotations
 
@@ -38,7 +39,65 @@ def test_install_routes_small_inputs_and_keeps_results():
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="x must have 8 features"):
         fast_linear.linear(torch.randn(2, 7), torch.randn(4, 8))
-    with pytest.raises(ValueError, match="weight must be a contiguous CPU float32 or bfloat16"):
+    with pytest.raises(ValueError, match="weight must be a contiguous CPU float32, bfloat16 or int8"):
         fast_linear.linear(torch.randn(2, 8), torch.randn(8, 4).t())
-    with pytest.raises(ValueError, match="weight must be a contiguous CPU float32 or bfloat16"):
+    with pytest.raises(ValueError, match="weight must be a contiguous CPU float32, bfloat16 or int8"):
         fast_linear.linear(torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float64))
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="scale must be given exactly when weight is int8"):
+        fast_linear.linear(torch.randn(2, 8), q)
+    with pytest.raises(ValueError, match="scale must be given exactly when weight is int8"):
+        fast_linear.linear(torch.randn(2, 8), torch.randn(4, 8), scale=torch.ones(4))
+    with pytest.raises(ValueError, match=r"scale must be a contiguous float32 tensor of shape \(4,\)"):
+        fast_linear.linear(torch.randn(2, 8), q, scale=torch.ones(5))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (33, 16), (300, 70), (257, 1536)])
+def test_int8_matches_the_dequantised_weight_and_is_batch_invariant(n, k):
+    g = torch.Generator().manual_seed(n * 7 + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) / 100
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(fast_linear.MAX_ROWS, k, generator=g)
+    ref = F.linear(x, q.float() * scale[:, None], bias)
+    for m in (1, 2, 5, 8, 9, 16):
+        y = fast_linear.linear(x[:m], q, bias, scale)
+        torch.testing.assert_close(y, ref[:m], rtol=1e-4, atol=1e-4 * k**0.5)
+        for i in range(m):
+            assert torch.equal(y[i], fast_linear.linear(x[i : i + 1], q, bias, scale)[0])
+
+
+def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight[3].zero_()  # an all-zero row must stay zero, not divide by zero
+    q = fast_linear.Int8Linear(lin)
+    deq = q.qweight.float() * q.scale[:, None]
+    assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() <= 127
+    assert torch.all((deq - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7)
+    assert torch.equal(deq[3], torch.zeros(96))
+    x_small, x_large = torch.randn(4, 96), torch.randn(40, 96)
+    with torch.inference_mode():
+        assert torch.equal(q(x_large), F.linear(x_large, deq, lin.bias))  # prefill: torch's GEMM on the dequantised weight
+        torch.testing.assert_close(q(x_small), F.linear(x_small, deq, lin.bias), rtol=1e-5, atol=1e-5)  # the kernel
+        torch.testing.assert_close(q(x_small), lin(x_small), rtol=0.05, atol=0.05)  # and close to the float layer
+
+
+def test_quantize_int8_replaces_every_linear_and_keeps_a_tied_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    ids = torch.randint(0, 50, (1, 12))
+    with torch.inference_mode():
+        before = model(ids).logits
+        assert fast_linear.quantize_int8(model) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+        after = model(ids).logits
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    assert model.get_output_embeddings().out_features == 50
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9

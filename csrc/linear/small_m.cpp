@@ -21,7 +21,9 @@ constexpr int64_t ROWS = 8;  // rows of x multiplied by one streamed weight row 
 // M=8 took 1.57x the M=1 time without it and 1.25x with 8 KiB (4-16 KiB all within noise).
 constexpr int64_t PREFETCH_BYTES = 8192;
 
-float bf16_to_float(uint16_t v) {
+float to_float(float v) { return v; }
+float to_float(int8_t v) { return static_cast<float>(v); }
+float to_float(uint16_t v) {  // bfloat16 bits
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -34,9 +36,7 @@ void block_generic(const float* x, int64_t m, const W* w, int64_t k, float* out)
   for (int64_t r = 0; r < m; ++r) {
     float lanes[16] = {};
     for (int64_t i = 0; i < k; ++i) {
-      float wi;
-      if constexpr (std::is_same_v<W, float>) wi = w[i]; else wi = bf16_to_float(w[i]);
-      lanes[i % 16] += x[r * k + i] * wi;
+      lanes[i % 16] += x[r * k + i] * to_float(w[i]);
     }
     for (int width = 8; width >= 1; width /= 2)
       for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
@@ -51,6 +51,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const uint16_t* w, __mmask16 mask) {
   __m256i half = _mm256_maskz_loadu_epi16(mask, w);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const int8_t* w, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w)));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m512 v) {
@@ -107,15 +111,18 @@ PairFn<W> pair_for(int64_t rows) {
 }
 
 template <typename W>
-void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
-                  int64_t n, int64_t k, bool avx512) {
+void linear_range(const float* x, int64_t m, const W* w, const float* scale, const float* bias, float* y,
+                  int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
   float out0[ROWS], out1[ROWS];
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
     const int64_t rows = std::min(ROWS, m - r0);
     const float* xr = x + r0 * k;
     const auto store = [&](int64_t j, const float* out) {
       const float b = bias ? bias[j] : 0.0f;
-      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
+      if (scale)
+        for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] * scale[j] + b;
+      else
+        for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
     };
     int64_t j = n_begin;
     if (avx512) {
@@ -146,13 +153,17 @@ bool cpu_has_avx512() {
   return has;
 }
 
-void linear_small_m(const float* x, const void* w, WeightType wtype, const float* bias, float* y, int64_t m, int64_t n,
-                    int64_t k, int64_t n_begin, int64_t n_end) {
+void linear_small_m(const float* x, const void* w, WeightType wtype, const float* scale, const float* bias, float* y,
+                    int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
   const bool avx512 = cpu_has_avx512();
-  if (wtype == WeightType::kFloat32)
-    linear_range(x, m, static_cast<const float*>(w), bias, y, n_begin, n_end, n, k, avx512);
-  else
-    linear_range(x, m, static_cast<const uint16_t*>(w), bias, y, n_begin, n_end, n, k, avx512);
+  switch (wtype) {
+    case WeightType::kFloat32:
+      return linear_range(x, m, static_cast<const float*>(w), nullptr, bias, y, n_begin, n_end, n, k, avx512);
+    case WeightType::kBFloat16:
+      return linear_range(x, m, static_cast<const uint16_t*>(w), nullptr, bias, y, n_begin, n_end, n, k, avx512);
+    case WeightType::kInt8:
+      return linear_range(x, m, static_cast<const int8_t*>(w), scale, bias, y, n_begin, n_end, n, k, avx512);
+  }
 }
 
 }  // namespace specdec

@@ -280,8 +280,8 @@ def _hf_assistant(engine, options: BenchOptions):
         return "ngram", ""
     if engine.draft is None:
         raise ValueError("--compare-hf with the draft drafter needs a draft model")
-    dtype = options.hf_draft_dtype or str(engine.target.dtype).removeprefix("torch.")
-    if str(engine.draft.dtype).removeprefix("torch.") == dtype:
+    dtype = options.hf_draft_dtype or engine.target.precision
+    if engine.draft.precision == dtype:
         return engine.draft.model, dtype  # the engine's draft is already that: no second copy
     from specdec.models import load_model
 
@@ -1019,7 +1019,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--target", help="target model: directory, .gguf or hub id (default: the default pair, fetched)")
     m.add_argument("--draft", help="draft model (default: the default pair's draft)")
     m.add_argument("--dtype", default="float32", help="target dtype (default float32)")
-    m.add_argument("--draft-dtype", default="bfloat16", help="dtype specdec runs the draft in (default bfloat16)")
+    m.add_argument("--draft-dtype", default="bfloat16", help="dtype specdec runs the draft in (default bfloat16; int8 = weight-only int8 linears)")
     m.add_argument("--hf-draft-dtype", default=None,
                    help="dtype of the draft given to transformers' assisted generation (default: --dtype)")  # fmt: skip
     m.add_argument("--device", default="auto")

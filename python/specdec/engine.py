@@ -208,8 +208,8 @@ class Engine:
         return {
             "target": self.target.name,
             "draft": self.draft.name if self.draft else "",
-            "target_dtype": str(self.target.dtype).removeprefix("torch."),
-            "draft_dtype": str(self.draft.dtype).removeprefix("torch.") if self.draft else "",
+            "target_dtype": self.target.precision,
+            "draft_dtype": self.draft.precision if self.draft else "",
             "device": str(self.target.device),
             "vocab_size": self.real_vocab,  # ids a request may use
             "model_vocab_rows": self.vocab_size,  # output-embedding rows both models share (may include padding)

@@ -5,6 +5,9 @@ weights. The kernel streams each weight row once for all rows, so verifying k to
 decode step, and it reduces every output element in the same order for any row count: a verify
 forward and a one-token decode produce bit-identical linear outputs (batch invariance).
 Larger inputs (prefill) keep torch's GEMM.
+
+``Int8Linear`` is the weight-only int8 variant for a draft model: half the bytes of bfloat16 to stream per
+step, and a draft's precision never changes the output, only how often its proposals are accepted.
 """
 
 from __future__ import annotations
@@ -17,22 +20,32 @@ import torch.nn.functional as F
 from specdec import _kernels
 
 MAX_ROWS = 16
-_WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+_WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., N] = x[..., K] · weight[N, K]^T + bias[N]; x float32 on the CPU, weight float32 or bfloat16."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[..., N] = x[..., K] · weight[N, K]^T (· scale[N]) + bias[N] on the CPU.
+
+    weight is float32, bfloat16, or int8 with a float32 ``scale`` per row (required then, refused otherwise).
+    """
     if weight.dtype not in _WEIGHT_TYPES or not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError(f"weight must be a contiguous CPU float32 or bfloat16 tensor, got {weight.dtype} on {weight.device}")
+        raise ValueError(f"weight must be a contiguous CPU float32, bfloat16 or int8 tensor, got {weight.dtype} on {weight.device}")
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x must have {k} features to match weight [{n}, {k}], got shape {tuple(x.shape)}")
+    if (weight.dtype == torch.int8) != (scale is not None):
+        raise ValueError("scale must be given exactly when weight is int8")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (n,) or not scale.is_contiguous()):
+        raise ValueError(f"scale must be a contiguous float32 tensor of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = None if bias is None else bias.to(torch.float32).contiguous()
     _kernels.linear_small_m(
-        x2.data_ptr(), weight.data_ptr(), _WEIGHT_TYPES[weight.dtype], 0 if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], n, k
-    )
+        x2.data_ptr(), weight.data_ptr(), _WEIGHT_TYPES[weight.dtype], 0 if scale is None else scale.data_ptr(),
+        0 if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], n, k,
+    )  # fmt: skip
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -52,3 +65,39 @@ def install(model: torch.nn.Module) -> int:
                 module.forward = types.MethodType(_forward, module)
                 patched += 1
     return patched
+
+
+class Int8Linear(torch.nn.Module):
+    """A Linear with int8 weights and one float32 scale per output row (symmetric, weight-only).
+
+    Few-row inputs on the CPU go through the small-M kernel, which reads the int8 bytes directly; larger
+    ones (prefill) dequantise the weight to the activations' dtype and use torch's GEMM.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().to(torch.float32)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = w.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and not torch.is_grad_enabled():
+            return linear(x, self.qweight, self.bias, self.scale)
+        w = self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def quantize_int8(model: torch.nn.Module) -> int:
+    """Replace every nn.Linear of ``model`` by an Int8Linear (the LM head too); return how many.
+
+    A tied LM head gets its own int8 copy, and the input embedding keeps the original weights.
+    """
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, torch.nn.Linear)]  # fmt: skip
+    for parent, name, child in targets:
+        setattr(parent, name, Int8Linear(child))
+    return len(targets)

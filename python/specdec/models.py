@@ -13,7 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec import fast_linear
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight-only formats: the linear layers' weights are quantised, everything else runs in the mapped dtype.
+WEIGHT_ONLY = {"int8": torch.bfloat16}
 
 
 def cache_dir() -> Path:
@@ -27,6 +31,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def precision_name(name: str | torch.dtype) -> str:
+    """A dtype or weight-only format as the CLI spells it ("float32", "int8", ...); ValueError if unknown."""
+    if isinstance(name, str) and name in WEIGHT_ONLY:
+        return name
+    return str(resolve_dtype(name)).removeprefix("torch.")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,10 +59,16 @@ class LoadedModel:
     name: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    weight_only: str = ""  # a WEIGHT_ONLY format the linear layers were quantised to, or "" for none
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the activations (and of the weights, unless weight_only is set)."""
         return self.model.dtype
+
+    @property
+    def precision(self) -> str:
+        return self.weight_only or str(self.dtype).removeprefix("torch.")
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +77,7 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         """Rows of the output embedding (may exceed the tokenizer's size by padding)."""
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.model.get_output_embeddings().out_features)
 
     @property
     def context_length(self) -> int:
@@ -76,14 +93,22 @@ def _local_source(source: str) -> str:
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file."""
+    """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file.
+
+    dtype is a torch dtype or its name, or "int8": weight-only int8 linear layers (per-row scales) with
+    bfloat16 everywhere else, meant for a draft model (``fast_linear.Int8Linear``).
+    """
+    precision = precision_name(dtype)
     path = _local_source(source)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = WEIGHT_ONLY.get(precision) or resolve_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
+    weight_only = precision if precision in WEIGHT_ONLY else ""
+    if weight_only:
+        fast_linear.quantize_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(name=source, model=model, tokenizer=tokenizer)
+    return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)
 
 
 def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
