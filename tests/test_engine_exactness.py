@@ -145,3 +145,10 @@ def test_max_new_tokens_never_exceeded(engines, max_new):
     out, m = run(engine, engine.encode("def add(a, b):"), max_new, gamma=8)
     assert len(out) == max_new
     assert m.completion_tokens == max_new
+
+
+def test_the_default_draft_on_a_cpu_is_int8_weight_only(tiny_dirs):
+    engine = Engine.load(tiny_dirs["target"], tiny_dirs["draft_other"], device="cpu")
+    info = engine.info()
+    assert (info["target_dtype"], info["draft_dtype"]) == ("float32", "int8")
+    assert engine.draft.dtype == torch.bfloat16  # activations; the linear layers hold int8 rows and scales

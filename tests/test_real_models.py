@@ -25,7 +25,7 @@ def engine():
     dirs = {m["role"]: m["path"] for m in list_models() if m["state"] == "converted"}
     if not {"target", "draft"} <= dirs.keys():
         pytest.skip("the demo pair is not converted in the cache; run `specdec models fetch`")
-    return Engine.load(dirs["target"], dirs["draft"], dtype="float32", draft_dtype="bfloat16")
+    return Engine.load(dirs["target"], dirs["draft"], dtype="float32")  # the default draft precision
 
 
 def tokens(engine, prompt: str, **spec) -> tuple[list[int], object]:

@@ -23,6 +23,7 @@ each prompt's speculative run; the summary takes the median over prompts); 0 for
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -970,7 +971,10 @@ def _rss_bytes() -> int:
 
 
 def _weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+    """Parameters and buffers (an int8 draft keeps its quantised weights and scales as buffers)."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _git_commit() -> str:
@@ -1019,7 +1023,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--target", help="target model: directory, .gguf or hub id (default: the default pair, fetched)")
     m.add_argument("--draft", help="draft model (default: the default pair's draft)")
     m.add_argument("--dtype", default="float32", help="target dtype (default float32)")
-    m.add_argument("--draft-dtype", default="bfloat16", help="dtype specdec runs the draft in (default bfloat16; int8 = weight-only int8 linears)")
+    m.add_argument("--draft-dtype", default="auto",
+                   help="dtype specdec runs the draft in: auto (int8 weight-only on a CPU, bfloat16 on a GPU), "
+                        "int8, bfloat16, float16 or float32")  # fmt: skip
     m.add_argument("--hf-draft-dtype", default=None,
                    help="dtype of the draft given to transformers' assisted generation (default: --dtype)")  # fmt: skip
     m.add_argument("--device", default="auto")

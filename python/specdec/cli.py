@@ -29,8 +29,9 @@ def _add_serve(sub) -> None:
     m.add_argument("--target", help="target model: directory, .gguf file or hub id (default: the default pair)")
     m.add_argument("--draft", help="draft model (default: the default pair's draft when --target is not given)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="target dtype")
-    m.add_argument("--draft-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "int8"],
-                   help="draft dtype; int8 = weight-only int8 linear layers, bfloat16 elsewhere")  # fmt: skip
+    m.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="draft dtype; int8 = weight-only int8 linear layers, bfloat16 elsewhere; "
+                        "auto = int8 on a CPU, bfloat16 on a GPU")  # fmt: skip
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
     m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",

@@ -24,7 +24,7 @@ import torch
 from specdec import fast_linear, kernels, ragged
 from specdec.detokenizer import Detokenizer
 from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
-from specdec.models import LoadedModel, check_pair, load_model, set_threads
+from specdec.models import LoadedModel, check_pair, default_draft_precision, load_model, set_threads
 from specdec.params import FinishReason, GenerationRequest, Method, stack_filters
 from specdec.policy import AcceptanceEstimate, StepCosts, choose_gamma
 
@@ -181,13 +181,15 @@ class Engine:
         draft: str | None = None,
         *,
         dtype: str = "float32",
-        draft_dtype: str = "bfloat16",
+        draft_dtype: str = "auto",
         device: str = "auto",
         threads: int | None = None,
         config: EngineConfig = EngineConfig(),
     ) -> Engine:
         set_threads(threads)
         t = load_model(target, dtype=dtype, device=device)
+        if draft_dtype == "auto":
+            draft_dtype = default_draft_precision(device)
         d = load_model(draft, dtype=draft_dtype, device=device) if draft else None
         if d is None and config.method == Method.DRAFT:
             config = replace(config, method=Method.NGRAM)

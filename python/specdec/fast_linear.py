@@ -67,6 +67,9 @@ def install(model: torch.nn.Module) -> int:
     return patched
 
 
+_QUANTIZE_ROWS = 4096
+
+
 class Int8Linear(torch.nn.Module):
     """A Linear with int8 weights and one float32 scale per output row (symmetric, weight-only).
 
@@ -76,12 +79,18 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().to(torch.float32)
+        w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = w.abs().amax(dim=1) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.contiguous())
+        qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for r in range(0, w.shape[0], _QUANTIZE_ROWS):  # in slices: a float32 copy of a whole LM head is 0.5 GiB
+            chunk = w[r : r + _QUANTIZE_ROWS].to(torch.float32)
+            s = chunk.abs().amax(dim=1) / 127.0
+            s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero
+            qweight[r : r + _QUANTIZE_ROWS] = torch.round(chunk / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            scale[r : r + _QUANTIZE_ROWS] = s
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

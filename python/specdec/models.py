@@ -6,6 +6,7 @@ loads read that directory. A draft and a target must share a tokenizer, which ``
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def default_draft_precision(device: str = "auto") -> str:
+    """What a draft runs in unless told: int8 weight-only on a CPU, where the small-M kernel reads int8 rows
+    directly (measured: 1.89x over target-only against 1.40x with a bfloat16 draft), bfloat16 elsewhere."""
+    return "int8" if resolve_device(device).type == "cpu" else "bfloat16"
 
 
 def precision_name(name: str | torch.dtype) -> str:
@@ -92,6 +99,14 @@ def _local_source(source: str) -> str:
     return source
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them): after quantising a 0.5B draft, the replaced
+    bfloat16 weights otherwise stay resident, measured 1958 MiB RSS against 1154 MiB after the trim."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file.
 
@@ -107,6 +122,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     weight_only = precision if precision in WEIGHT_ONLY else ""
     if weight_only:
         fast_linear.quantize_int8(model)
+        _return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)
 
