@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 
+import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import numpy as np
 import torch
 

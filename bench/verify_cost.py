@@ -16,6 +16,7 @@ import statistics
 import time
 import types
 
+import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import torch
 
 from specdec import fast_linear

@@ -9,7 +9,7 @@ from specdec.detokenizer import Detokenizer
 from specdec.engine import Engine, EngineConfig
 from specdec.models import load_model
 from specdec.params import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
-from specdec.policy import AcceptanceEstimate, StepCosts, analytic_bound, choose_gamma, expected_tokens
+from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, analytic_bound, choose_gamma, expected_tokens
 
 PROMPT = "Emoji: 🚀🔥 and math"
 
@@ -179,3 +179,44 @@ def test_acceptance_estimate_is_unbiased_under_truncation(true_alpha):
         proposed_total, accepted_total = proposed_total + 8, accepted_total + accepted
     assert est.alpha == pytest.approx(true_alpha, abs=0.01)
     assert abs(accepted_total / proposed_total - true_alpha) > 0.05
+
+
+def test_probes_back_off_while_rejected_and_reset_when_accepted():
+    probe = ProbeSchedule(first=4, most=16)
+
+    def steps_until_probe() -> int:
+        for n in range(1, 100):
+            if probe.gamma(0) == 1:
+                return n
+        raise AssertionError("no probe")
+
+    assert steps_until_probe() == 4
+    probe.record(1, 0)  # rejected: wait twice as long
+    assert steps_until_probe() == 8
+    probe.record(1, 0)
+    assert steps_until_probe() == 16
+    probe.record(1, 0)
+    assert steps_until_probe() == 16  # capped
+    probe.record(1, 1)  # accepted: back to the first wait
+    assert steps_until_probe() == 4
+    assert probe.gamma(3) == 3 and probe.streak == 0  # a chosen γ > 0 passes through and restarts the count
+    probe.record(0, 0)  # a step that drafted nothing is not the probe's outcome
+    assert probe.probing
+    probe.record(1, 0)
+    assert not probe.probing and probe.wait == 8
+
+
+def test_a_new_request_starts_from_the_drafters_recent_alpha(tiny_dirs):
+    target = load_model(tiny_dirs["target"])
+    engine = Engine(target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT, gamma=4))
+    first = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=40, ignore_eos=True))
+    assert first.alpha.alpha == pytest.approx(0.6)  # nothing measured yet: the fixed prior
+    while not first.finished:
+        engine.step_batch([first])
+    shared = engine._shared_alpha[Method.DRAFT].alpha
+    assert first.metrics.alpha < 0.5 and shared < 0.5  # the unrelated draft is mostly rejected
+    second = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=8, ignore_eos=True))
+    assert second.alpha.alpha == pytest.approx(shared)
+    ngram = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=8, ignore_eos=True,
+                                           speculation=SpeculationParams(method=Method.NGRAM)))  # fmt: skip
+    assert ngram.alpha.alpha == pytest.approx(0.6)  # another drafter's record is its own

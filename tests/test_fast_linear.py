@@ -77,7 +77,7 @@ def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() <= 127
     assert torch.all((deq - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7)
     assert torch.equal(deq[3], torch.zeros(96))
-    x_small, x_large = torch.randn(4, 96), torch.randn(40, 96)
+    x_small, x_large = torch.randn(fast_linear.Int8Linear.KERNEL_ROWS, 96), torch.randn(fast_linear.Int8Linear.KERNEL_ROWS + 1, 96)
     with torch.inference_mode():
         assert torch.equal(q(x_large), F.linear(x_large, deq, lin.bias))  # prefill: torch's GEMM on the dequantised weight
         torch.testing.assert_close(q(x_small), F.linear(x_small, deq, lin.bias), rtol=1e-5, atol=1e-5)  # the kernel

@@ -26,14 +26,12 @@ from specdec.detokenizer import Detokenizer
 from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
 from specdec.models import LoadedModel, check_pair, default_draft_precision, load_model, set_threads
 from specdec.params import FinishReason, GenerationRequest, Method, stack_filters
-from specdec.policy import AcceptanceEstimate, StepCosts, choose_gamma
+from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, choose_gamma
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
 PADDING_LOGIT = -1e30
 # New sequences with prompts up to this long prefill together (padded); longer ones prefill alone.
 BATCH_PREFILL_TOKENS = 64
-# After this many steps at γ = 0 the adaptive policy drafts once, so that a recovering α is noticed.
-PROBE_AFTER = 16
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,9 @@ class SequenceMetrics:
 class Sequence:
     """One request's state: token ids, KV caches, detokenizer, γ policy state and metrics."""
 
-    def __init__(self, request: GenerationRequest, seed: int, drafter: Drafter, detok: Detokenizer) -> None:
+    def __init__(
+        self, request: GenerationRequest, seed: int, drafter: Drafter, detok: Detokenizer, shared_alpha: AcceptanceEstimate
+    ) -> None:
         self.request = request
         self.seed = seed
         self.drafter = drafter
@@ -125,8 +125,10 @@ class Sequence:
         self.draft_cache = None
         self.draft_len = 0
         self.step_index = 0  # the RNG offset of the next step
-        self.alpha = AcceptanceEstimate()
-        self.zero_gamma_streak = 0
+        # α of this request, starting from what the drafter's recent steps across requests measured.
+        self.shared_alpha = shared_alpha
+        self.alpha = AcceptanceEstimate(prior=shared_alpha.alpha)
+        self.probe = ProbeSchedule()
         self.finished = False
         self.finish_reason: FinishReason | None = None
         self.metrics = SequenceMetrics(prompt_tokens=len(request.prompt_ids))
@@ -173,6 +175,9 @@ class Engine:
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs)
+        # Per drafter, α over the recent verify steps of all requests: a new request's prior, so that a draft that
+        # is never accepted stops costing each new request its first steps (long memory: many steps per request).
+        self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
 
     @classmethod
     def load(
@@ -242,7 +247,7 @@ class Engine:
         if method not in self._drafters:
             raise ValueError(f"speculation.method {method.value!r} needs a draft model; this engine was loaded without one")
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        return Sequence(request, seed, self._drafters[method], Detokenizer(self.tokenizer, request.stop))
+        return Sequence(request, seed, self._drafters[method], Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
         """One speculative step for each sequence. New sequences prefill first (short prompts together); the rest share forwards."""
@@ -323,9 +328,7 @@ class Engine:
             else:
                 gamma = choose_gamma([s.alpha.alpha], 0.0, lambda m: self.costs.target_cost(m + batch - 1), self._gamma_max(s))
             if self._adaptive(s):
-                s.zero_gamma_streak = s.zero_gamma_streak + 1 if gamma == 0 else 0
-                if s.zero_gamma_streak >= PROBE_AFTER:
-                    gamma, s.zero_gamma_streak = 1, 0
+                gamma = s.probe.gamma(gamma)
             cap = min(
                 s.request.max_new_tokens - s.metrics.completion_tokens - 1,
                 self.context_length - len(s.all_ids) - 1,
@@ -373,6 +376,9 @@ class Engine:
             s.drafter.rollback(s, before + n)
             s.step_index += 1
             s.alpha.update(k, n)
+            if k:
+                s.shared_alpha.update(k, n)
+            s.probe.record(k, n)
             m = s.metrics
             m.record_proposal(k, n)
             m.verify_steps += 1

@@ -73,9 +73,13 @@ _QUANTIZE_ROWS = 4096
 class Int8Linear(torch.nn.Module):
     """A Linear with int8 weights and one float32 scale per output row (symmetric, weight-only).
 
-    Few-row inputs on the CPU go through the small-M kernel, which reads the int8 bytes directly; larger
-    ones (prefill) dequantise the weight to the activations' dtype and use torch's GEMM.
+    Inputs of up to KERNEL_ROWS rows on the CPU go through the small-M kernel, which reads the int8 bytes
+    directly; larger ones (prefill) dequantise the weight to the activations' dtype and use torch's GEMM.
     """
+
+    # Past MAX_ROWS, because a draft's batched catch-up forwards are often 17-32 rows: measured on a 4864x896
+    # layer with 2 threads, the kernel took 2.6 ms at 17 rows and 4.8 at 32, dequantise + GEMM 3.3 and 4.6.
+    KERNEL_ROWS = 32
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -94,10 +98,9 @@ class Int8Linear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= self.KERNEL_ROWS and not torch.is_grad_enabled():
             return linear(x, self.qweight, self.bias, self.scale)
-        w = self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.qweight.to(x.dtype).mul_(self.scale[:, None].to(x.dtype)), self.bias)
 
 
 def quantize_int8(model: torch.nn.Module) -> int:

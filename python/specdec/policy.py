@@ -115,6 +115,34 @@ class AcceptanceEstimate:
         return self.accepted / self.tested
 
 
+class ProbeSchedule:
+    """When a request whose policy chose γ = 0 drafts once anyway, so that a recovering α gets noticed.
+
+    The first probe comes after ``first`` steps at γ = 0. A rejected probe doubles the wait, up to ``most``
+    (each probe pays for the draft's catch-up over the tokens it skipped); an accepted one resets it.
+    """
+
+    def __init__(self, first: int = 16, most: int = 128) -> None:
+        self.first, self.most = first, most
+        self.wait = first
+        self.streak = 0
+        self.probing = False
+
+    def gamma(self, chosen: int) -> int:
+        """The γ to use this step, given the policy's choice."""
+        self.streak = self.streak + 1 if chosen == 0 else 0
+        if self.streak < self.wait:
+            return chosen
+        self.streak, self.probing = 0, True
+        return 1
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """The outcome of a verify step (a probe's if one was pending and it drafted)."""
+        if self.probing and proposed:
+            self.wait = self.first if accepted else min(2 * self.wait, self.most)
+            self.probing = False
+
+
 def choose_gamma(
     alphas: list[float], draft_cost: float | None, target_cost: Callable[[int], float | None], gamma_max: int
 ) -> int:
