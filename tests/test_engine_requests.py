@@ -206,7 +206,7 @@ def test_probes_back_off_while_rejected_and_reset_when_accepted():
     assert not probe.probing and probe.wait == 8
 
 
-def test_a_new_request_starts_from_the_drafters_recent_alpha(tiny_dirs):
+def test_a_new_request_starts_from_the_drafters_recent_alpha_when_lower(tiny_dirs):
     target = load_model(tiny_dirs["target"])
     engine = Engine(target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT, gamma=4))
     first = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=40, ignore_eos=True))
@@ -220,3 +220,6 @@ def test_a_new_request_starts_from_the_drafters_recent_alpha(tiny_dirs):
     ngram = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=8, ignore_eos=True,
                                            speculation=SpeculationParams(method=Method.NGRAM)))  # fmt: skip
     assert ngram.alpha.alpha == pytest.approx(0.6)  # another drafter's record is its own
+    engine._shared_alpha[Method.DRAFT] = AcceptanceEstimate(prior=0.95)  # after easy prompts
+    third = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=8, ignore_eos=True))
+    assert third.alpha.alpha == pytest.approx(0.6)  # a high record never makes a new request bolder

@@ -125,9 +125,11 @@ class Sequence:
         self.draft_cache = None
         self.draft_len = 0
         self.step_index = 0  # the RNG offset of the next step
-        # α of this request, starting from what the drafter's recent steps across requests measured.
+        # α of this request. Its prior is the drafter's recent α across requests when that is lower than the
+        # default prior: a draft that is rarely accepted stops costing every new request its first steps, while a
+        # high α after easy prompts does not make the first steps of a hard one draft long.
         self.shared_alpha = shared_alpha
-        self.alpha = AcceptanceEstimate(prior=shared_alpha.alpha)
+        self.alpha = AcceptanceEstimate(prior=min(AcceptanceEstimate.DEFAULT_PRIOR, shared_alpha.alpha))
         self.probe = ProbeSchedule()
         self.finished = False
         self.finish_reason: FinishReason | None = None
@@ -175,8 +177,7 @@ class Engine:
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs)
-        # Per drafter, α over the recent verify steps of all requests: a new request's prior, so that a draft that
-        # is never accepted stops costing each new request its first steps (long memory: many steps per request).
+        # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
 
     @classmethod

@@ -100,7 +100,9 @@ class AcceptanceEstimate:
     truncated geometric. A prior makes the first steps speculate; decay tracks drift.
     """
 
-    def __init__(self, prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.85) -> None:
+    DEFAULT_PRIOR = 0.6
+
+    def __init__(self, prior: float = DEFAULT_PRIOR, prior_weight: float = 2.0, decay: float = 0.85) -> None:
         self.accepted = prior * prior_weight
         self.tested = prior_weight
         self.decay = decay
