@@ -223,3 +223,17 @@ def test_a_new_request_starts_from_the_drafters_recent_alpha_when_lower(tiny_dir
     engine._shared_alpha[Method.DRAFT] = AcceptanceEstimate(prior=0.95)  # after easy prompts
     third = engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT), max_new_tokens=8, ignore_eos=True))
     assert third.alpha.alpha == pytest.approx(0.6)  # a high record never makes a new request bolder
+
+
+def test_step_costs_shrug_off_a_spike_follow_a_lasting_change_and_stay_monotone():
+    costs = StepCosts()
+    for _ in range(4):
+        costs.record_target(5, 0.3)
+    costs.record_target(5, 3.0)  # one slow step (a neighbour's burst)
+    assert costs.target_cost(5) == 0.3
+    for _ in range(3):
+        costs.record_target(5, 1.0)  # the machine really got slower
+    assert costs.target_cost(5) == 1.0
+    costs.record_target(8, 0.4)
+    costs.record_target(3, 0.9)  # measured once, during a burst: a verify over fewer tokens never costs more
+    assert costs.target_cost(3) == 0.4

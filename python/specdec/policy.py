@@ -9,6 +9,8 @@ verify cost does not depend on k this is the familiar E / (γc + 1) with c = t_d
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 
@@ -24,15 +26,20 @@ def analytic_bound(alpha: float, gamma: int, c: float) -> float:
     return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
 
 
-class Ema:
-    """Exponential moving average that starts at its first sample."""
+class RecentMedian:
+    """The median of the last ``n`` samples. One slow step (a page fault, a neighbour's burst on a shared
+    machine) cannot move it, where an average kept such a spike for many steps and, if it made a size look
+    too costly to choose again, for good; a lasting change shows within n/2 samples."""
 
-    def __init__(self, weight: float = 0.3) -> None:
-        self.weight = weight
-        self.value: float | None = None
+    def __init__(self, n: int = 5) -> None:
+        self.samples: deque[float] = deque(maxlen=n)
 
     def update(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
+        self.samples.append(x)
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.samples)
 
 
 class StepCosts:
@@ -45,19 +52,20 @@ class StepCosts:
     A size not measured yet is estimated from the nearest smaller one: the same cost up to ``flat_tokens``
     (where a verify stays memory-bound: the small-M kernel streams the weights once for up to 16 rows), so
     that larger γ gets tried; beyond it, a cost growing with the tokens, so that a batch does not explore
-    γ values whose verify is compute-bound and many times a decode step.
+    γ values whose verify is compute-bound and many times a decode step. No verify is taken to cost more
+    than a measured larger one.
     """
 
     def __init__(self, flat_tokens: int = 16) -> None:
         self.flat_tokens = flat_tokens
-        self.draft: dict[int, Ema] = {}
-        self.target: dict[int, Ema] = {}
+        self.draft: dict[int, RecentMedian] = {}
+        self.target: dict[int, RecentMedian] = {}
 
     def record_draft(self, rows: int, seconds: float) -> None:
-        self.draft.setdefault(rows, Ema()).update(seconds)
+        self.draft.setdefault(rows, RecentMedian()).update(seconds)
 
     def record_target(self, tokens: int, seconds: float) -> None:
-        self.target.setdefault(tokens, Ema()).update(seconds)
+        self.target.setdefault(tokens, RecentMedian()).update(seconds)
 
     def draft_cost(self, rows: int) -> float | None:
         return _nearest_below(self.draft, rows)
@@ -69,7 +77,7 @@ class StepCosts:
         cost = self.target[known].value
         if tokens > known and tokens > self.flat_tokens:
             cost *= tokens / max(known, self.flat_tokens)
-        return cost
+        return min([cost] + [m.value for k, m in self.target.items() if k > tokens])
 
     def cost_ratio(self) -> float | None:
         """c = one draft forward ÷ one one-token target forward, at batch 1."""
@@ -77,7 +85,7 @@ class StepCosts:
         return None if d is None or t is None else d / t
 
 
-def _nearest_key(table: dict[int, Ema], key: int) -> int | None:
+def _nearest_key(table: dict[int, RecentMedian], key: int) -> int | None:
     """``key`` if measured, else the nearest smaller measured key (else the smallest)."""
     if not table:
         return None
@@ -85,7 +93,7 @@ def _nearest_key(table: dict[int, Ema], key: int) -> int | None:
     return max(below) if below else min(table)
 
 
-def _nearest_below(table: dict[int, Ema], key: int) -> float | None:
+def _nearest_below(table: dict[int, RecentMedian], key: int) -> float | None:
     """The measurement at ``key``, else at the nearest smaller key (optimistic, so larger ones get tried)."""
     known = _nearest_key(table, key)
     return None if known is None else table[known].value
