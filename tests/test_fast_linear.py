@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec import fast_linear
+from tiny import llama
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (33, 16), (300, 70), (257, 1536)])
@@ -85,12 +86,8 @@ def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
 
 
 def test_quantize_int8_replaces_every_linear_and_keeps_a_tied_embedding():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(2)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = llama(50, seed=2, hidden=32, tied=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     embedding = model.get_input_embeddings().weight.detach().clone()
     ids = torch.randint(0, 50, (1, 12))
     with torch.inference_mode():

@@ -44,7 +44,9 @@ def word_tokenizer(vocab_size: int = 12) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def llama(vocab_size: int, *, seed: int, hidden: int = 64, layers: int = 2, context: int = 512) -> LlamaForCausalLM:
+def llama(
+    vocab_size: int, *, seed: int, hidden: int = 64, layers: int = 2, context: int = 512, tied: bool = False
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -57,7 +59,7 @@ def llama(vocab_size: int, *, seed: int, hidden: int = 64, layers: int = 2, cont
         eos_token_id=0,
         bos_token_id=None,
         pad_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     # A larger init spreads the logits, so random models have peaked, varied next-token distributions.

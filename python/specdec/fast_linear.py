@@ -49,8 +49,13 @@ def linear(
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+def _kernel_takes(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether the kernel serves ``x``: a CPU inference input of at most ``max_rows`` rows."""
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= max_rows and not torch.is_grad_enabled()
+
+
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() // x.shape[-1] <= MAX_ROWS and not torch.is_grad_enabled():
+    if _kernel_takes(x, MAX_ROWS):
         return linear(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
@@ -98,7 +103,7 @@ class Int8Linear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= self.KERNEL_ROWS and not torch.is_grad_enabled():
+        if _kernel_takes(x, self.KERNEL_ROWS):
             return linear(x, self.qweight, self.bias, self.scale)
         return F.linear(x, self.qweight.to(x.dtype).mul_(self.scale[:, None].to(x.dtype)), self.bias)
 

@@ -75,7 +75,7 @@ class LoadedModel:
 
     @property
     def precision(self) -> str:
-        return self.weight_only or str(self.dtype).removeprefix("torch.")
+        return self.weight_only or precision_name(self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -114,12 +114,12 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     bfloat16 everywhere else, meant for a draft model (``fast_linear.Int8Linear``).
     """
     precision = precision_name(dtype)
+    weight_only = precision if precision in WEIGHT_ONLY else ""
     path = _local_source(source)
-    torch_dtype = WEIGHT_ONLY.get(precision) or resolve_dtype(dtype)
+    torch_dtype = WEIGHT_ONLY[weight_only] if weight_only else resolve_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
-    weight_only = precision if precision in WEIGHT_ONLY else ""
     if weight_only:
         fast_linear.quantize_int8(model)
         _return_freed_memory()

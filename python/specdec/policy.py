@@ -33,13 +33,11 @@ class RecentMedian:
 
     def __init__(self, n: int = 5) -> None:
         self.samples: deque[float] = deque(maxlen=n)
+        self.value = math.nan  # set by the first update; the γ search reads it many times per step
 
     def update(self, x: float) -> None:
         self.samples.append(x)
-
-    @property
-    def value(self) -> float:
-        return statistics.median(self.samples)
+        self.value = statistics.median(self.samples)
 
 
 class StepCosts:
