@@ -93,6 +93,9 @@ def test_verify_properties(data, B, Kd, V, with_q):
         for b in range(B):
             for j in range(Kd):
                 q[b, j] = ref.process(ql[b, j], *params[b])
+        # A drafter samples x from q, so q(x) > 0: a draw outside q's support is no input verify can get.
+        b_idx, j_idx = np.nonzero(np.take_along_axis(q, drafts[..., None], axis=-1)[..., 0] == 0)
+        drafts[b_idx, j_idx] = q[b_idx, j_idx].argmax(-1)
     seeds = rng.integers(0, 2**64 - 1, size=B, dtype=np.uint64)
     offs = rng.integers(0, 2**64 - 1, size=B, dtype=np.uint64)
     tokens, nacc, lps = K.verify(logits, drafts, q, nd, seed=seeds, offset=offs, return_logprobs=True, **_cols(params))

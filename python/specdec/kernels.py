@@ -416,7 +416,9 @@ def verify(
     """Speculative verification of K draft tokens per row against the target's logits.
 
     target_logits [B, K+1, V] (float32/bfloat16), draft_tokens int [B, K], draft_probs float32 [B, K, V] or
-    None (one-hot drafts: greedy draft model, n-gram), num_draft int [B] in [0, K].
+    None (one-hot drafts: greedy draft model, n-gram), num_draft int [B] in [0, K]. Each draft token is a sample
+    of its row of draft_probs, so q(x) > 0; a token with q(x) = 0 could not have been drafted, and the rule's
+    outcome for it is unspecified (the target's probabilities are floored near 1e-38, not zero).
 
     Returns ``(tokens int64[B, K+1], num_accepted int32[B])``: row b emits tokens[b, :num_accepted[b]+1]
     (the accepted drafts, then the correction or bonus token) and is padded with -1. With
