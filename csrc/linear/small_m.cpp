@@ -71,7 +71,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m51
 template <int MB, typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const float* x, const W* w0, const W* w1,
                                                                         int64_t k, float* out0, float* out1) {
+  // Every loop over MB is unrolled: otherwise GCC keeps a0/a1 in memory and stores all 2·MB accumulators on
+  // each iteration, which made the kernel store-bound (M=8 took 8x the M=1 time instead of memory-bound).
   __m512 a0[MB], a1[MB];
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
   constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);  // past a row's end it fetches the next rows: harmless
@@ -79,6 +82,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const floa
     _mm_prefetch(reinterpret_cast<const char*>(w0 + i + ahead), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w1 + i + ahead), _MM_HINT_T0);
     const __m512 v0 = load_w(w0 + i, 0xFFFF), v1 = load_w(w1 + i, 0xFFFF);
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * k + i);
       a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
@@ -88,12 +92,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const floa
   if (i < k) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
     const __m512 v0 = load_w(w0 + i, mask), v1 = load_w(w1 + i, mask);
+#pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
       a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
       a1[r] = _mm512_fmadd_ps(xv, v1, a1[r]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) {
     out0[r] = tree_sum(a0[r]);
     out1[r] = tree_sum(a1[r]);
