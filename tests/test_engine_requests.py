@@ -237,3 +237,44 @@ def test_step_costs_shrug_off_a_spike_follow_a_lasting_change_and_stay_monotone(
     costs.record_target(8, 0.4)
     costs.record_target(3, 0.9)  # measured once, during a burst: a verify over fewer tokens never costs more
     assert costs.target_cost(3) == 0.4
+
+
+def test_a_draft_that_fell_behind_pays_its_catch_up_once_over_the_tokens_left():
+    costs = StepCosts()
+    costs.record_target(1, 0.3)
+    costs.record_target(4, 0.3)
+    costs.record_target(8, 0.33)
+    for tokens, seconds in ((4, 0.05), (48, 0.4)):
+        costs.record_draft(tokens, seconds)
+    choose = lambda catch_up: choose_gamma([0.85] * 4, costs.draft_cost(4), costs.target_cost, 8, catch_up)  # noqa: E731
+    assert choose(None) > 0  # caught up: drafting pays in this batch
+    assert choose([(costs.draft_cost(48), 1000)] * 4) > 0  # a long request amortises the catch-up
+    assert choose([(costs.draft_cost(48), 3)] * 4) == 0  # three tokens left: the catch-up is never paid back
+    assert costs.draft_cost(96) == pytest.approx(0.8)  # past the largest measurement: grows with the tokens
+
+
+def test_a_batch_whose_verify_is_compute_bound_never_drafts_not_even_to_probe(tiny_dirs):
+    """γ = 0 for cost, not for α: probing would only pay the draft's catch-up. The control: the same batch
+    with a flat verify cost, where γ = 0 comes only from a poor α, still probes."""
+    target = load_model(tiny_dirs["target"])
+    engine = Engine(target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT))
+
+    def drafts_made(verify_seconds) -> int:
+        engine.costs = StepCosts()
+        for tokens in range(1, 80):
+            engine.costs.record_target(tokens, verify_seconds(tokens))
+            engine.costs.record_draft(tokens, 0.002 * tokens)
+        engine.costs.record_target = engine.costs.record_draft = lambda tokens, seconds: None  # the table stays as set
+        for drafter in engine._drafters.values():
+            if hasattr(drafter, "costs"):
+                drafter.costs = engine.costs
+        seqs = [engine.start(GenerationRequest(prompt_ids=engine.encode(PROMPT + str(i)), max_new_tokens=40,
+                                               ignore_eos=True)) for i in range(4)]  # fmt: skip
+        for s in seqs:
+            s.alpha = AcceptanceEstimate(prior=0.05)  # a poor draft's record
+        while not all(s.finished for s in seqs):
+            engine.step_batch([s for s in seqs if not s.finished])
+        return sum(s.metrics.proposed for s in seqs)
+
+    assert drafts_made(lambda tokens: 0.1 * tokens) == 0
+    assert drafts_made(lambda tokens: 0.1) > 0

@@ -99,8 +99,7 @@ class DraftModelDrafter:
                 t0 = time.perf_counter()
                 tokens, q = self._draft_one_position([seqs[i] for i in group], [pending[i] for i in group], j)
                 seconds = time.perf_counter() - t0
-                if group is together:
-                    self.costs.record_draft(len(group), seconds)
+                self.costs.record_draft(len(group) * max(len(pending[i]) for i in group), seconds)
                 for i, tok, qi in zip(group, tokens, q):
                     out[i].tokens.append(tok)
                     out[i].seconds += seconds

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, choose_
 PADDING_LOGIT = -1e30
 # New sequences with prompts up to this long prefill together (padded); longer ones prefill alone.
 BATCH_PREFILL_TOKENS = 64
+# The α at which "could speculation pay in this batch at all?" is asked: about the best a good draft reaches.
+# When even this α gives γ = 0 (a compute-bound batch), γ = 0 is about cost and no probes are made.
+GOOD_ALPHA = 0.9
 
 
 @dataclass(frozen=True)
@@ -309,15 +313,18 @@ class Engine:
             return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
         model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s)]
-        shared = 0
+        shared, could_pay = 0, True
         if model_rows:
             others = batch - len(model_rows)
-            shared = choose_gamma(
-                [s.alpha.alpha for s in model_rows],
-                self.costs.draft_cost(len(model_rows)),
-                lambda m: self.costs.target_cost(m + others),
-                self._gamma_max(model_rows[0]),
+            choose = partial(
+                choose_gamma,
+                draft_cost=self.costs.draft_cost(len(model_rows)),
+                target_cost=lambda m: self.costs.target_cost(m + others),
+                gamma_max=self._gamma_max(model_rows[0]),
+                catch_up=[self._catch_up(s) for s in model_rows],
             )
+            shared = choose([s.alpha.alpha for s in model_rows])
+            could_pay = shared > 0 or choose([GOOD_ALPHA] * len(model_rows)) > 0
         gammas = []
         for s in seqs:
             if isinstance(s.drafter, NoDrafter):
@@ -329,13 +336,19 @@ class Engine:
             else:
                 gamma = choose_gamma([s.alpha.alpha], 0.0, lambda m: self.costs.target_cost(m + batch - 1), self._gamma_max(s))
             if self._adaptive(s):
-                gamma = s.probe.gamma(gamma)
+                gamma = s.probe.gamma(gamma, could_pay or not isinstance(s.drafter, DraftModelDrafter))
             cap = min(
                 s.request.max_new_tokens - s.metrics.completion_tokens - 1,
                 self.context_length - len(s.all_ids) - 1,
             )
             gammas.append(max(0, min(gamma, cap)))
         return gammas
+
+    def _catch_up(self, seq: Sequence) -> tuple[float, int]:
+        """(seconds, tokens left) of the draft forward over the tokens the draft has not seen, if it fell behind."""
+        pending = len(seq.all_ids) - seq.draft_len
+        seconds = (self.costs.draft_cost(pending) or 0.0) if pending > 2 else 0.0  # 1-2 pending: a usual step
+        return seconds, seq.request.max_new_tokens - seq.metrics.completion_tokens
 
     def _adaptive(self, seq: Sequence) -> bool:
         spec = seq.request.speculation

@@ -43,14 +43,15 @@ class RecentMedian:
 class StepCosts:
     """Measured seconds of batched forwards, shared by an engine's sequences.
 
-    The draft is keyed by the rows in one draft forward, the target by the tokens in one verify forward
-    (all rows together): at batch 1 that is k = γ + 1, and in a batch it is what makes verify turn
+    Both models are keyed by the tokens in one forward (all rows together, padding included): a target
+    verify at batch 1 is k = γ + 1 tokens, a draft step is one token per row, and a draft catching up on a
+    sequence it has not seen is that sequence's pending tokens. More tokens is what makes a forward turn
     compute-bound as the batch grows.
 
     A size not measured yet is estimated from the nearest smaller one: the same cost up to ``flat_tokens``
-    (where a verify stays memory-bound: the small-M kernel streams the weights once for up to 16 rows), so
+    (where a forward stays memory-bound: the small-M kernel streams the weights once for up to 16 rows), so
     that larger γ gets tried; beyond it, a cost growing with the tokens, so that a batch does not explore
-    γ values whose verify is compute-bound and many times a decode step. No verify is taken to cost more
+    γ values whose verify is compute-bound and many times a decode step. No forward is taken to cost more
     than a measured larger one.
     """
 
@@ -59,23 +60,26 @@ class StepCosts:
         self.draft: dict[int, RecentMedian] = {}
         self.target: dict[int, RecentMedian] = {}
 
-    def record_draft(self, rows: int, seconds: float) -> None:
-        self.draft.setdefault(rows, RecentMedian()).update(seconds)
+    def record_draft(self, tokens: int, seconds: float) -> None:
+        self.draft.setdefault(tokens, RecentMedian()).update(seconds)
 
     def record_target(self, tokens: int, seconds: float) -> None:
         self.target.setdefault(tokens, RecentMedian()).update(seconds)
 
-    def draft_cost(self, rows: int) -> float | None:
-        return _nearest_below(self.draft, rows)
+    def draft_cost(self, tokens: int) -> float | None:
+        return self._estimate(self.draft, tokens)
 
     def target_cost(self, tokens: int) -> float | None:
-        known = _nearest_key(self.target, tokens)
+        return self._estimate(self.target, tokens)
+
+    def _estimate(self, table: dict[int, RecentMedian], tokens: int) -> float | None:
+        known = _nearest_key(table, tokens)
         if known is None:
             return None
-        cost = self.target[known].value
+        cost = table[known].value
         if tokens > known and tokens > self.flat_tokens:
             cost *= tokens / max(known, self.flat_tokens)
-        return min([cost] + [m.value for k, m in self.target.items() if k > tokens])
+        return min([cost] + [m.value for k, m in table.items() if k > tokens])
 
     def cost_ratio(self) -> float | None:
         """c = one draft forward ÷ one one-token target forward, at batch 1."""
@@ -89,12 +93,6 @@ def _nearest_key(table: dict[int, RecentMedian], key: int) -> int | None:
         return None
     below = [k for k in table if k <= key]
     return max(below) if below else min(table)
-
-
-def _nearest_below(table: dict[int, RecentMedian], key: int) -> float | None:
-    """The measurement at ``key``, else at the nearest smaller key (optimistic, so larger ones get tried)."""
-    known = _nearest_key(table, key)
-    return None if known is None else table[known].value
 
 
 class AcceptanceEstimate:
@@ -127,7 +125,9 @@ class ProbeSchedule:
     """When a request whose policy chose γ = 0 drafts once anyway, so that a recovering α gets noticed.
 
     The first probe comes after ``first`` steps at γ = 0. A rejected probe doubles the wait, up to ``most``
-    (each probe pays for the draft's catch-up over the tokens it skipped); an accepted one resets it.
+    (each probe pays for the draft's catch-up over the tokens it skipped); an accepted one resets it. No
+    probe is made while γ = 0 is chosen for cost rather than for α (a batch whose verify is compute-bound:
+    speculation would not pay even if the draft agreed), so a busy server never drafts at all.
     """
 
     def __init__(self, first: int = 16, most: int = 128) -> None:
@@ -136,9 +136,9 @@ class ProbeSchedule:
         self.streak = 0
         self.probing = False
 
-    def gamma(self, chosen: int) -> int:
-        """The γ to use this step, given the policy's choice."""
-        self.streak = self.streak + 1 if chosen == 0 else 0
+    def gamma(self, chosen: int, could_pay: bool = True) -> int:
+        """The γ to use this step, given the policy's choice and whether any γ > 0 could pay at a good α."""
+        self.streak = self.streak + 1 if chosen == 0 and could_pay else 0
         if self.streak < self.wait:
             return chosen
         self.streak, self.probing = 0, True
@@ -152,19 +152,28 @@ class ProbeSchedule:
 
 
 def choose_gamma(
-    alphas: list[float], draft_cost: float | None, target_cost: Callable[[int], float | None], gamma_max: int
+    alphas: list[float],
+    draft_cost: float | None,
+    target_cost: Callable[[int], float | None],
+    gamma_max: int,
+    catch_up: list[tuple[float, int]] | None = None,
 ) -> int:
     """The common γ in 0..gamma_max that maximises expected tokens per second for rows drafting together.
 
     ``draft_cost`` is seconds per draft forward over these rows (0 for model-free drafters);
-    ``target_cost(m)`` is seconds for a verify forward over m tokens. Until both are measured: gamma_max.
+    ``target_cost(m)`` is seconds for a verify forward over m tokens. ``catch_up[i]`` is (seconds, tokens
+    left) for row i: the one-off draft forward over the tokens its draft has not seen (0 when it has seen
+    them all), paid before it can draft and spread over the steps it has left at that γ. Until both costs
+    are measured: gamma_max.
     """
     if draft_cost is None or target_cost(1) is None:
         return gamma_max
+    catch_up = catch_up or [(0.0, 1)] * len(alphas)
     best, best_rate = 0, -math.inf
     for g in range(gamma_max + 1):
-        tokens = sum(expected_tokens(a, g) for a in alphas)
-        rate = tokens / (g * draft_cost + target_cost(len(alphas) * (g + 1)))
+        per_row = [expected_tokens(a, g) for a in alphas]
+        once = sum(seconds * e / max(left, 1) for e, (seconds, left) in zip(per_row, catch_up)) if g else 0.0
+        rate = sum(per_row) / (g * draft_cost + once + target_cost(len(alphas) * (g + 1)))
         if rate > best_rate:
             best, best_rate = g, rate
     return best
