@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 #include "kernels/acceptance.hpp"
 #include "kernels/rng.hpp"
@@ -77,21 +79,36 @@ PYBIND11_MODULE(_kernels, m) {
   });
 
   // y[m, n] = x[m, k] · w[n, k]^T (· scale[n] for int8) (+ bias): the few-row linear of decode and verify
-  // forwards (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool.
+  // forwards (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool;
+  // for int8 weights x is quantised once, before the split.
   m.def(
       "linear_small_m",
       [](uintptr_t x, uintptr_t w, int wtype, uintptr_t scale, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n,
          int64_t k) {
         if (wtype < 0 || wtype > 2) throw std::invalid_argument("wtype must be 0 (float32), 1 (bfloat16) or 2 (int8)");
-        const auto type = static_cast<specdec::WeightType>(wtype);
         constexpr int64_t kColumnsPerTask = 256;
         const int64_t tasks = (n + kColumnsPerTask - 1) / kColumnsPerTask;
+        const auto columns = [&](int64_t t) { return std::pair(t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask)); };
+        if (wtype == 2) {
+          std::vector<uint8_t> xu(rows * k);
+          std::vector<float> sx(rows);
+          specdec::quantize_rows_q8(P<const float>(x), rows, k, xu.data(), sx.data());
+          specdec::parallel_run(tasks, [&](int64_t t, int) {
+            const auto [begin, end] = columns(t);
+            specdec::linear_small_m_q8(xu.data(), sx.data(), P<const int8_t>(w), P<const float>(scale), P<const float>(bias),
+                                       P<float>(y), rows, n, k, begin, end);
+          });
+          return;
+        }
+        const auto type = static_cast<specdec::WeightType>(wtype);
         specdec::parallel_run(tasks, [&](int64_t t, int) {
-          specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(scale), P<const float>(bias),
-                                  P<float>(y), rows, n, k, t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
+          const auto [begin, end] = columns(t);
+          specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(bias), P<float>(y), rows, n,
+                                  k, begin, end);
         });
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_has_avx512_vnni", &specdec::cpu_has_avx512_vnni);
 
   m.def("num_threads", &specdec::num_threads);
   m.def("set_num_threads", &specdec::set_num_threads, py::call_guard<py::gil_scoped_release>());

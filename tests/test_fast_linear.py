@@ -3,6 +3,10 @@ count), checked."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,19 +57,32 @@ def test_bad_arguments_raise_value_error():
         fast_linear.linear(torch.randn(2, 8), q, scale=torch.ones(5))
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (33, 16), (300, 70), (257, 1536)])
-def test_int8_matches_the_dequantised_weight_and_is_batch_invariant(n, k):
+def int8_reference(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's arithmetic in torch: per-row int8 activations, an exact integer dot, then the scales."""
+    sx = x.abs().amax(dim=1)
+    sx = torch.where(sx > 0, sx / 127, torch.ones_like(sx))
+    xq = torch.round(x / sx[:, None]).clamp(-127, 127).to(torch.int64)
+    dot = (xq @ q.to(torch.int64).T).to(torch.float32)  # exact: |dot| < 2^24 for these shapes
+    return dot * sx[:, None] * scale + bias
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (33, 16), (300, 70), (257, 1536), (19, 130)])
+def test_int8_is_exact_integer_arithmetic_on_quantised_rows_and_batch_invariant(n, k):
     g = torch.Generator().manual_seed(n * 7 + k)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, generator=g) / 100
     bias = torch.randn(n, generator=g)
     x = torch.randn(fast_linear.MAX_ROWS, k, generator=g)
-    ref = F.linear(x, q.float() * scale[:, None], bias)
+    x[3] = 0.0  # an all-zero row: scale 1, not a division by zero
+    ref = int8_reference(x, q, bias, scale)
     for m in (1, 2, 5, 8, 9, 16):
         y = fast_linear.linear(x[:m], q, bias, scale)
-        torch.testing.assert_close(y, ref[:m], rtol=1e-4, atol=1e-4 * k**0.5)
+        torch.testing.assert_close(y, ref[:m], rtol=1e-6, atol=1e-6)
         for i in range(m):
             assert torch.equal(y[i], fast_linear.linear(x[i : i + 1], q, bias, scale)[0])
+    # Close to the float product too (the activations' rounding is the only difference).
+    torch.testing.assert_close(fast_linear.linear(x, q, bias, scale), F.linear(x, q.float() * scale[:, None], bias),
+                               rtol=0.05, atol=0.02 * k**0.5 * float(scale.max()) * 127)  # fmt: skip
 
 
 def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
@@ -81,7 +98,7 @@ def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
     x_small, x_large = torch.randn(fast_linear.Int8Linear.KERNEL_ROWS, 96), torch.randn(fast_linear.Int8Linear.KERNEL_ROWS + 1, 96)
     with torch.inference_mode():
         assert torch.equal(q(x_large), F.linear(x_large, deq, lin.bias))  # prefill: torch's GEMM on the dequantised weight
-        torch.testing.assert_close(q(x_small), F.linear(x_small, deq, lin.bias), rtol=1e-5, atol=1e-5)  # the kernel
+        torch.testing.assert_close(q(x_small), int8_reference(x_small, q.qweight, lin.bias, q.scale))  # the kernel
         torch.testing.assert_close(q(x_small), lin(x_small), rtol=0.05, atol=0.05)  # and close to the float layer
 
 
@@ -98,3 +115,18 @@ def test_quantize_int8_replaces_every_linear_and_keeps_a_tied_embedding():
     assert torch.equal(model.get_input_embeddings().weight, embedding)
     assert model.get_output_embeddings().out_features == 50
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9
+
+
+def test_the_portable_int8_loop_gives_the_vnni_paths_bits():
+    """Integer sums are exact, so the VNNI path and the loop a CPU without it runs must agree bit for bit."""
+    code = (
+        "import sys, torch; from specdec import fast_linear as f; g = torch.Generator().manual_seed(5); "
+        "q = torch.randint(-127, 128, (37, 200), generator=g, dtype=torch.int8); s = torch.rand(37, generator=g); "
+        "x = torch.randn(11, 200, generator=g); b = torch.randn(37, generator=g); "
+        "sys.stdout.write(str(f.int8_is_fast()) + ' ' + f.linear(x, q, b, s).numpy().tobytes().hex())"
+    )
+    runs = {flag: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, **({"SPECDEC_NO_VNNI": "1"} if flag else {})}).stdout.split()
+            for flag in (False, True)}  # fmt: skip
+    assert runs[True][0] == "False"  # the switch took the portable loop
+    assert runs[False][1] == runs[True][1]

@@ -10,6 +10,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace specdec {
@@ -22,7 +24,6 @@ constexpr int64_t ROWS = 8;  // rows of x multiplied by one streamed weight row 
 constexpr int64_t PREFETCH_BYTES = 8192;
 
 float to_float(float v) { return v; }
-float to_float(int8_t v) { return static_cast<float>(v); }
 float to_float(uint16_t v) {  // bfloat16 bits
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -51,10 +52,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const uint16_t* w, __mmask16 mask) {
   __m256i half = _mm256_maskz_loadu_epi16(mask, w);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_w(const int8_t* w, __mmask16 mask) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w)));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m512 v) {
@@ -116,8 +113,67 @@ PairFn<W> pair_for(int64_t rows) {
   return table[rows - 1];
 }
 
+// ---- int8 weights × int8 activations -------------------------------------------------------------------
+// x is quantised per row (symmetric, scale max|x|/127) and offset to unsigned (xq + 128), so VNNI's vpdpbusd
+// multiplies 64 byte pairs per instruction into exact int32 sums: Σ xu·w = Σ xq·w + 128·Σ w, and Σ w comes
+// from the same instruction against a vector of ones. Integer sums are exact, so every path (VNNI or the
+// portable loop) and every row count gives bit-identical results.
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int32_t sum_i32(__m512i v) {
+  return _mm512_reduce_add_epi32(v);
+}
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void pair_q8_vnni(const uint8_t* xu, const int8_t* w0,
+                                                                       const int8_t* w1, int64_t k, int32_t* out0,
+                                                                       int32_t* out1) {
+  __m512i a0[MB], a1[MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+  __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < k; i += 64) {
+    const __mmask64 mask = k - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - i)) - 1;
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + i + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + i + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m512i v0 = _mm512_maskz_loadu_epi8(mask, w0 + i), v1 = _mm512_maskz_loadu_epi8(mask, w1 + i);
+    s0 = _mm512_dpbusd_epi32(s0, ones, v0);
+    s1 = _mm512_dpbusd_epi32(s1, ones, v1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + r * k + i);
+      a0[r] = _mm512_dpbusd_epi32(a0[r], xv, v0);
+      a1[r] = _mm512_dpbusd_epi32(a1[r], xv, v1);
+    }
+  }
+  const int32_t c0 = 128 * sum_i32(s0), c1 = 128 * sum_i32(s1);
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r) {
+    out0[r] = sum_i32(a0[r]) - c0;
+    out1[r] = sum_i32(a1[r]) - c1;
+  }
+}
+
+using PairQ8Fn = void (*)(const uint8_t*, const int8_t*, const int8_t*, int64_t, int32_t*, int32_t*);
+
+PairQ8Fn pair_q8_for(int64_t rows) {
+  static const PairQ8Fn table[ROWS] = {pair_q8_vnni<1>, pair_q8_vnni<2>, pair_q8_vnni<3>, pair_q8_vnni<4>,
+                                       pair_q8_vnni<5>, pair_q8_vnni<6>, pair_q8_vnni<7>, pair_q8_vnni<8>};
+  return table[rows - 1];
+}
+
+void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, int32_t* out) {
+  int32_t wsum = 0;
+  for (int64_t i = 0; i < k; ++i) wsum += w[i];
+  for (int64_t r = 0; r < m; ++r) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < k; ++i) acc += int32_t(xu[r * k + i]) * int32_t(w[i]);
+    out[r] = acc - 128 * wsum;
+  }
+}
+
 template <typename W>
-void linear_range(const float* x, int64_t m, const W* w, const float* scale, const float* bias, float* y,
+void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y,
                   int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
   float out0[ROWS], out1[ROWS];
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
@@ -125,10 +181,7 @@ void linear_range(const float* x, int64_t m, const W* w, const float* scale, con
     const float* xr = x + r0 * k;
     const auto store = [&](int64_t j, const float* out) {
       const float b = bias ? bias[j] : 0.0f;
-      if (scale)
-        for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] * scale[j] + b;
-      else
-        for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
     };
     int64_t j = n_begin;
     if (avx512) {
@@ -159,16 +212,63 @@ bool cpu_has_avx512() {
   return has;
 }
 
-void linear_small_m(const float* x, const void* w, WeightType wtype, const float* scale, const float* bias, float* y,
-                    int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
+void linear_small_m(const float* x, const void* w, WeightType wtype, const float* bias, float* y, int64_t m, int64_t n,
+                    int64_t k, int64_t n_begin, int64_t n_end) {
   const bool avx512 = cpu_has_avx512();
-  switch (wtype) {
-    case WeightType::kFloat32:
-      return linear_range(x, m, static_cast<const float*>(w), nullptr, bias, y, n_begin, n_end, n, k, avx512);
-    case WeightType::kBFloat16:
-      return linear_range(x, m, static_cast<const uint16_t*>(w), nullptr, bias, y, n_begin, n_end, n, k, avx512);
-    case WeightType::kInt8:
-      return linear_range(x, m, static_cast<const int8_t*>(w), scale, bias, y, n_begin, n_end, n, k, avx512);
+  if (wtype == WeightType::kFloat32)
+    return linear_range(x, m, static_cast<const float*>(w), bias, y, n_begin, n_end, n, k, avx512);
+  return linear_range(x, m, static_cast<const uint16_t*>(w), bias, y, n_begin, n_end, n, k, avx512);
+}
+
+bool cpu_has_avx512_vnni() {
+  // SPECDEC_NO_VNNI=1 takes the portable loop on any CPU: the tests compare it with the VNNI path bit for bit.
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("SPECDEC_NO_VNNI");
+  return has;
+}
+
+void quantize_rows_q8(const float* x, int64_t m, int64_t k, uint8_t* xu, float* sx) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    sx[r] = s;
+    for (int64_t i = 0; i < k; ++i) {
+      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[i] / s)));
+      xu[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+    }
+  }
+}
+
+void linear_small_m_q8(const uint8_t* xu, const float* sx, const int8_t* w, const float* scale, const float* bias,
+                       float* y, int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
+  const bool vnni = cpu_has_avx512_vnni();
+  int32_t out0[ROWS], out1[ROWS];
+  for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
+    const int64_t rows = std::min(ROWS, m - r0);
+    const uint8_t* xr = xu + r0 * k;
+    const auto store = [&](int64_t j, const int32_t* out) {
+      const float b = bias ? bias[j] : 0.0f;
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = static_cast<float>(out[r]) * sx[r0 + r] * scale[j] + b;
+    };
+    int64_t j = n_begin;
+    if (vnni) {
+      const PairQ8Fn pair = pair_q8_for(rows);
+      for (; j + 2 <= n_end; j += 2) {
+        pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
+        store(j, out0);
+        store(j + 1, out1);
+      }
+      if (j < n_end) {
+        pair(xr, w + j * k, w + j * k, k, out0, out1);
+        store(j, out0);
+      }
+    } else {
+      for (; j < n_end; ++j) {
+        block_q8_generic(xr, rows, w + j * k, k, out0);
+        store(j, out0);
+      }
+    }
   }
 }
 

@@ -6,8 +6,10 @@ decode step, and it reduces every output element in the same order for any row c
 forward and a one-token decode produce bit-identical linear outputs (batch invariance).
 Larger inputs (prefill) keep torch's GEMM.
 
-``Int8Linear`` is the weight-only int8 variant for a draft model: half the bytes of bfloat16 to stream per
-step, and a draft's precision never changes the output, only how often its proposals are accepted.
+``Int8Linear`` is the int8 variant for a draft model: half the bytes of bfloat16 to stream per step, and a
+draft's precision never changes the output, only how often its proposals are accepted. The kernel quantises
+each activation row to int8 too (W8A8, one scale per row) and sums exactly in int32 with AVX-512 VNNI: measured
+on the default draft's teacher-forced agreement with the target, 0.845 against 0.852 with float activations.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def linear(
     """y[..., N] = x[..., K] · weight[N, K]^T (· scale[N]) + bias[N] on the CPU.
 
     weight is float32, bfloat16, or int8 with a float32 ``scale`` per row (required then, refused otherwise).
+    With int8 weights each row of x is quantised first: y = sx · scale · Σ round(x / sx) · w, sx = max|x| / 127.
     """
     if weight.dtype not in _WEIGHT_TYPES or not weight.is_contiguous() or weight.device.type != "cpu":
         raise ValueError(f"weight must be a contiguous CPU float32, bfloat16 or int8 tensor, got {weight.dtype} on {weight.device}")
@@ -47,6 +50,11 @@ def linear(
         0 if b is None else b.data_ptr(), y.data_ptr(), x2.shape[0], n, k,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def int8_is_fast() -> bool:
+    """Whether int8 weights run on the VNNI path (else a portable loop gives the same bits, slowly)."""
+    return _kernels.cpu_has_avx512_vnni()
 
 
 def _kernel_takes(x: torch.Tensor, max_rows: int) -> bool:
@@ -76,14 +84,16 @@ _QUANTIZE_ROWS = 4096
 
 
 class Int8Linear(torch.nn.Module):
-    """A Linear with int8 weights and one float32 scale per output row (symmetric, weight-only).
+    """A Linear with int8 weights and one float32 scale per output row (symmetric).
 
     Inputs of up to KERNEL_ROWS rows on the CPU go through the small-M kernel, which reads the int8 bytes
-    directly; larger ones (prefill) dequantise the weight to the activations' dtype and use torch's GEMM.
+    directly (and quantises the activations, see ``linear``); larger ones (prefill) dequantise the weight to
+    the activations' dtype and use torch's GEMM.
     """
 
     # Past MAX_ROWS, because a draft's batched catch-up forwards are often 17-32 rows: measured on a 4864x896
-    # layer with 2 threads, the kernel took 2.6 ms at 17 rows and 4.8 at 32, dequantise + GEMM 3.3 and 4.6.
+    # layer with 2 threads, the kernel took 2.6 ms at 17 rows and 4.8 at 32, dequantise + GEMM 3.3 and 4.6
+    # (before the VNNI path, which made the kernel's side cheaper still).
     KERNEL_ROWS = 32
 
     def __init__(self, linear: torch.nn.Linear) -> None:

@@ -1,0 +1,67 @@
+"""Time the small-M linear kernel alone: y[M, N] = x[M, K] · W[N, K]^T for each weight type and M.
+
+The default pair's largest shapes: the target's MLP down-projection input (8960 × 1536, fp32), the draft's MLP
+(4864 × 896) and the draft's LM head (151936 × 896), each as float32, bfloat16 and int8 weights. A memory-bound
+kernel costs about the same at M = 1 and M = 8 (each weight is read once); the ratio column shows how far
+from that each M is.
+
+    python bench/linear_kernel.py [--repeats 9] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import torch
+
+from specdec import fast_linear
+
+SHAPES = [(8960, 1536), (4864, 896), (151936, 896)]
+ROWS = [1, 2, 4, 5, 8, 16]
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--json", help="write the measurements here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+    print(f"small-M linear kernel, median of {args.repeats} (ms; ratio to M=1), {torch.get_num_threads()} threads")
+    print(f"{'N x K':>13} {'weights':>8} | " + " | ".join(f"{'M=' + str(m):>14}" for m in ROWS))
+    for n, k in SHAPES:
+        w = torch.randn(n, k) / k**0.5
+        int8 = fast_linear.Int8Linear(torch.nn.Linear(k, n, bias=False).requires_grad_(False))
+        int8.qweight.copy_(torch.randint(-127, 128, (n, k), dtype=torch.int8))
+        weights = {"float32": (w, None), "bfloat16": (w.to(torch.bfloat16), None), "int8": (int8.qweight, int8.scale)}
+        for name, (weight, scale) in weights.items():
+            row = {"n": n, "k": k, "weights": name, "ms": {}}
+            for m in ROWS:
+                x = torch.randn(m, k)
+                row["ms"][m] = median_ms(lambda: fast_linear.linear(x, weight, None, scale), args.repeats)
+            base = row["ms"][1]
+            cells = " | ".join(f"{row['ms'][m]:7.2f} ({row['ms'][m] / base:4.2f}×)" for m in ROWS)
+            print(f"{n:>6} x {k:<5} {name:>8} | {cells}")
+            results.append(row)
+        del w, weights, int8
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
