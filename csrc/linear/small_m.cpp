@@ -172,35 +172,41 @@ void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, 
   }
 }
 
+// Walks output columns [n_begin, n_end): two weight rows at a time through the vector path (an odd last row
+// pairs with itself), or one at a time through the portable block; store(j, out) writes column j's rows.
+template <typename Out, typename X, typename W, typename Pair, typename Block, typename Store>
+void sweep_columns(bool vector, Pair pair, Block block, const X* xr, int64_t rows, const W* w, int64_t k,
+                   int64_t n_begin, int64_t n_end, Store store) {
+  Out out0[ROWS], out1[ROWS];
+  int64_t j = n_begin;
+  if (vector) {
+    for (; j + 2 <= n_end; j += 2) {
+      pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
+      store(j, out0);
+      store(j + 1, out1);
+    }
+    if (j < n_end) {
+      pair(xr, w + j * k, w + j * k, k, out0, out1);
+      store(j, out0);
+    }
+  } else {
+    for (; j < n_end; ++j) {
+      block(xr, rows, w + j * k, k, out0);
+      store(j, out0);
+    }
+  }
+}
+
 template <typename W>
 void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y,
                   int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
-  float out0[ROWS], out1[ROWS];
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
     const int64_t rows = std::min(ROWS, m - r0);
-    const float* xr = x + r0 * k;
-    const auto store = [&](int64_t j, const float* out) {
-      const float b = bias ? bias[j] : 0.0f;
-      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
-    };
-    int64_t j = n_begin;
-    if (avx512) {
-      const PairFn<W> pair = pair_for<W>(rows);
-      for (; j + 2 <= n_end; j += 2) {
-        pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
-        store(j, out0);
-        store(j + 1, out1);
-      }
-      if (j < n_end) {  // an odd last row pairs with itself
-        pair(xr, w + j * k, w + j * k, k, out0, out1);
-        store(j, out0);
-      }
-    } else {
-      for (; j < n_end; ++j) {
-        block_generic(xr, rows, w + j * k, k, out0);
-        store(j, out0);
-      }
-    }
+    sweep_columns<float>(avx512, avx512 ? pair_for<W>(rows) : nullptr, block_generic<W>, x + r0 * k, rows, w, k,
+                         n_begin, n_end, [&](int64_t j, const float* out) {
+                           const float b = bias ? bias[j] : 0.0f;
+                           for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
+                         });
   }
 }
 
@@ -243,32 +249,14 @@ void quantize_rows_q8(const float* x, int64_t m, int64_t k, uint8_t* xu, float* 
 void linear_small_m_q8(const uint8_t* xu, const float* sx, const int8_t* w, const float* scale, const float* bias,
                        float* y, int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
   const bool vnni = cpu_has_avx512_vnni();
-  int32_t out0[ROWS], out1[ROWS];
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
     const int64_t rows = std::min(ROWS, m - r0);
-    const uint8_t* xr = xu + r0 * k;
-    const auto store = [&](int64_t j, const int32_t* out) {
-      const float b = bias ? bias[j] : 0.0f;
-      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = static_cast<float>(out[r]) * sx[r0 + r] * scale[j] + b;
-    };
-    int64_t j = n_begin;
-    if (vnni) {
-      const PairQ8Fn pair = pair_q8_for(rows);
-      for (; j + 2 <= n_end; j += 2) {
-        pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
-        store(j, out0);
-        store(j + 1, out1);
-      }
-      if (j < n_end) {
-        pair(xr, w + j * k, w + j * k, k, out0, out1);
-        store(j, out0);
-      }
-    } else {
-      for (; j < n_end; ++j) {
-        block_q8_generic(xr, rows, w + j * k, k, out0);
-        store(j, out0);
-      }
-    }
+    sweep_columns<int32_t>(vnni, vnni ? pair_q8_for(rows) : nullptr, block_q8_generic, xu + r0 * k, rows, w, k,
+                           n_begin, n_end, [&](int64_t j, const int32_t* out) {
+                             const float b = bias ? bias[j] : 0.0f;
+                             for (int64_t r = 0; r < rows; ++r)
+                               y[(r0 + r) * n + j] = static_cast<float>(out[r]) * sx[r0 + r] * scale[j] + b;
+                           });
   }
 }
 
