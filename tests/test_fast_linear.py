@@ -130,19 +130,3 @@ def test_the_portable_int8_loop_gives_the_vnni_paths_bits():
             for flag in (False, True)}  # fmt: skip
     assert runs[True][0] == "False"  # the switch took the portable loop
     assert runs[False][1] == runs[True][1]
-
-
-def test_few_row_forwards_of_a_kernel_model_run_torch_single_threaded_and_restore_it():
-    model, plain = llama(50, seed=3, hidden=32), llama(50, seed=3, hidden=32)
-    fast_linear.install(model)
-    outer = torch.get_num_threads()
-    torch.set_num_threads(2)  # so that "single-threaded" is a change on any machine
-    before = torch.get_num_threads()
-    seen = {}
-    for name, m, rows in (("kernel", model, fast_linear.MAX_ROWS), ("prefill", model, fast_linear.MAX_ROWS + 1),
-                          ("plain", plain, 1)):  # fmt: skip
-        with fast_linear.few_row_forward(m, rows):
-            seen[name] = torch.get_num_threads()
-        assert torch.get_num_threads() == before
-    torch.set_num_threads(outer)
-    assert seen == {"kernel": 1, "prefill": 2, "plain": 2}

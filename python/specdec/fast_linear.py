@@ -15,8 +15,6 @@ on the default draft's teacher-forced agreement with the target, 0.845 against 0
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -79,28 +77,7 @@ def install(model: torch.nn.Module) -> int:
             if w.is_contiguous():
                 module.forward = types.MethodType(_forward, module)
                 patched += 1
-    model._specdec_small_m = True
     return patched
-
-
-@contextmanager
-def few_row_forward(model: torch.nn.Module, rows: int) -> Iterator[None]:
-    """Run torch single-threaded for a forward of ``rows`` rows whose linear layers the kernel serves.
-
-    The kernel has its own threads. torch's OpenMP workers, woken by the small ops between two linear layers,
-    took the cores from them: measured on 2 cores, a target decode step took 300-340 ms with torch on 2 threads
-    and 234-242 ms on 1, a verify over 5 tokens 451 against 294 ms, a draft step 59 against 43-50 ms. Prefill
-    (more rows, torch's GEMM) keeps every thread.
-    """
-    if rows > MAX_ROWS or not getattr(model, "_specdec_small_m", False):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 _QUANTIZE_ROWS = 4096

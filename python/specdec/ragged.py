@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from specdec import fast_linear
-
 
 @dataclass
 class Row:
@@ -27,11 +25,6 @@ class Row:
 
 def forward(model: PreTrainedModel, rows: list[Row], vocab_size: int) -> tuple[list[DynamicCache], list[torch.Tensor]]:
     """Run ``model`` over ``rows``; return each row's updated cache and its logits [len(want), vocab_size]."""
-    with fast_linear.few_row_forward(model, len(rows) * max(len(r.new) for r in rows)):
-        return _forward(model, rows, vocab_size)
-
-
-def _forward(model: PreTrainedModel, rows: list[Row], vocab_size: int) -> tuple[list[DynamicCache], list[torch.Tensor]]:
     if len(rows) == 1:
         return _forward_one(model, rows[0], vocab_size)
     device = model.device
