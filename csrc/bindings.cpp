@@ -85,11 +85,12 @@ PYBIND11_MODULE(_kernels, m) {
       "linear_small_m",
       [](uintptr_t x, uintptr_t w, int wtype, uintptr_t scale, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n,
          int64_t k) {
-        if (wtype < 0 || wtype > 2) throw std::invalid_argument("wtype must be 0 (float32), 1 (bfloat16) or 2 (int8)");
+        constexpr int kInt8 = 2;  // int8 weights take the quantised-activation kernel, not a WeightType
+        if (wtype < 0 || wtype > kInt8) throw std::invalid_argument("wtype must be 0 (float32), 1 (bfloat16) or 2 (int8)");
         constexpr int64_t kColumnsPerTask = 256;
         const int64_t tasks = (n + kColumnsPerTask - 1) / kColumnsPerTask;
         const auto columns = [&](int64_t t) { return std::pair(t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask)); };
-        if (wtype == 2) {
+        if (wtype == kInt8) {
           std::vector<uint8_t> xu(rows * k);
           std::vector<float> sx(rows);
           specdec::quantize_rows_q8(P<const float>(x), rows, k, xu.data(), sx.data());

@@ -119,10 +119,6 @@ PairFn<W> pair_for(int64_t rows) {
 // from the same instruction against a vector of ones. Integer sums are exact, so every path (VNNI or the
 // portable loop) and every row count gives bit-identical results.
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline int32_t sum_i32(__m512i v) {
-  return _mm512_reduce_add_epi32(v);
-}
-
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void pair_q8_vnni(const uint8_t* xu, const int8_t* w0,
                                                                        const int8_t* w1, int64_t k, int32_t* out0,
@@ -146,11 +142,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void pair_q8_vnni(const u
       a1[r] = _mm512_dpbusd_epi32(a1[r], xv, v1);
     }
   }
-  const int32_t c0 = 128 * sum_i32(s0), c1 = 128 * sum_i32(s1);
+  const int32_t c0 = 128 * _mm512_reduce_add_epi32(s0), c1 = 128 * _mm512_reduce_add_epi32(s1);
 #pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) {
-    out0[r] = sum_i32(a0[r]) - c0;
-    out1[r] = sum_i32(a1[r]) - c1;
+    out0[r] = _mm512_reduce_add_epi32(a0[r]) - c0;
+    out1[r] = _mm512_reduce_add_epi32(a1[r]) - c1;
   }
 }
 
