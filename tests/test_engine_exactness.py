@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from specdec import fast_linear
+from specdec import fast_linear, ragged
 from specdec.engine import Engine, EngineConfig
 from specdec.models import load_model
 from specdec.params import GenerationRequest, Method, SpeculationParams
@@ -134,10 +134,11 @@ def test_rollback_equals_fresh_prefill(engines, target):
     with torch.inference_mode():
         fresh_t = target.model(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(next_logits(target.model, seq.target_cache, seq.target_len), fresh_t, rtol=1e-5, atol=1e-5)
-        draft = engine.draft.model
-        assert seq.draft_cache.get_seq_length() == seq.draft_len <= len(ids) - 1
-        fresh_d = draft(input_ids=torch.tensor([ids])).logits[0, -1]
-        torch.testing.assert_close(next_logits(draft, seq.draft_cache, seq.draft_len), fresh_d, rtol=1e-5, atol=1e-5)
+        assert seq.draft_cache.length == seq.draft_len <= len(ids) - 1  # the lean draft forward's cache
+        fresh_d = engine.draft.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        row = ragged.Row(copy.deepcopy(seq.draft_cache), seq.draft_len, ids[seq.draft_len :], [len(ids) - seq.draft_len - 1])
+        _, logits = seq.drafter.decoder.forward([row], engine.vocab_size)
+        torch.testing.assert_close(logits[0][0], fresh_d, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 9, 17])

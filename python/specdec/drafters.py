@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from specdec import kernels, ragged
+from specdec import draft_decoder, kernels, ragged
 from specdec.models import LoadedModel
 from specdec.params import stack_filters
 from specdec.policy import StepCosts
@@ -80,12 +80,16 @@ class NgramDrafter:
 
 
 class DraftModelDrafter:
-    """The small model proposes γ tokens per sequence, one batched forward per draft position."""
+    """The small model proposes γ tokens per sequence, one batched forward per draft position.
 
-    def __init__(self, draft: LoadedModel, vocab_size: int, costs: StepCosts) -> None:
+    With ``lean`` (and a model it serves) the forwards run ``draft_decoder.DraftDecoder``, else transformers'.
+    """
+
+    def __init__(self, draft: LoadedModel, vocab_size: int, costs: StepCosts, *, lean: bool = True) -> None:
         self.model = draft.model
         self.vocab_size = vocab_size
         self.costs = costs
+        self.decoder = draft_decoder.DraftDecoder(draft.model) if lean and draft_decoder.supports(draft.model) else None
 
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
         out = [Proposal([]) for _ in seqs]
@@ -115,7 +119,10 @@ class DraftModelDrafter:
         self, seqs: list[Sequence], pending: list[list[int]], j: int
     ) -> tuple[list[int], list[torch.Tensor | None]]:
         rows = [ragged.Row(s.draft_cache, s.draft_len, p, [len(p) - 1]) for s, p in zip(seqs, pending)]
-        caches, logits = ragged.forward(self.model, rows, self.vocab_size)
+        if self.decoder is not None:
+            caches, logits = self.decoder.forward(rows, self.vocab_size)
+        else:
+            caches, logits = ragged.forward(self.model, rows, self.vocab_size)
         for s, c, p in zip(seqs, caches, pending):
             s.draft_cache, s.draft_len = c, s.draft_len + len(p)
         # q matters only to sampled rows: greedy ones are verified against argmax p alone.

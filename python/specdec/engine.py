@@ -45,7 +45,9 @@ class EngineConfig:
     gamma_max: int = 8
     ngram_min: int = 1
     ngram_max: int = 4
-    small_m_linear: bool = True  # few-row linears (decode, verify) through the batch-invariant C++ kernel
+    # Few-row linears (decode, verify) through the batch-invariant C++ kernel, and the draft through the lean
+    # forward built on it (draft_decoder).
+    small_m_linear: bool = True
 
 
 @dataclass
@@ -180,7 +182,7 @@ class Engine:
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
         }
         if draft is not None:
-            self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs)
+            self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs, lean=config.small_m_linear)
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
 

@@ -1,0 +1,140 @@
+"""The lean draft forward computes transformers' function: over ragged rows with their own caches, after
+rollbacks, for Llama (no biases, tied or not) and Qwen2 (q/k/v biases), in float32 and int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import llama
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from specdec import draft_decoder, fast_linear, ragged
+from specdec.draft_decoder import DraftDecoder
+
+VOCAB = 50
+
+
+def qwen2(seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    model = Qwen2ForCausalLM(config).float().eval()
+    with torch.no_grad():  # random biases: transformers initialises them to zero, which would hide a misplaced one
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+MODELS = {
+    "llama": lambda: llama(VOCAB, seed=5),
+    "llama-tied": lambda: llama(VOCAB, seed=6, tied=True),
+    "qwen2": lambda: qwen2(7),
+}
+
+
+def reference(model, ids: list[int]) -> torch.Tensor:
+    """transformers' next-token logits at every position of ids, without a cache: [len(ids), V]."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def run_ragged_script(model, decoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill two prompts of different lengths, then ragged steps with a rollback; pair each logits row the
+    decoder returned with transformers' logits for the same position."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9)]
+    caches: list = [None, None]
+    cached = [0, 0]
+    pairs = []
+
+    def step(new: list[list[int]], want: list[list[int]]) -> None:
+        rows = [ragged.Row(caches[i], cached[i], new[i], want[i]) for i in range(2)]
+        with torch.inference_mode():
+            out_caches, logits = decoder.forward(rows, VOCAB)
+        for i in range(2):
+            full = seqs[i][: cached[i]] + new[i]
+            ref = reference(model, full)
+            pairs.extend((logits[i][j], ref[cached[i] + w]) for j, w in enumerate(want[i]))
+            seqs[i], caches[i], cached[i] = full, out_caches[i], len(full)
+
+    step([seqs[0], seqs[1]], [[4], [0, 8]])  # both prompts at once, one wanting two positions
+    step([[1, 2, 3], [4]], [[0, 1, 2], [0]])  # a verify-like row beside a decode row
+    cached[0] -= 2  # roll back the last two tokens of the first row, as a rejected draft does
+    seqs[0] = seqs[0][: cached[0]]
+    step([[7, 8], [9]], [[1], [0]])
+    step([[10], [11]], [[0], [0]])
+    return pairs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_lean_forward_matches_transformers_over_ragged_rows_and_rollbacks(name):
+    model = MODELS[name]()
+    assert_matches(run_ragged_script(model, DraftDecoder(model)))
+
+
+def assert_matches(pairs) -> None:
+    assert len(pairs) == 11
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_the_comparison_rejects_a_forward_without_positions(monkeypatch):
+    """Negative control: the same script with rotary positions left out disagrees with transformers."""
+    model = MODELS["llama"]()
+    monkeypatch.setattr(draft_decoder, "_rotate", lambda x, cos, sin: x)
+    with pytest.raises(AssertionError):
+        assert_matches(run_ragged_script(model, DraftDecoder(model)))
+
+
+def test_int8_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy():
+    model = qwen2(8)
+    fast_linear.quantize_int8(model)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    decoder = DraftDecoder(model)
+    with torch.inference_mode():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    attn = model.model.layers[0].self_attn
+    fused = decoder.layers[0].qkv.weight
+    assert attn.q_proj.qweight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert attn.v_proj.scale.untyped_storage().data_ptr() == decoder.layers[0].qkv.scale.untyped_storage().data_ptr()
+
+
+def test_int8_lean_forward_agrees_with_the_int8_model():
+    """int8 weights: the lean forward quantises float32 activations where the model's own forward quantises
+    bfloat16 ones, so the two differ by rounding only: close logits, the same argmax almost everywhere."""
+    model = qwen2(9).to(torch.bfloat16)
+    fast_linear.quantize_int8(model)
+    decoder = DraftDecoder(model)
+    pairs = run_ragged_script(model, decoder)
+    got, want = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_an_unsupported_architecture_is_refused_by_name():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert not draft_decoder.supports(model)
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        DraftDecoder(model)
+
+
+def test_a_row_claiming_more_cached_tokens_than_its_cache_holds_is_refused():
+    model = MODELS["llama"]()
+    decoder = DraftDecoder(model)
+    with torch.inference_mode():
+        caches, _ = decoder.forward([ragged.Row(None, 0, [1, 2, 3], [2])], VOCAB)
+        with pytest.raises(ValueError, match="claims 5 cached tokens but its cache holds 3"):
+            decoder.forward([ragged.Row(caches[0], 5, [4], [0])], VOCAB)
+
+
+def test_the_cache_grows_past_its_first_capacity_and_keeps_what_it_held():
+    cache = draft_decoder.KVCache(layers=1, kv_heads=1, head_dim=2, capacity=4)
+    cache.keys[0, 0, :3] = torch.tensor([[1.0, 2], [3, 4], [5, 6]])
+    cache.length = 3
+    cache.reserve(9)
+    assert cache.keys.shape[2] == 16
+    assert torch.equal(cache.keys[0, 0, :3], torch.tensor([[1.0, 2], [3, 4], [5, 6]]))
