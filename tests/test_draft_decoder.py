@@ -43,7 +43,8 @@ def run_ragged_script(model, decoder) -> list[tuple[torch.Tensor, torch.Tensor]]
     """Prefill two prompts of different lengths, then ragged steps with a rollback; pair each logits row the
     decoder returned with transformers' logits for the same position."""
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9)]
+    # 45 rows in the first forward: past the kernel's row limits (the int8 slices, the float GEMM).
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 40)]
     caches: list = [None, None]
     cached = [0, 0]
     pairs = []
@@ -58,7 +59,7 @@ def run_ragged_script(model, decoder) -> list[tuple[torch.Tensor, torch.Tensor]]
             pairs.extend((logits[i][j], ref[cached[i] + w]) for j, w in enumerate(want[i]))
             seqs[i], caches[i], cached[i] = full, out_caches[i], len(full)
 
-    step([seqs[0], seqs[1]], [[4], [0, 8]])  # both prompts at once, one wanting two positions
+    step([seqs[0], seqs[1]], [[4], [0, 39]])  # both prompts at once, one wanting two positions
     step([[1, 2, 3], [4]], [[0, 1, 2], [0]])  # a verify-like row beside a decode row
     cached[0] -= 2  # roll back the last two tokens of the first row, as a rejected draft does
     seqs[0] = seqs[0][: cached[0]]

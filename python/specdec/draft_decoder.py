@@ -83,12 +83,18 @@ class _Linear:
         return cls(module.weight.detach(), None, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel_rows = fast_linear.MAX_ROWS if self.scale is None else fast_linear.Int8Linear.KERNEL_ROWS
-        if x.shape[0] <= kernel_rows:
-            return fast_linear.linear(x, self.weight, self.bias, self.scale)
-        # More rows (a prompt): torch's GEMM on a float32 copy of the weight, made for this call only.
-        weight = self.weight.to(torch.float32)
-        return F.linear(x, weight if self.scale is None else weight.mul_(self.scale[:, None]), self.bias)
+        """x [T, K] float32 → [T, N] float32."""
+        if self.scale is not None:
+            # int8: the kernel at any length, in slices of its row limit. Measured on the default draft, a 60-token
+            # catch-up took 159-169 ms this way against 256-264 ms dequantising to bfloat16 for torch's GEMM (555
+            # to float32), and a 300-token prompt 774 against 820.
+            rows = fast_linear.Int8Linear.KERNEL_ROWS
+            parts = [fast_linear.linear(part, self.weight, self.bias, self.scale) for part in x.split(rows)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if x.shape[0] <= fast_linear.MAX_ROWS:
+            return fast_linear.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(torch.float32)
 
 
 def _fuse(modules: list[torch.nn.Module]) -> _Linear:
