@@ -108,7 +108,8 @@ def _fuse(modules: list[torch.nn.Module]) -> _Linear:
     sizes = [m.out_features for m in modules]
     bias = None
     if any(m.bias is not None for m in modules):
-        bias = torch.cat([torch.zeros(n) if m.bias is None else m.bias.detach().to(torch.float32) for m, n in zip(modules, sizes)])
+        bias = torch.cat([torch.zeros(n) if m.bias is None else m.bias.detach().to(torch.float32)
+                          for m, n in zip(modules, sizes)])  # fmt: skip
     for m, (a, b) in zip(modules, _spans(sizes)):
         if int8:
             m.qweight, m.scale = weight[a:b], scale[a:b]
@@ -131,9 +132,9 @@ class DraftDecoder:
     """``forward(rows)`` over ``ragged.Row``s whose caches are ``KVCache``s (None: a new sequence)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
-        if not supports(model):
-            raise ValueError(f"the lean draft forward does not serve model_type {model.config.model_type!r} on {model.device}")
         c = model.config
+        if not supports(model):
+            raise ValueError(f"the lean draft forward does not serve model_type {c.model_type!r} on {model.device}")
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
@@ -159,7 +160,8 @@ class DraftDecoder:
     def forward(self, rows: list[ragged.Row], vocab_size: int) -> tuple[list[KVCache], list[torch.Tensor]]:
         """Run the rows; return each row's cache (holding its cached and new tokens) and its logits
         [len(want), vocab_size] float32 for the positions it wants."""
-        caches = [r.cache if r.cache is not None else KVCache(len(self.layers), self.kv_heads, self.head_dim) for r in rows]
+        caches = [r.cache if r.cache is not None else KVCache(len(self.layers), self.kv_heads, self.head_dim)
+                  for r in rows]  # fmt: skip
         for r, cache in zip(rows, caches):
             if cache.length < r.cached:
                 raise ValueError(f"a row claims {r.cached} cached tokens but its cache holds {cache.length}")
@@ -169,9 +171,10 @@ class DraftDecoder:
         cos, sin = self._rotary(positions)
         x = self.embed[torch.tensor([t for r in rows for t in r.new])].to(torch.float32)  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
-        masks = [None if len(r.new) == 1 else torch.ones(len(r.new), r.cached + len(r.new), dtype=torch.bool).tril(r.cached) for r in rows]  # fmt: skip
+        masks = [_causal_mask(r.cached, len(r.new)) for r in rows]
         for i, layer in enumerate(self.layers):
-            x = x + layer.o(self._attention(i, layer.qkv(self._rms(x, layer.input_norm)), cos, sin, rows, caches, spans, masks))
+            qkv = layer.qkv(self._rms(x, layer.input_norm))
+            x = x + layer.o(self._attention(i, qkv, cos, sin, rows, caches, spans, masks))
             gate, up = layer.gate_up(self._rms(x, layer.post_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate).mul_(up))
         for r, cache in zip(rows, caches):
@@ -219,6 +222,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Rotary embedding, the half-split convention of Llama-family checkpoints: x [T, heads, head_dim]."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _causal_mask(cached: int, new: int) -> torch.Tensor | None:
+    """Which of the cached + new positions each new token may attend to, [new, cached + new]; None for one token
+    (it sees everything)."""
+    return None if new == 1 else torch.ones(new, cached + new, dtype=torch.bool).tril(cached)
 
 
 def _spans(lengths: list[int]) -> list[tuple[int, int]]:
