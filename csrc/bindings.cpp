@@ -110,6 +110,7 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("cpu_has_avx512_vnni", &specdec::cpu_has_avx512_vnni);
+  m.attr("rows_per_pass") = specdec::kRowsPerPass;
 
   m.def("num_threads", &specdec::num_threads);
   m.def("set_num_threads", &specdec::set_num_threads, py::call_guard<py::gil_scoped_release>());

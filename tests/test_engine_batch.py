@@ -26,7 +26,16 @@ def engines(tiny_dirs):
     return {
         "same": Engine(target, load_model(tiny_dirs["draft_same"]), EngineConfig(method=Method.DRAFT)),
         "other": Engine(target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT)),
+        # The draft through transformers' forward and ragged.forward's padded batches, not draft_decoder.
+        "other-transformers": Engine(
+            target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT, small_m_linear=False)
+        ),
     }
+
+
+def test_the_draft_runs_the_lean_forward_unless_the_kernel_is_off(engines):
+    assert engines["other"]._drafters[Method.DRAFT].decoder is not None
+    assert engines["other-transformers"]._drafters[Method.DRAFT].decoder is None
 
 
 def requests(engine, sampling=None, spec=None):
@@ -65,7 +74,7 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("drafter", ["same", "other"])
+@pytest.mark.parametrize("drafter", ["same", "other", "other-transformers"])
 @pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("stagger", [False, True])
 def test_greedy_alone_equals_batched(engines, drafter, spec, stagger):

@@ -17,7 +17,7 @@
 namespace specdec {
 namespace {
 
-constexpr int64_t ROWS = 8;  // rows of x multiplied by one streamed weight row (accumulators in registers)
+constexpr int64_t ROWS = kRowsPerPass;  // accumulators for this many rows stay in registers
 // Software prefetch distance along a weight row. The hardware prefetcher alone falls behind once the FMAs
 // of several x rows sit between the weight loads: measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes,
 // M=8 took 1.57x the M=1 time without it and 1.25x with 8 KiB (4-16 KiB all within noise).

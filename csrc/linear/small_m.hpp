@@ -7,6 +7,10 @@ namespace specdec {
 
 enum class WeightType { kFloat32, kBFloat16 };
 
+// Rows of x multiplied by each streamed weight row: more rows than this stream the weights again per block, so
+// a forward costs about the same from 1 to kRowsPerPass rows and grows beyond.
+inline constexpr int64_t kRowsPerPass = 8;
+
 bool cpu_has_avx512();
 
 // y[m, n] = x[m, k] · w[n, k]^T (+ bias[n]) for output columns [n_begin, n_end).

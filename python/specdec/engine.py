@@ -173,10 +173,12 @@ class Engine:
         self.real_vocab = min(self.vocab_size, len(self.tokenizer))  # ids past this are embedding padding
         self.context_length = target.context_length
         self.eos_token_ids = self._eos_ids()
-        # Verify tokens that cost about one decode step until measured (StepCosts): the small-M kernel's rows on a
-        # CPU with it, one on a CPU without it (torch runs a GEMV per row), and a GPU's many more.
+        # Verify tokens that cost about one decode step until measured (StepCosts): the rows the small-M kernel
+        # multiplies per pass over the weights on a CPU with it (not its 16-row limit: 9-16 rows read the weights
+        # twice), one on a CPU without it (torch runs a GEMV per row), and a GPU's many more.
         cpu = target.device.type == "cpu"
-        self.costs = StepCosts(flat_tokens=fast_linear.MAX_ROWS if cpu and config.small_m_linear else 1 if cpu else 64)
+        flat = fast_linear.ROWS_PER_PASS if cpu and config.small_m_linear else 1 if cpu else 64
+        self.costs = StepCosts(flat_tokens=flat)
         self._drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),

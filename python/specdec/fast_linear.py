@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from specdec import _kernels
 
 MAX_ROWS = 16
+# Rows the kernel multiplies by each weight row it streams: up to this many a forward costs about one row's, past
+# it the weights are read once more per block of rows.
+ROWS_PER_PASS: int = _kernels.rows_per_pass
 _WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 

@@ -49,13 +49,13 @@ class StepCosts:
     compute-bound as the batch grows.
 
     A size not measured yet is estimated from the nearest smaller one: the same cost up to ``flat_tokens``
-    (where a forward stays memory-bound: the small-M kernel streams the weights once for up to 16 rows), so
+    (where a forward stays memory-bound: the small-M kernel streams the weights once per 8 rows), so
     that larger γ gets tried; beyond it, a cost growing with the tokens, so that a batch does not explore
     γ values whose verify is compute-bound and many times a decode step. No forward is taken to cost more
     than a measured larger one.
     """
 
-    def __init__(self, flat_tokens: int = 16) -> None:
+    def __init__(self, flat_tokens: int = 8) -> None:
         self.flat_tokens = flat_tokens
         self.draft: dict[int, RecentMedian] = {}
         self.target: dict[int, RecentMedian] = {}
