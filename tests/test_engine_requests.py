@@ -181,6 +181,24 @@ def test_a_batch_of_8_is_not_tempted_into_a_second_pass_over_the_weights(tiny_di
     assert choice(old) >= 1
 
 
+def test_a_batch_size_is_costed_from_its_own_forwards_once_it_has_any():
+    """8 tokens as 8 rows' decode step cost more than as one row's verify (each row attends to its own cache). A
+    batch of 4 at γ = 1 (8 tokens) must be costed from batch 4's own forwards (flat up to 8 tokens), not from the
+    8-row decode steps that share its token count: the control, the tokens-only table, declines to draft."""
+    costs = StepCosts()
+    costs.record_target(8, 0.39, rows=1)  # one stream's γ = 7 verify
+    for _ in range(5):
+        costs.record_target(8, 0.48, rows=8)  # 8 streams' decode steps, the latest samples at 8 tokens
+    costs.record_target(4, 0.33, rows=4)
+    costs.record_draft(4, 0.05)
+    assert costs.target_cost(8, rows=4) == 0.33 and costs.target_cost(8) == 0.48
+    assert costs.target_cost(12, rows=4) == pytest.approx(0.33 * 12 / 8)
+    assert costs.target_cost(8, rows=2) == 0.48  # no forward of 2 rows yet: every batch size's table
+    choice = lambda rows: choose_gamma([0.55] * 4, 0.05, lambda m: costs.target_cost(m, rows), 8)  # noqa: E731
+    assert choice(4) >= 1
+    assert choice(None) == 0
+
+
 @pytest.mark.parametrize("true_alpha", [0.5, 0.8, 0.95])
 def test_acceptance_estimate_is_unbiased_under_truncation(true_alpha):
     """Steps stop at the first rejection. The estimate must recover α anyway; accepted ÷ proposed must not
@@ -281,7 +299,7 @@ def test_a_batch_whose_verify_is_compute_bound_never_drafts_not_even_to_probe(ti
         for tokens in range(1, 80):
             engine.costs.record_target(tokens, verify_seconds(tokens))
             engine.costs.record_draft(tokens, 0.002 * tokens)
-        engine.costs.record_target = engine.costs.record_draft = lambda tokens, seconds: None  # the table stays as set
+        engine.costs.record_target = engine.costs.record_draft = lambda *measured: None  # the table stays as set
         for drafter in engine._drafters.values():
             if hasattr(drafter, "costs"):
                 drafter.costs = engine.costs

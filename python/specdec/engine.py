@@ -323,7 +323,7 @@ class Engine:
             choose = partial(
                 choose_gamma,
                 draft_cost=self.costs.draft_cost(len(model_rows)),
-                target_cost=lambda m: self.costs.target_cost(m + others),
+                target_cost=lambda m: self.costs.target_cost(m + others, batch),
                 gamma_max=self._gamma_max(model_rows[0]),
                 catch_up=[self._catch_up(s) for s in model_rows],
             )
@@ -338,7 +338,8 @@ class Engine:
             elif isinstance(s.drafter, DraftModelDrafter):
                 gamma = min(shared, self._gamma_max(s))
             else:
-                gamma = choose_gamma([s.alpha.alpha], 0.0, lambda m: self.costs.target_cost(m + batch - 1), self._gamma_max(s))
+                target_cost = lambda m: self.costs.target_cost(m + batch - 1, batch)  # noqa: E731
+                gamma = choose_gamma([s.alpha.alpha], 0.0, target_cost, self._gamma_max(s))
             if self._adaptive(s):
                 gamma = s.probe.gamma(gamma, could_pay or not isinstance(s.drafter, DraftModelDrafter))
             cap = min(
@@ -378,7 +379,7 @@ class Engine:
         caches, logits = ragged.forward(self.target.model, rows, self.vocab_size)
         t_target = time.perf_counter() - t0
         if not prefill:
-            self.costs.record_target(sum(len(r.new) for r in rows), t_target)
+            self.costs.record_target(sum(len(r.new) for r in rows), t_target, len(rows))
 
         t0 = time.perf_counter()
         tokens, num_accepted, logprobs = self._verify(seqs, proposals, logits)

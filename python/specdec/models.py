@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec import fast_linear
+from specdec import attention, fast_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only formats: the linear layers' weights are quantised, everything else runs in the mapped dtype.
@@ -123,6 +123,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
+    attention.install(model)
     if weight_only:
         fast_linear.quantize_int8(model)
         _return_freed_memory()
