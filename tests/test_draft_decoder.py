@@ -104,11 +104,15 @@ def test_int8_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy(
     assert attn.v_proj.scale.untyped_storage().data_ptr() == decoder.layers[0].qkv.scale.untyped_storage().data_ptr()
 
 
-def test_int8_lean_forward_agrees_with_the_int8_model():
-    """int8 weights: the lean forward quantises float32 activations where the model's own forward quantises
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_a_low_precision_lean_forward_agrees_with_the_model(precision):
+    """int8 or bfloat16 weights: the lean forward keeps float32 activations where the model's own forward keeps
     bfloat16 ones, so the two differ by rounding only: close logits, the same argmax almost everywhere."""
     model = qwen2(9).to(torch.bfloat16)
-    fast_linear.quantize_int8(model)
+    if precision == "int8":
+        fast_linear.quantize_int8(model)
+    else:
+        fast_linear.install(model)  # the kernel reads bfloat16 weights directly, as the engine sets it up
     decoder = DraftDecoder(model)
     pairs = run_ragged_script(model, decoder)
     got, want = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
