@@ -100,16 +100,16 @@ class _Linear:
 def _fuse(modules: list[torch.nn.Module]) -> _Linear:
     """One linear computing ``modules`` side by side (outputs concatenated). Each module's weight (and scale)
     becomes a view of the fused one, so the model's own forward still works and nothing is held twice."""
-    int8 = isinstance(modules[0], fast_linear.Int8Linear)
-    if not all(isinstance(m, fast_linear.Int8Linear) == int8 for m in modules):
+    parts = [_Linear.of(m) for m in modules]
+    int8 = parts[0].scale is not None
+    if any((p.scale is not None) != int8 for p in parts):
         raise ValueError("cannot fuse int8 and float linear layers")
-    weight = torch.cat([m.qweight if int8 else m.weight.detach() for m in modules])
-    scale = torch.cat([m.scale for m in modules]) if int8 else None
-    sizes = [m.out_features for m in modules]
+    weight = torch.cat([p.weight for p in parts])
+    scale = torch.cat([p.scale for p in parts]) if int8 else None
+    sizes = [p.weight.shape[0] for p in parts]
     bias = None
-    if any(m.bias is not None for m in modules):
-        bias = torch.cat([torch.zeros(n) if m.bias is None else m.bias.detach().to(torch.float32)
-                          for m, n in zip(modules, sizes)])  # fmt: skip
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([torch.zeros(n) if p.bias is None else p.bias for p, n in zip(parts, sizes)])
     for m, (a, b) in zip(modules, _spans(sizes)):
         if int8:
             m.qweight, m.scale = weight[a:b], scale[a:b]
