@@ -18,9 +18,10 @@ namespace specdec {
 namespace {
 
 constexpr int64_t ROWS = kRowsPerPass;  // accumulators for this many rows stay in registers
-// Software prefetch distance along a weight row. The hardware prefetcher alone falls behind once the FMAs
-// of several x rows sit between the weight loads: measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes,
-// M=8 took 1.57x the M=1 time without it and 1.25x with 8 KiB (4-16 KiB all within noise).
+// Software prefetch distance along a weight row, into L2 (T1). The hardware prefetcher alone falls behind once
+// the FMAs of several x rows sit between the weight loads. Measured on 2 Zen 4 cores with Qwen2.5-1.5B's
+// shapes: into L1 (T0) M=8 took 1.41-1.52x the M=1 time; into L2 1.11-1.20x, and M=1 itself got 20-30% faster
+// (more misses in flight than L1's fill buffers allow). 4-32 KiB ahead are all within noise.
 constexpr int64_t PREFETCH_BYTES = 8192;
 
 float to_float(float v) { return v; }
@@ -63,53 +64,66 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m51
   return _mm_cvtss_f32(d);
 }
 
-// Two weight rows at a time against MB rows of x: 2·MB independent accumulator chains in registers, and
-// each x load feeds two FMAs. Row j's reduction is the same whether it is processed first or second.
-template <int MB, typename W>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pair_avx512(const float* x, const W* w0, const W* w1,
-                                                                        int64_t k, float* out0, float* out1) {
-  // Every loop over MB is unrolled: otherwise GCC keeps a0/a1 in memory and stores all 2·MB accumulators on
-  // each iteration, which made the kernel store-bound (M=8 took 8x the M=1 time instead of memory-bound).
-  __m512 a0[MB], a1[MB];
-#pragma GCC unroll 8
-  for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  int64_t i = 0;
+// One 16-column step of group_avx512: WR weight vectors (prefetching ahead) against MB x vectors.
+template <int MB, int WR, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void group_step(
+    const float* x, const W* w, int64_t k, int64_t i, __mmask16 mask, __m512 (&acc)[WR][MB]) {
   constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);  // past a row's end it fetches the next rows: harmless
-  for (; i + 16 <= k; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w0 + i + ahead), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + i + ahead), _MM_HINT_T0);
-    const __m512 v0 = load_w(w0 + i, 0xFFFF), v1 = load_w(w1 + i, 0xFFFF);
-#pragma GCC unroll 8
-    for (int r = 0; r < MB; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * k + i);
-      a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(xv, v1, a1[r]);
-    }
-  }
-  if (i < k) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
-    const __m512 v0 = load_w(w0 + i, mask), v1 = load_w(w1 + i, mask);
-#pragma GCC unroll 8
-    for (int r = 0; r < MB; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
-      a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(xv, v1, a1[r]);
-    }
+  __m512 v[WR];
+#pragma GCC unroll 4
+  for (int q = 0; q < WR; ++q) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + q * k + i + ahead), _MM_HINT_T1);
+    v[q] = load_w(w + q * k + i, mask);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) {
-    out0[r] = tree_sum(a0[r]);
-    out1[r] = tree_sum(a1[r]);
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k + i);
+#pragma GCC unroll 4
+    for (int q = 0; q < WR; ++q) acc[q][r] = _mm512_fmadd_ps(xv, v[q], acc[q][r]);
   }
 }
 
-template <typename W>
-using PairFn = void (*)(const float*, const W*, const W*, int64_t, float*, float*);
+// WR weight rows at a time against MB rows of x: WR·MB independent accumulator chains in registers, and each x
+// load feeds WR FMAs. out[q * ROWS + r] is x row r against weight row q; each one's reduction is the same
+// whatever WR and MB are.
+template <int MB, int WR, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void group_avx512(const float* x, const W* w, int64_t k,
+                                                                         float* out) {
+  // Every loop over MB and WR is unrolled: otherwise GCC keeps the accumulators in memory and stores them all on
+  // each iteration, which made the kernel store-bound (M=8 took 8x the M=1 time instead of memory-bound).
+  __m512 acc[WR][MB];
+#pragma GCC unroll 4
+  for (int q = 0; q < WR; ++q)
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) acc[q][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) group_step<MB, WR>(x, w, k, i, 0xFFFF, acc);
+  if (i < k) group_step<MB, WR>(x, w, k, i, static_cast<__mmask16>((1u << (k - i)) - 1), acc);
+#pragma GCC unroll 4
+  for (int q = 0; q < WR; ++q)
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) out[q * ROWS + r] = tree_sum(acc[q][r]);
+}
+
+// The vector kernel for a block of `rows` x rows: `wide` takes `width` weight rows per call, `one` the leftovers.
+template <typename Fn>
+struct Group {
+  Fn wide, one;
+  int64_t width;
+};
 
 template <typename W>
-PairFn<W> pair_for(int64_t rows) {
-  static const PairFn<W> table[ROWS] = {pair_avx512<1, W>, pair_avx512<2, W>, pair_avx512<3, W>, pair_avx512<4, W>,
-                                        pair_avx512<5, W>, pair_avx512<6, W>, pair_avx512<7, W>, pair_avx512<8, W>};
+using GroupFn = void (*)(const float*, const W*, int64_t, float*);
+
+// Measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes: 4 weight rows per call at 7-8 x rows (fewer x loads
+// per FMA; M=8 down-projection 1.08-1.21x the M=1 time against 1.41-1.44x with 2), 2 below that (4 was slower).
+template <typename W>
+Group<GroupFn<W>> group_for(int64_t rows) {
+  static const Group<GroupFn<W>> table[ROWS] = {
+      {group_avx512<1, 2, W>, group_avx512<1, 1, W>, 2}, {group_avx512<2, 2, W>, group_avx512<2, 1, W>, 2},
+      {group_avx512<3, 2, W>, group_avx512<3, 1, W>, 2}, {group_avx512<4, 2, W>, group_avx512<4, 1, W>, 2},
+      {group_avx512<5, 2, W>, group_avx512<5, 1, W>, 2}, {group_avx512<6, 2, W>, group_avx512<6, 1, W>, 2},
+      {group_avx512<7, 4, W>, group_avx512<7, 1, W>, 4}, {group_avx512<8, 4, W>, group_avx512<8, 1, W>, 4}};
   return table[rows - 1];
 }
 
@@ -119,42 +133,49 @@ PairFn<W> pair_for(int64_t rows) {
 // from the same instruction against a vector of ones. Integer sums are exact, so every path (VNNI or the
 // portable loop) and every row count gives bit-identical results.
 
-template <int MB>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void pair_q8_vnni(const uint8_t* xu, const int8_t* w0,
-                                                                       const int8_t* w1, int64_t k, int32_t* out0,
-                                                                       int32_t* out1) {
-  __m512i a0[MB], a1[MB];
+template <int MB, int WR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_q8_vnni(const uint8_t* xu, const int8_t* w, int64_t k,
+                                                                        int32_t* out) {
+  __m512i acc[WR][MB], wsum[WR];
+#pragma GCC unroll 4
+  for (int q = 0; q < WR; ++q) {
+    wsum[q] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-  for (int r = 0; r < MB; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
-  __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int r = 0; r < MB; ++r) acc[q][r] = _mm512_setzero_si512();
+  }
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t i = 0; i < k; i += 64) {
     const __mmask64 mask = k - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - i)) - 1;
-    _mm_prefetch(reinterpret_cast<const char*>(w0 + i + PREFETCH_BYTES), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + i + PREFETCH_BYTES), _MM_HINT_T0);
-    const __m512i v0 = _mm512_maskz_loadu_epi8(mask, w0 + i), v1 = _mm512_maskz_loadu_epi8(mask, w1 + i);
-    s0 = _mm512_dpbusd_epi32(s0, ones, v0);
-    s1 = _mm512_dpbusd_epi32(s1, ones, v1);
+    __m512i v[WR];
+#pragma GCC unroll 4
+    for (int q = 0; q < WR; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + q * k + i + PREFETCH_BYTES), _MM_HINT_T1);
+      v[q] = _mm512_maskz_loadu_epi8(mask, w + q * k + i);
+      wsum[q] = _mm512_dpbusd_epi32(wsum[q], ones, v[q]);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + r * k + i);
-      a0[r] = _mm512_dpbusd_epi32(a0[r], xv, v0);
-      a1[r] = _mm512_dpbusd_epi32(a1[r], xv, v1);
+#pragma GCC unroll 4
+      for (int q = 0; q < WR; ++q) acc[q][r] = _mm512_dpbusd_epi32(acc[q][r], xv, v[q]);
     }
   }
-  const int32_t c0 = 128 * _mm512_reduce_add_epi32(s0), c1 = 128 * _mm512_reduce_add_epi32(s1);
+#pragma GCC unroll 4
+  for (int q = 0; q < WR; ++q) {
+    const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum[q]);
 #pragma GCC unroll 8
-  for (int r = 0; r < MB; ++r) {
-    out0[r] = _mm512_reduce_add_epi32(a0[r]) - c0;
-    out1[r] = _mm512_reduce_add_epi32(a1[r]) - c1;
+    for (int r = 0; r < MB; ++r) out[q * ROWS + r] = _mm512_reduce_add_epi32(acc[q][r]) - offset;
   }
 }
 
-using PairQ8Fn = void (*)(const uint8_t*, const int8_t*, const int8_t*, int64_t, int32_t*, int32_t*);
+using GroupQ8Fn = void (*)(const uint8_t*, const int8_t*, int64_t, int32_t*);
 
-PairQ8Fn pair_q8_for(int64_t rows) {
-  static const PairQ8Fn table[ROWS] = {pair_q8_vnni<1>, pair_q8_vnni<2>, pair_q8_vnni<3>, pair_q8_vnni<4>,
-                                       pair_q8_vnni<5>, pair_q8_vnni<6>, pair_q8_vnni<7>, pair_q8_vnni<8>};
+Group<GroupQ8Fn> group_q8_for(int64_t rows) {
+  static const Group<GroupQ8Fn> table[ROWS] = {
+      {group_q8_vnni<1, 2>, group_q8_vnni<1, 1>, 2}, {group_q8_vnni<2, 2>, group_q8_vnni<2, 1>, 2},
+      {group_q8_vnni<3, 2>, group_q8_vnni<3, 1>, 2}, {group_q8_vnni<4, 2>, group_q8_vnni<4, 1>, 2},
+      {group_q8_vnni<5, 2>, group_q8_vnni<5, 1>, 2}, {group_q8_vnni<6, 2>, group_q8_vnni<6, 1>, 2},
+      {group_q8_vnni<7, 2>, group_q8_vnni<7, 1>, 2}, {group_q8_vnni<8, 2>, group_q8_vnni<8, 1>, 2}};
   return table[rows - 1];
 }
 
@@ -168,27 +189,26 @@ void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, 
   }
 }
 
-// Walks output columns [n_begin, n_end): two weight rows at a time through the vector path (an odd last row
-// pairs with itself), or one at a time through the portable block; store(j, out) writes column j's rows.
-template <typename Out, typename X, typename W, typename Pair, typename Block, typename Store>
-void sweep_columns(bool vector, Pair pair, Block block, const X* xr, int64_t rows, const W* w, int64_t k,
+// Walks output columns [n_begin, n_end): group.width weight rows at a time through the vector path (the last few
+// one at a time), or one at a time through the portable block; store(j, out) writes column j's rows.
+template <typename Out, typename X, typename W, typename Fn, typename Block, typename Store>
+void sweep_columns(const Group<Fn>* group, Block block, const X* xr, int64_t rows, const W* w, int64_t k,
                    int64_t n_begin, int64_t n_end, Store store) {
-  Out out0[ROWS], out1[ROWS];
+  Out out[4 * ROWS];
   int64_t j = n_begin;
-  if (vector) {
-    for (; j + 2 <= n_end; j += 2) {
-      pair(xr, w + j * k, w + (j + 1) * k, k, out0, out1);
-      store(j, out0);
-      store(j + 1, out1);
+  if (group) {
+    for (; j + group->width <= n_end; j += group->width) {
+      group->wide(xr, w + j * k, k, out);
+      for (int64_t q = 0; q < group->width; ++q) store(j + q, out + q * ROWS);
     }
-    if (j < n_end) {
-      pair(xr, w + j * k, w + j * k, k, out0, out1);
-      store(j, out0);
+    for (; j < n_end; ++j) {
+      group->one(xr, w + j * k, k, out);
+      store(j, out);
     }
   } else {
     for (; j < n_end; ++j) {
-      block(xr, rows, w + j * k, k, out0);
-      store(j, out0);
+      block(xr, rows, w + j * k, k, out);
+      store(j, out);
     }
   }
 }
@@ -198,8 +218,9 @@ void linear_range(const float* x, int64_t m, const W* w, const float* bias, floa
                   int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
     const int64_t rows = std::min(ROWS, m - r0);
-    sweep_columns<float>(avx512, avx512 ? pair_for<W>(rows) : nullptr, block_generic<W>, x + r0 * k, rows, w, k,
-                         n_begin, n_end, [&](int64_t j, const float* out) {
+    const auto group = avx512 ? group_for<W>(rows) : Group<GroupFn<W>>{};
+    sweep_columns<float>(avx512 ? &group : nullptr, block_generic<W>, x + r0 * k, rows, w, k, n_begin, n_end,
+                         [&](int64_t j, const float* out) {
                            const float b = bias ? bias[j] : 0.0f;
                            for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
                          });
@@ -247,8 +268,9 @@ void linear_small_m_q8(const uint8_t* xu, const float* sx, const int8_t* w, cons
   const bool vnni = cpu_has_avx512_vnni();
   for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
     const int64_t rows = std::min(ROWS, m - r0);
-    sweep_columns<int32_t>(vnni, vnni ? pair_q8_for(rows) : nullptr, block_q8_generic, xu + r0 * k, rows, w, k,
-                           n_begin, n_end, [&](int64_t j, const int32_t* out) {
+    const auto group = vnni ? group_q8_for(rows) : Group<GroupQ8Fn>{};
+    sweep_columns<int32_t>(vnni ? &group : nullptr, block_q8_generic, xu + r0 * k, rows, w, k, n_begin, n_end,
+                           [&](int64_t j, const int32_t* out) {
                              const float b = bias ? bias[j] : 0.0f;
                              for (int64_t r = 0; r < rows; ++r)
                                y[(r0 + r) * n + j] = static_cast<float>(out[r]) * sx[r0 + r] * scale[j] + b;
