@@ -62,6 +62,8 @@ def test_serve_flags_of_the_issue_exist():
 def test_serve_rejects_bad_values_before_loading(capsys):
     assert cli.main(["serve", "--target", "x", "--gamma", "40"]) == 2
     assert "--gamma must be in [0, 32], got 40" in capsys.readouterr().err
+    assert cli.main(["serve", "--target", "x", "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk must be >= 0 (0: the whole prompt in one forward), got -1" in capsys.readouterr().err
     assert cli.main(["serve", "--draft", "d"]) == 2
 
 

@@ -36,6 +36,9 @@ def _add_serve(sub) -> None:
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
     m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",
                    help="acceptance/sampling kernels: cpu (C++) or tt (tt-metal device kernels, not yet run on hardware)")  # fmt: skip
+    m.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prefill a longer prompt this many tokens per step, so running requests keep streaming "
+                        "(default 256; 0: the whole prompt in one forward)")  # fmt: skip
     s = p.add_argument_group("speculation")
     s.add_argument("--method", choices=["draft", "ngram", "none"], default="draft",
                    help="default drafter (draft falls back to ngram without a draft model)")  # fmt: skip
@@ -192,6 +195,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"--gamma must be in [0, 32], got {args.gamma}")
     if not 1 <= args.gamma_max <= 32:
         return _fail(f"--gamma-max must be in [1, 32], got {args.gamma_max}")
+    if args.prefill_chunk < 0:
+        return _fail(f"--prefill-chunk must be >= 0 (0: the whole prompt in one forward), got {args.prefill_chunk}")
     if args.max_queue < 0 or args.max_running < 1:
         return _fail("--max-queue must be >= 0 and --max-running >= 1")
     if args.threads is not None and args.threads < 1:
@@ -236,7 +241,7 @@ def _loader(args: argparse.Namespace):
             method = Method.NGRAM
         if method != Method.DRAFT:
             draft = None  # no need to hold a draft model the server will not use
-        config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max)
+        config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk)
         return Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
                            threads=args.threads, config=config)  # fmt: skip
 

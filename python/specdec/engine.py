@@ -48,6 +48,13 @@ class EngineConfig:
     # Few-row linears (decode, verify) through the batch-invariant C++ kernel, and the draft through the lean
     # forward built on it (draft_decoder).
     small_m_linear: bool = True
+    # A prompt longer than this is prefilled in chunks of this many tokens, one chunk per step, so that the requests
+    # already running keep emitting between them instead of waiting for the whole prompt. 0: one forward.
+    prefill_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt in one forward), got {self.prefill_chunk}")
 
 
 @dataclass
@@ -267,10 +274,16 @@ class Engine:
             if s.metrics.first_step_at is None:
                 s.metrics.first_step_at = now
         outs: dict[int, StepOutput] = {}
-        running = [s for s in seqs if s.target_len > 0]
-        fresh = [s for s in seqs if s.target_len == 0]
-        short = [s for s in fresh if len(s.all_ids) <= BATCH_PREFILL_TOKENS]
-        for group in ([short] if short else []) + [[s] for s in fresh if len(s.all_ids) > BATCH_PREFILL_TOKENS]:
+        running = [s for s in seqs if s.output_ids]
+        fresh = [s for s in seqs if not s.output_ids]
+        chunk = self.config.prefill_chunk
+        chunking = [s for s in fresh if chunk and len(s.all_ids) - s.target_len > chunk]
+        if chunking:  # one chunk per step, for the longest-waiting prompt: a step's stall stays one chunk's forward
+            outs[id(chunking[0])] = self._prefill_chunk(chunking[0], chunk)
+            outs.update((id(s), StepOutput([], "", None)) for s in chunking[1:])
+        fresh = [s for s in fresh if s not in chunking]
+        short = [s for s in fresh if len(s.all_ids) - s.target_len <= BATCH_PREFILL_TOKENS]
+        for group in ([short] if short else []) + [[s] for s in fresh if s not in short]:
             outs.update(zip(map(id, group), self._step(group)))
         if running:
             outs.update(zip(map(id, running), self._step(running)))
@@ -305,7 +318,9 @@ class Engine:
         seq = self.start(request)
         try:
             while not seq.finished:
-                yield self.step_batch([seq])[0]
+                out = self.step_batch([seq])[0]
+                if out.token_ids or out.finished:  # a prefill chunk's step emits nothing
+                    yield out
         finally:
             self.release(seq)
 
@@ -313,7 +328,7 @@ class Engine:
 
     def _gammas(self, seqs: list[Sequence]) -> list[int]:
         """γ per sequence: fixed where asked, else chosen from α and the measured costs of this batch size."""
-        if seqs[0].target_len == 0:
+        if not seqs[0].output_ids:
             return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
         model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s)]
@@ -367,7 +382,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self, seqs: list[Sequence]) -> list[StepOutput]:
         t_step = time.perf_counter()
-        prefill = seqs[0].target_len == 0
+        prefill = not seqs[0].output_ids
         gammas = self._gammas(seqs)
         proposals = self._propose(seqs, gammas)
 
@@ -413,6 +428,16 @@ class Engine:
         for s, p in zip(seqs, proposals):
             s.metrics.other_s += elapsed - p.seconds - t_target - t_kernel
         return outs
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, seq: Sequence, chunk: int) -> StepOutput:
+        """Feed the target the next ``chunk`` prompt tokens; no logits, nothing emitted."""
+        t0 = time.perf_counter()
+        row = ragged.Row(seq.target_cache, seq.target_len, seq.all_ids[seq.target_len : seq.target_len + chunk], [])
+        caches, _ = ragged.forward(self.target.model, [row], self.vocab_size)
+        seq.target_cache, seq.target_len = caches[0], seq.target_len + chunk
+        seq.metrics.prefill_s += time.perf_counter() - t0
+        return StepOutput([], "", None)
 
     def _propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
         """Each drafter proposes for its own sequences, all of them in one batched call."""
