@@ -85,7 +85,7 @@ def test_int8_is_exact_integer_arithmetic_on_quantised_rows_and_batch_invariant(
                                rtol=0.05, atol=0.02 * k**0.5 * float(scale.max()) * 127)  # fmt: skip
 
 
-def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
+def test_int8_linear_quantises_within_half_a_step_and_takes_the_kernel_at_any_length():
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 40)
     with torch.no_grad():
@@ -95,11 +95,17 @@ def test_int8_linear_quantises_within_half_a_step_and_routes_by_rows():
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() <= 127
     assert torch.all((deq - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7)
     assert torch.equal(deq[3], torch.zeros(96))
-    x_small, x_large = torch.randn(fast_linear.Int8Linear.KERNEL_ROWS, 96), torch.randn(fast_linear.Int8Linear.KERNEL_ROWS + 1, 96)
+    x = torch.randn(2, 2 * fast_linear.INT8_SLICE_ROWS + 5, 96)  # a prefill of three slices, batched
     with torch.inference_mode():
-        assert torch.equal(q(x_large), F.linear(x_large, deq, lin.bias))  # prefill: torch's GEMM on the dequantised weight
-        torch.testing.assert_close(q(x_small), int8_reference(x_small, q.qweight, lin.bias, q.scale))  # the kernel
-        torch.testing.assert_close(q(x_small), lin(x_small), rtol=0.05, atol=0.05)  # and close to the float layer
+        y = q(x)
+        assert y.shape == (2, 2 * fast_linear.INT8_SLICE_ROWS + 5, 40)
+        rows = x.reshape(-1, 96)
+        torch.testing.assert_close(y.reshape(-1, 40), int8_reference(rows, q.qweight, lin.bias, q.scale))  # the kernel
+        for i in (0, fast_linear.INT8_SLICE_ROWS, rows.shape[0] - 1):  # each row as if alone, across slices
+            assert torch.equal(y.reshape(-1, 40)[i], q(rows[i : i + 1])[0])
+        torch.testing.assert_close(y, lin(x), rtol=0.05, atol=0.05)  # and close to the float layer
+    with torch.enable_grad():  # autograd: torch's GEMM on the dequantised weight
+        assert torch.equal(q(rows), F.linear(rows, deq, lin.bias))
 
 
 def test_quantize_int8_replaces_every_linear_and_keeps_a_tied_embedding():

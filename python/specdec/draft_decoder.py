@@ -85,12 +85,7 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] float32 → [T, N] float32."""
         if self.scale is not None:
-            # int8: the kernel at any length, in slices of its row limit. Measured on the default draft, a 60-token
-            # catch-up took 159-169 ms this way against 256-264 ms dequantising to bfloat16 for torch's GEMM (555
-            # to float32), and a 300-token prompt 774 against 820.
-            rows = fast_linear.Int8Linear.KERNEL_ROWS
-            parts = [fast_linear.linear(part, self.weight, self.bias, self.scale) for part in x.split(rows)]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return fast_linear.linear_int8(x, self.weight, self.bias, self.scale)
         if x.shape[0] <= fast_linear.MAX_ROWS:
             return fast_linear.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
