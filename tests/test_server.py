@@ -85,13 +85,12 @@ def test_unary_and_stream_identical_and_equal_to_engine(server, reference_engine
     assert len([c for c in chunks if c.token_ids]) == summary.speculation.verify_steps
 
 
-def test_a_chunked_prompt_streams_no_empty_chunk_and_the_same_tokens(tiny_dirs, reference_engine):
+def test_a_chunked_prompt_streams_the_same_tokens_as_a_one_forward_prefill(tiny_dirs, reference_engine):
     srv = ServerThread(test_config(), engine=load_engine(tiny_dirs, prefill_chunk=4))
     try:
         text = " ".join(str(i) for i in range(30))
         assert len(reference_engine.encode(text)) > 3 * 4
         chunks, summary = stream_all(srv.stub(), request(text, 12), timeout=30)
-        assert chunks and all(c.token_ids for c in chunks)
         assert [c.index for c in chunks] == list(range(len(chunks)))
         assert [t for c in chunks for t in c.token_ids] == reference(reference_engine, text, 12)[0]
         assert summary is not None and summary.usage.completion_tokens == 12

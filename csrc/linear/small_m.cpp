@@ -117,6 +117,8 @@ using GroupFn = void (*)(const float*, const W*, int64_t, float*);
 
 // Measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes: 4 weight rows per call at 7-8 x rows (fewer x loads
 // per FMA; M=8 down-projection 1.08-1.21x the M=1 time against 1.41-1.44x with 2), 2 below that (4 was slower).
+// At 8 x rows the 32 accumulators plus the weight and x vectors exceed the 32 registers, so GCC spills a few: known,
+// and still the faster choice measured. (The int8 table below keeps 2 weight rows at every row count.)
 template <typename W>
 Group<GroupFn<W>> group_for(int64_t rows) {
   static const Group<GroupFn<W>> table[ROWS] = {

@@ -4,7 +4,7 @@ At 1-16 rows (one decode token, or a verify of γ+1 tokens) a CPU forward is bou
 weights. The kernel streams each weight row once for all rows, so verifying k tokens costs about one
 decode step, and it reduces every output element in the same order for any row count: a verify
 forward and a one-token decode produce bit-identical linear outputs (batch invariance).
-Larger inputs (prefill) keep torch's GEMM.
+Larger inputs (prefill) keep torch's GEMM, except through ``Int8Linear`` (see ``linear_int8``).
 
 ``Int8Linear`` is the int8 variant for a draft model: half the bytes of bfloat16 to stream per step, and a
 draft's precision never changes the output, only how often its proposals are accepted. The kernel quantises
@@ -60,13 +60,8 @@ def int8_is_fast() -> bool:
     return _kernels.cpu_has_avx512_vnni()
 
 
-def _kernel_takes(x: torch.Tensor, max_rows: int) -> bool:
-    """Whether the kernel serves ``x``: a CPU inference input of at most ``max_rows`` rows."""
-    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= max_rows and not torch.is_grad_enabled()
-
-
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if _kernel_takes(x, MAX_ROWS):
+    if x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS and not torch.is_grad_enabled():
         return linear(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
