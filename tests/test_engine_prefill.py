@@ -52,26 +52,20 @@ def test_a_long_prompt_prefills_a_chunk_per_step_while_a_running_request_keeps_e
         assert s.output_ids == ref == base
 
 
-def test_long_prompts_share_one_chunk_budget_per_step_first_come_first_served(pair):
+def test_prompts_longer_than_a_chunk_are_chunked_one_at_a_time_first_come_first_served(pair):
     engine = Engine(*pair, EngineConfig(prefill_chunk=CHUNK))
     whole = Engine(*pair, EngineConfig(prefill_chunk=0))
     first = engine.encode(" ".join(str(i) for i in range(6)))
     second = engine.encode(" ".join(str(i) for i in range(30, 45)))
     assert CHUNK < len(first) < 2 * CHUNK < len(second)
     seqs = [engine.start(greedy(engine, ids, 6)) for ids in (first, second)]
-    seqs.append(engine.start(greedy(engine, engine.encode("a"), 6)))  # short: prefills at once, outside the budget
-    order = []
+    seqs.append(engine.start(greedy(engine, engine.encode("a"), 6)))  # short: prefills at once
+    steps = []
     while not all(s.finished for s in seqs):
-        live = [s for s in seqs if not s.finished]
-        before = {id(s): (s.target_len, len(s.output_ids)) for s in live}
-        engine.step_batch(live)
-        fed = 0  # prompt tokens the long prompts fed this step: a chunk, or the rest of the prompt in a first step
-        for s in (s for s in seqs[:2] if id(s) in before and not before[id(s)][1]):
-            fed += (len(s.request.prompt_ids) if s.output_ids else s.target_len) - before[id(s)][0]
-        assert fed <= CHUNK
-        order.append([bool(s.output_ids) for s in seqs])
-    assert order[0] == [False, False, True]  # the short prompt emitted in the first step
-    assert order.index([True, True, True]) > order.index([True, False, True])  # the first come finished prefill first
+        engine.step_batch([s for s in seqs if not s.finished])
+        steps.append((seqs[0].target_len, bool(seqs[0].output_ids), seqs[1].target_len))
+    assert steps[0] == (CHUNK, False, 0) and seqs[2].output_ids  # one chunk of the first; the short one emitted
+    assert steps[1][1] and steps[1][2] == CHUNK  # the first's remainder in its own forward, the second's first chunk
     for s in seqs:
         ref = [t for out in whole.generate(greedy(whole, s.request.prompt_ids, 6)) for t in out.token_ids]
         assert s.output_ids == ref

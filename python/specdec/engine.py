@@ -49,8 +49,8 @@ class EngineConfig:
     # Few-row linears (decode, verify) through the batch-invariant C++ kernel, and the draft through the lean
     # forward built on it (draft_decoder).
     small_m_linear: bool = True
-    # Prompt tokens a step prefills (beyond short new prompts): a longer prompt is prefilled in chunks over several
-    # steps, so that the requests already running keep emitting between them. 0: every prompt in one forward.
+    # A prompt longer than this is prefilled in chunks of this many tokens, one chunk per step, so that the requests
+    # already running keep emitting between them instead of waiting for the whole prompt. 0: one forward.
     prefill_chunk: int = 256
 
     def __post_init__(self) -> None:
@@ -277,25 +277,18 @@ class Engine:
         outs: dict[int, StepOutput] = {}
         running = [s for s in seqs if s.output_ids]
         fresh = [s for s in seqs if not s.output_ids]
-        # Short new prompts prefill together (nothing cached yet, so no row is padded to another's cache).
-        limit = min(BATCH_PREFILL_TOKENS, self.config.prefill_chunk or BATCH_PREFILL_TOKENS)
-        short = [s for s in fresh if s.target_len == 0 and len(s.all_ids) <= limit]
+        # Short new prompts prefill together (nothing cached yet, so no row is padded to another's cache); a longer
+        # prompt that fits in a chunk, or the last part of a chunked one, prefills in a forward of its own.
+        chunk = self.config.prefill_chunk
+        short = [s for s in fresh if s.target_len == 0 and len(s.all_ids) <= min(BATCH_PREFILL_TOKENS, chunk or math.inf)]
         if short:
             outs.update(zip(map(id, short), self._step(short)))
-        # The others share a budget of prefill_chunk prompt tokens per step, first come first served, so that a
-        # step's stall stays about one chunk's forward however many long prompts arrive: each prefills whole if
-        # the budget holds it, else a chunk of what is left of the budget, else waits.
-        budget = self.config.prefill_chunk or math.inf
-        for s in (s for s in fresh if s not in short):
-            pending = len(s.all_ids) - s.target_len
-            if pending <= budget:
+        chunking = [s for s in fresh if chunk and len(s.all_ids) - s.target_len > chunk]
+        for s in fresh:
+            if s in chunking:  # one chunk per step, for the longest-waiting of the prompts longer than a chunk
+                outs[id(s)] = self._prefill_chunk(s, chunk) if s is chunking[0] else StepOutput([], "", None)
+            elif s not in short:
                 outs[id(s)] = self._step([s])[0]
-                budget -= pending
-            elif budget > 0:
-                outs[id(s)] = self._prefill_chunk(s, int(budget))
-                budget = 0
-            else:
-                outs[id(s)] = StepOutput([], "", None)
         if running:
             outs.update(zip(map(id, running), self._step(running)))
         return [outs[id(s)] for s in seqs]
