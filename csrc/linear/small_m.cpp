@@ -18,6 +18,7 @@ namespace specdec {
 namespace {
 
 constexpr int64_t ROWS = kRowsPerPass;  // accumulators for this many rows stay in registers
+constexpr int MAX_WIDTH = 4;            // weight rows per group call at most: sweep_columns' buffer holds this many
 // Software prefetch distance along a weight row, into L2 (T1). The hardware prefetcher alone falls behind once
 // the FMAs of several x rows sit between the weight loads. Measured on 2 Zen 4 cores with Qwen2.5-1.5B's
 // shapes: into L1 (T0) M=8 took 1.41-1.52x the M=1 time; into L2 1.11-1.20x, and M=1 itself got 20-30% faster
@@ -89,6 +90,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
 template <int MB, int WR, typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void group_avx512(const float* x, const W* w, int64_t k,
                                                                          float* out) {
+  static_assert(WR <= MAX_WIDTH);
   // Every loop over MB and WR is unrolled: otherwise GCC keeps the accumulators in memory and stores them all on
   // each iteration, which made the kernel store-bound (M=8 took 8x the M=1 time instead of memory-bound).
   __m512 acc[WR][MB];
@@ -138,6 +140,7 @@ Group<GroupFn<W>> group_for(int64_t rows) {
 template <int MB, int WR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_q8_vnni(const uint8_t* xu, const int8_t* w, int64_t k,
                                                                         int32_t* out) {
+  static_assert(WR <= MAX_WIDTH);
   __m512i acc[WR][MB], wsum[WR];
 #pragma GCC unroll 4
   for (int q = 0; q < WR; ++q) {
@@ -196,7 +199,7 @@ void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, 
 template <typename Out, typename X, typename W, typename Fn, typename Block, typename Store>
 void sweep_columns(const Group<Fn>* group, Block block, const X* xr, int64_t rows, const W* w, int64_t k,
                    int64_t n_begin, int64_t n_end, Store store) {
-  Out out[4 * ROWS];
+  Out out[MAX_WIDTH * ROWS];
   int64_t j = n_begin;
   if (group) {
     for (; j + group->width <= n_end; j += group->width) {
