@@ -13,7 +13,6 @@ The last emitted token is not yet in either cache: it is the first input of the 
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -32,8 +31,9 @@ from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, choose_
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
 PADDING_LOGIT = -1e30
-# New sequences with prompts up to this long prefill together (padded); longer ones prefill alone.
-BATCH_PREFILL_TOKENS = 64
+# Most prompt tokens packed into one prefill forward: the packed attention is one causal square masked to the
+# blocks of its prompts, so its wasted work grows with the square of the pack.
+PACK_TOKENS = 2048
 # The α at which "could speculation pay in this batch at all?" is asked: about the best a good draft reaches.
 # When even this α gives γ = 0 (a compute-bound batch), γ = 0 is about cost and no probes are made.
 GOOD_ALPHA = 0.9
@@ -277,17 +277,17 @@ class Engine:
         outs: dict[int, StepOutput] = {}
         running = [s for s in seqs if s.output_ids]
         fresh = [s for s in seqs if not s.output_ids]
-        # Short new prompts prefill together (nothing cached yet, so no row is padded to another's cache); a longer
-        # prompt that fits in a chunk, or the last part of a chunked one, prefills in a forward of its own.
+        # New prompts that fit in a chunk prefill together, packed into one sequence (ragged.forward), up to
+        # PACK_TOKENS a forward; the last part of a chunked prompt has a cache and prefills in a forward of its own.
         chunk = self.config.prefill_chunk
-        short = [s for s in fresh if s.target_len == 0 and len(s.all_ids) <= min(BATCH_PREFILL_TOKENS, chunk or math.inf)]
-        if short:
-            outs.update(zip(map(id, short), self._step(short)))
+        whole = [s for s in fresh if s.target_len == 0 and not (chunk and len(s.all_ids) > chunk)]
+        for pack in _packs(whole, PACK_TOKENS):
+            outs.update(zip(map(id, pack), self._step(pack)))
         chunking = [s for s in fresh if chunk and len(s.all_ids) - s.target_len > chunk]
         for s in fresh:
             if s in chunking:  # one chunk per step, for the longest-waiting of the prompts longer than a chunk
                 outs[id(s)] = self._prefill_chunk(s, chunk) if s is chunking[0] else StepOutput([], "", None)
-            elif s not in short:
+            elif s not in whole:
                 outs[id(s)] = self._step([s])[0]
         if running:
             outs.update(zip(map(id, running), self._step(running)))
@@ -521,3 +521,16 @@ class Engine:
             finish_reason=seq.finish_reason,
             matched_stop=seq.matched_stop,
         )
+
+
+def _packs(seqs: list[Sequence], most_tokens: int) -> list[list[Sequence]]:
+    """``seqs`` in order, grouped greedily into packs of at most ``most_tokens`` prompt tokens (a longer prompt alone)."""
+    packs: list[list[Sequence]] = []
+    tokens = 0
+    for s in seqs:
+        if not packs or tokens + len(s.all_ids) > most_tokens:
+            packs.append([])
+            tokens = 0
+        packs[-1].append(s)
+        tokens += len(s.all_ids)
+    return packs
