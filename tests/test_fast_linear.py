@@ -23,7 +23,7 @@ def test_matches_torch_and_is_batch_invariant(n, k, dtype):
     bias = torch.randn(n, generator=g)
     x = torch.randn(fast_linear.MAX_ROWS, k, generator=g)
     ref = F.linear(x, w.float(), bias)
-    for m in (1, 2, 3, 5, 7, 8, 9, 16):
+    for m in (1, 2, 3, 5, 7, 8, 9, 16, 17, 25, 32):  # 1-4 blocks of 8 rows, full and partial
         y = fast_linear.linear(x[:m], w, bias)
         torch.testing.assert_close(y, ref[:m], rtol=1e-4, atol=1e-4 * k**0.5)
         for i in range(m):  # every row equals the same row computed alone, bit for bit
@@ -75,7 +75,7 @@ def test_int8_is_exact_integer_arithmetic_on_quantised_rows_and_batch_invariant(
     x = torch.randn(fast_linear.MAX_ROWS, k, generator=g)
     x[3] = 0.0  # an all-zero row: scale 1, not a division by zero
     ref = int8_reference(x, q, bias, scale)
-    for m in (1, 2, 5, 8, 9, 16):
+    for m in (1, 2, 5, 8, 9, 16, 17, 32):
         y = fast_linear.linear(x[:m], q, bias, scale)
         torch.testing.assert_close(y, ref[:m], rtol=1e-6, atol=1e-6)
         for i in range(m):

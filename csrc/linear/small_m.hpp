@@ -7,8 +7,8 @@ namespace specdec {
 
 enum class WeightType { kFloat32, kBFloat16 };
 
-// Rows of x multiplied by each streamed weight row: more rows than this stream the weights again per block, so
-// a forward costs about the same from 1 to kRowsPerPass rows and grows beyond.
+// Rows of x whose accumulators stay in registers while a weight row streams: up to this many rows a forward costs
+// about one row's; beyond, each further block of this many rows reuses the weights from cache and costs compute.
 inline constexpr int64_t kRowsPerPass = 8;
 
 bool cpu_has_avx512();

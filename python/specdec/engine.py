@@ -182,8 +182,9 @@ class Engine:
         self.context_length = target.context_length
         self.eos_token_ids = self._eos_ids()
         # Verify tokens that cost about one decode step until measured (StepCosts): the rows the small-M kernel
-        # multiplies per pass over the weights on a CPU with it (not its 16-row limit: 9-16 rows read the weights
-        # twice), one on a CPU without it (torch runs a GEMV per row), and a GPU's many more.
+        # holds in registers per weight row on a CPU with it, one on a CPU without it (torch runs a GEMV per row),
+        # and a GPU's many more. Not the kernel's 32-row limit: rows past 8 add compute, and with a flat guess up to
+        # 32 a batch of 8 drafted and lost (0.84x the baseline at 8 streams, run 10).
         cpu = target.device.type == "cpu"
         flat = fast_linear.ROWS_PER_PASS if cpu and config.small_m_linear else 1 if cpu else 64
         self.costs = StepCosts(flat_tokens=flat)

@@ -49,7 +49,7 @@ class StepCosts:
     compute-bound as the batch grows.
 
     A size not measured yet is estimated from the nearest smaller one: the same cost up to ``flat_tokens``
-    (where a forward stays memory-bound: the small-M kernel streams the weights once per 8 rows), so
+    (where a forward stays memory-bound: the small-M kernel holds 8 rows per weight row in registers), so
     that larger γ gets tried; beyond it, a cost growing with the tokens, so that a batch does not explore
     γ values whose verify is compute-bound and many times a decode step. No forward is taken to cost more
     than a measured larger one.
