@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from specdec import _kernels
 
-# Up to this many rows take the kernel. Measured on Qwen2.5-1.5B's MLP shapes (2 cores, weights beyond L3), ms per
-# matrix against torch's GEMM: 16 rows 3.90 / 5.30, 24 rows 5.73 / 6.41, 32 rows 7.89 / 7.34; past 32 torch's
-# blocked GEMM pulls ahead, and the batch invariance ends there.
+# Up to this many rows take the kernel, and the batch invariance ends here. Its time ÷ torch's GEMM on Qwen2.5-1.5B's
+# MLP shapes (bench/linear_rows.py, 2 cores, interleaved): 16 rows 0.78, 24 rows 0.90, 32 rows 1.06, 40 rows 1.19.
 MAX_ROWS = 32
 # Rows the kernel multiplies by each weight row in registers: up to this many a forward costs about one row's;
-# each further block of rows reuses the weights from cache and adds compute (16 rows: 1.26x 8 rows' time).
+# each further block of rows reuses the weights from cache and adds compute (16 rows: about 1.5x 8 rows' time).
 ROWS_PER_PASS: int = _kernels.rows_per_pass
 _WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
