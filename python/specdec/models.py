@@ -110,6 +110,16 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
+# transformers 4.57.3+ warns that a local tokenizer saved by those versions may carry the pre-tokenizer regex of some
+# Mistral releases ("This will lead to incorrect tokenization"): it checks the version that saved the config, not
+# the model, so every model specdec converts got the warning. Only a Mistral-family model can have that regex.
+_MISTRAL_TYPES = frozenset({"mistral", "mistral3", "voxtral", "ministral", "pixtral"})
+
+
+def _tokenizer_kwargs(model: PreTrainedModel) -> dict:
+    return {} if model.config.model_type in _MISTRAL_TYPES else {"fix_mistral_regex": False}
+
+
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file.
 
@@ -127,7 +137,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if weight_only:
         fast_linear.quantize_int8(model)
         _return_freed_memory()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(model))
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)
 
 
