@@ -159,3 +159,25 @@ def test_recover_after_a_failed_step_keeps_the_output_exact(engines, monkeypatch
     while not all(s.finished for s in seqs):
         engine.step_batch([s for s in seqs if not s.finished])
     assert [list(s.output_ids) for s in seqs] == expected
+
+
+def test_a_seeded_sample_with_adaptive_gamma_does_not_depend_on_step_costs(engines, monkeypatch):
+    """Measured step costs vary from run to run; a seeded sampled request must not see them (its γ comes from its
+    own α alone), while a greedy request's γ follows them: the control that the costs given here matter."""
+    engine = engines["other"]
+    seeded = requests(engine, sampling=SamplingParams(temperature=0.8, seed=5))[3]
+    greedy = requests(engine)[3]
+
+    def run(draft_seconds: float):
+        monkeypatch.setattr(engine.costs, "draft_cost", lambda tokens: draft_seconds)
+        monkeypatch.setattr(engine.costs, "target_cost", lambda tokens, rows=None: 1.0)
+        out = {}
+        for name, req in (("seeded", seeded), ("greedy", greedy)):
+            seq = next(together(engine, [req]))
+            out[name] = (seq.output_ids, seq.metrics.proposed)
+        return out
+
+    cheap, dear = run(0.001), run(5.0)  # a draft forward at 0.1% and at 5x a target forward
+    assert dear["seeded"] == cheap["seeded"] and cheap["seeded"][1] > 0
+    assert dear["greedy"][0] == cheap["greedy"][0]  # greedy output never varies
+    assert dear["greedy"][1] < cheap["greedy"][1] / 2

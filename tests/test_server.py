@@ -123,15 +123,7 @@ def test_stream_deltas_are_whole_utf8_even_when_tokens_split_characters(server, 
     [
         pytest.param(pb.SpeculationOptions(gamma=3), id="fixed-gamma"),
         pytest.param(pb.SpeculationOptions(method=pb.METHOD_NONE), id="no-speculation"),
-        pytest.param(
-            pb.SpeculationOptions(),
-            id="adaptive-gamma",
-            marks=pytest.mark.xfail(
-                reason="engine bug (reported): adaptive γ is chosen from measured wall-clock step costs, so the "
-                "number of drafts per step, and with it the random stream, depends on timing, not on the seed alone",
-                strict=False,
-            ),
-        ),
+        pytest.param(pb.SpeculationOptions(), id="adaptive-gamma"),
     ],
 )
 def test_sampled_output_depends_on_seed_only(server, spec):

@@ -34,6 +34,9 @@ PADDING_LOGIT = -1e30
 # Most prompt tokens packed into one prefill forward: the packed attention is one causal square masked to the
 # blocks of its prompts, so its wasted work grows with the square of the pack.
 PACK_TOKENS = 2048
+# Draft forward ÷ target forward assumed for a seeded sampled request's γ, which must not depend on timing: about
+# what the default pair measures on a CPU (c = 0.125-0.143 in runs 8-9).
+REPRODUCIBLE_COST_RATIO = 0.14
 # The α at which "could speculation pay in this batch at all?" is asked: about the best a good draft reaches.
 # When even this α gives γ = 0 (a compute-bound batch), γ = 0 is about cost and no probes are made.
 GOOD_ALPHA = 0.9
@@ -143,7 +146,11 @@ class Sequence:
         # default prior: a draft that is rarely accepted stops costing every new request its first steps, while a
         # high α after easy prompts does not make the first steps of a hard one draft long.
         self.shared_alpha = shared_alpha
-        self.alpha = AcceptanceEstimate(prior=min(AcceptanceEstimate.DEFAULT_PRIOR, shared_alpha.alpha))
+        # A sampled request with a seed must give the same tokens every time, so its γ may depend on nothing but its
+        # own history: not on other requests' α, not on measured step costs (Engine._gammas).
+        self.reproducible = request.sampling.seed is not None and not request.sampling.greedy
+        prior = AcceptanceEstimate.DEFAULT_PRIOR
+        self.alpha = AcceptanceEstimate(prior=prior if self.reproducible else min(prior, shared_alpha.alpha))
         self.probe = ProbeSchedule()
         self.finished = False
         self.finish_reason: FinishReason | None = None
@@ -332,11 +339,12 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------------
 
     def _gammas(self, seqs: list[Sequence]) -> list[int]:
-        """γ per sequence: fixed where asked, else chosen from α and the measured costs of this batch size."""
+        """γ per sequence: fixed where asked; for a seeded sampled request, from its own α at a fixed cost ratio;
+        else chosen from α and the measured costs of this batch size."""
         if not seqs[0].output_ids:
             return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
-        model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s)]
+        model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s) and not s.reproducible]
         shared, could_pay = 0, True
         if model_rows:
             others = batch - len(model_rows)
@@ -355,13 +363,16 @@ class Engine:
                 gamma = 0
             elif not self._adaptive(s):
                 gamma = s.request.speculation.gamma if s.request.speculation.gamma is not None else self.config.gamma
+            elif s.reproducible:  # the bound at a fixed cost ratio: its own α alone decides
+                c = REPRODUCIBLE_COST_RATIO if isinstance(s.drafter, DraftModelDrafter) else 0.0
+                gamma = choose_gamma([s.alpha.alpha], c, lambda m: 1.0, self._gamma_max(s))
             elif isinstance(s.drafter, DraftModelDrafter):
                 gamma = min(shared, self._gamma_max(s))
             else:
                 target_cost = lambda m: self.costs.target_cost(m + batch - 1, batch)  # noqa: E731
                 gamma = choose_gamma([s.alpha.alpha], 0.0, target_cost, self._gamma_max(s))
             if self._adaptive(s):
-                gamma = s.probe.gamma(gamma, could_pay or not isinstance(s.drafter, DraftModelDrafter))
+                gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not isinstance(s.drafter, DraftModelDrafter))
             cap = min(
                 s.request.max_new_tokens - s.metrics.completion_tokens - 1,
                 self.context_length - len(s.all_ids) - 1,
