@@ -37,6 +37,9 @@ def model():
     return m
 
 
+_pack = ragged._pack
+
+
 def _wrong_mask(rows):  # control: one causal square, so a prompt sees the prompts packed before it
     ids, positions, mask = _pack(rows)
     return ids, positions, torch.ones_like(mask).tril_()
@@ -46,8 +49,6 @@ def _wrong_positions(rows):  # control: positions run on across the pack instead
     ids, positions, mask = _pack(rows)
     return ids, torch.arange(ids.shape[1])[None], mask
 
-
-_pack = ragged._pack
 
 
 @pytest.mark.parametrize("broken", [None, _wrong_mask, _wrong_positions], ids=["packed", "control-mask", "control-positions"])

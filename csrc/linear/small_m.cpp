@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 namespace specdec {
 namespace {
@@ -197,12 +196,12 @@ void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, 
 
 // Walks output columns [n_begin, n_end) for all m rows of x: MAX_WIDTH columns at a time, and within them every
 // block of ROWS x rows, so a column's weights come from memory once and stay in cache for the further blocks (rows
-// past ROWS cost compute, not another pass over the weights). groups[b] is block b's vector kernel, taking
-// groups[b].width columns per call (the last few one at a time); without groups, the portable block.
+// past ROWS cost compute, not another pass over the weights). kernel_for(rows) gives a block's vector kernel, taking
+// its width columns per call (the last few one at a time); without it (null), the portable block.
 // store(r0, rows, j, out) writes column j of the block starting at row r0.
 template <typename Out, typename X, typename W, typename Fn, typename Block, typename Store>
-void sweep_columns(const Group<Fn>* groups, Block block, const X* x, int64_t m, const W* w, int64_t k, int64_t n_begin,
-                   int64_t n_end, Store store) {
+void sweep_columns(Group<Fn> (*kernel_for)(int64_t), Block block, const X* x, int64_t m, const W* w, int64_t k,
+                   int64_t n_begin, int64_t n_end, Store store) {
   Out out[MAX_WIDTH * ROWS];
   for (int64_t j0 = n_begin; j0 < n_end; j0 += MAX_WIDTH) {
     const int64_t j1 = std::min(j0 + MAX_WIDTH, n_end);
@@ -210,8 +209,8 @@ void sweep_columns(const Group<Fn>* groups, Block block, const X* x, int64_t m, 
       const int64_t rows = std::min(ROWS, m - r0);
       const X* xr = x + r0 * k;
       int64_t j = j0;
-      if (groups) {
-        const Group<Fn>& g = groups[r0 / ROWS];
+      if (kernel_for) {
+        const Group<Fn> g = kernel_for(rows);
         for (; j + g.width <= j1; j += g.width) {
           g.wide(xr, w + j * k, k, out);
           for (int64_t q = 0; q < g.width; ++q) store(r0, rows, j + q, out + q * ROWS);
@@ -230,19 +229,10 @@ void sweep_columns(const Group<Fn>* groups, Block block, const X* x, int64_t m, 
   }
 }
 
-// The vector kernel of each block of ROWS x rows (the last block may be shorter).
-template <typename Fn, typename Table>
-std::vector<Group<Fn>> groups_for(int64_t m, Table table) {
-  std::vector<Group<Fn>> groups;
-  for (int64_t r0 = 0; r0 < m; r0 += ROWS) groups.push_back(table(std::min(ROWS, m - r0)));
-  return groups;
-}
-
 template <typename W>
 void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y,
                   int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
-  const auto groups = avx512 ? groups_for<GroupFn<W>>(m, group_for<W>) : std::vector<Group<GroupFn<W>>>{};
-  sweep_columns<float>(avx512 ? groups.data() : nullptr, block_generic<W>, x, m, w, k, n_begin, n_end,
+  sweep_columns<float>(avx512 ? group_for<W> : nullptr, block_generic<W>, x, m, w, k, n_begin, n_end,
                        [&](int64_t r0, int64_t rows, int64_t j, const float* out) {
                          const float b = bias ? bias[j] : 0.0f;
                          for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
@@ -288,8 +278,7 @@ void quantize_rows_q8(const float* x, int64_t m, int64_t k, uint8_t* xu, float* 
 void linear_small_m_q8(const uint8_t* xu, const float* sx, const int8_t* w, const float* scale, const float* bias,
                        float* y, int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
   const bool vnni = cpu_has_avx512_vnni();
-  const auto groups = vnni ? groups_for<GroupQ8Fn>(m, group_q8_for) : std::vector<Group<GroupQ8Fn>>{};
-  sweep_columns<int32_t>(vnni ? groups.data() : nullptr, block_q8_generic, xu, m, w, k, n_begin, n_end,
+  sweep_columns<int32_t>(vnni ? group_q8_for : nullptr, block_q8_generic, xu, m, w, k, n_begin, n_end,
                          [&](int64_t r0, int64_t rows, int64_t j, const int32_t* out) {
                            const float b = bias ? bias[j] : 0.0f;
                            for (int64_t r = 0; r < rows; ++r)

@@ -12,6 +12,7 @@ causal mask and positions restarting at 0 per row: no padding, and one tall GEMM
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ def _forward_one(model: PreTrainedModel, row: Row, vocab_size: int) -> tuple[lis
 
 def _forward_packed(model: PreTrainedModel, rows: list[Row], vocab_size: int) -> tuple[list[DynamicCache], list[torch.Tensor]]:
     lengths = [len(r.new) for r in rows]
-    starts = [sum(lengths[:i]) for i in range(len(rows))]
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
     ids, positions, mask = _pack(rows)
     out = model.base_model(
         input_ids=ids.to(model.device),
@@ -118,7 +119,8 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
 def _unstack(cache: DynamicCache, spans: list[tuple[int, int]], packed: bool = False) -> list[DynamicCache]:
     """Row i's cache is batch row i (or batch row 0 when ``packed``), positions spans[i]."""
     legacy = cache.to_legacy_cache()
+    batch_rows = [0] * len(spans) if packed else range(len(spans))
     return [
-        DynamicCache.from_legacy_cache(tuple((k[j : j + 1, :, a:b], v[j : j + 1, :, a:b]) for k, v in legacy))
-        for j, (a, b) in ((0 if packed else i, span) for i, span in enumerate(spans))
+        DynamicCache.from_legacy_cache(tuple((k[i : i + 1, :, a:b], v[i : i + 1, :, a:b]) for k, v in legacy))
+        for i, (a, b) in zip(batch_rows, spans)
     ]
