@@ -15,10 +15,14 @@ import json
 import statistics
 import time
 
-import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
 import torch
 
-from specdec import fast_linear
+from specdec.models import linear as fast_linear
 
 SHAPES = [(8960, 1536), (4864, 896), (151936, 896)]
 ROWS = [1, 2, 4, 5, 8, 16]

@@ -1,7 +1,7 @@
 """The small-M kernel against torch's GEMM at 1-32 rows, float32 weights streamed from memory.
 
 The target's MLP shapes (8960 × 1536 and 1536 × 8960), five copies of each cycled so that no matrix is still in the
-last-level cache when it comes round again (as in a forward over a 6 GB model). This is where fast_linear.MAX_ROWS
+last-level cache when it comes round again (as in a forward over a 6 GB model). This is where specdec.models.linear.MAX_ROWS
 comes from: the kernel takes the rows up to which it beats torch.
 
     python bench/linear_rows.py [--rows 1,8,16,24,32,40] [--repeats 9]
@@ -13,11 +13,15 @@ import argparse
 import statistics
 import time
 
-import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
 import torch
 import torch.nn.functional as F
 
-from specdec import fast_linear
+from specdec.models import linear as fast_linear
 
 SHAPES = [(8960, 1536), (1536, 8960)]
 COPIES = 5  # 5 × 55 MB per shape: past a 300 MB last-level cache

@@ -15,10 +15,14 @@ import statistics
 import time
 from dataclasses import replace
 
-import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
-from specdec import engine as engine_module
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
+from specdec.engine import core as engine_module
 from specdec.engine import Engine
-from specdec.params import FinishReason, GenerationRequest, Method, SpeculationParams
+from specdec.types import FinishReason, GenerationRequest, Method, SpeculationParams
 
 
 def stall(engine: Engine, short_ids: list[int], long_ids: list[int], chunk: int, method: Method) -> tuple[float, float, float]:
@@ -54,7 +58,7 @@ def main() -> int:
     args = ap.parse_args()
     target, draft = args.target, args.draft
     if target is None:
-        from specdec.fetch import default_pair
+        from specdec.models.fetch import default_pair
 
         target, draft = default_pair()
     engine = Engine.load(target, draft)

@@ -23,7 +23,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.like is None:
-        from specdec.fetch import default_pair
+        from specdec.models.fetch import default_pair
 
         args.like = default_pair()[1]
     torch.manual_seed(args.seed)

@@ -16,11 +16,15 @@ import statistics
 import time
 import types
 
-import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
 import torch
 
-from specdec import fast_linear
-from specdec.models import load_model, set_threads
+from specdec.models import linear as fast_linear
+from specdec.models.loading import load_model, set_threads
 
 KS = [1, 2, 3, 5, 8]
 
@@ -68,7 +72,7 @@ def main() -> int:
     args = ap.parse_args()
     set_threads(args.threads)
     if args.target is None:
-        from specdec.fetch import default_pair
+        from specdec.models.fetch import default_pair
 
         args.target = default_pair()[0]
     model = load_model(args.target, dtype="float32").model

@@ -27,7 +27,6 @@ static T* P(uintptr_t a) {
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "specdec fused sampling and speculative verification kernels (use specdec.kernels)";
-  m.attr("CHUNK") = specdec::kChunk;
   m.attr("GREEDY_TEMPERATURE") = double(specdec::kGreedyTemperature);
   m.attr("STREAM_SAMPLE") = int(specdec::kStreamSample);
   m.attr("STREAM_VERIFY") = int(specdec::kStreamVerify);

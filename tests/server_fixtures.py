@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from specdec.engine import Engine, EngineConfig
-from specdec.server import ServerConfig, SpecDecServer
+from specdec.serving.server import ServerConfig, SpecDecServer
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 CHAT_TEMPLATE = (

@@ -7,7 +7,7 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 from tiny import llama
 
-from specdec import attention, ragged
+from specdec.models import attention, ragged
 
 VOCAB = 50
 

@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_fixtures import ServerThread, load_engine, test_config, wait_until
 
 from specdec.client import Client
-from specdec.metrics import JsonFormatter, TextFormatter
-from specdec.security import token_matches
+from specdec.serving.metrics import JsonFormatter, TextFormatter
+from specdec.serving.security import token_matches
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cr3t-T0KEN-do-not-log-9f2c4e"

@@ -12,13 +12,15 @@ import statistics
 import pytest
 
 from specdec import bench
-from specdec.params import Method, SamplingParams
+from specdec.bench import concurrency, runners
+from specdec.engine.gamma import analytic_bound
+from specdec.types import GenerationRequest, Method, SamplingParams
 
 # ---- synthetic measurements ---------------------------------------------------------------------
 
 
 def run(n, ttft, wall, *, proposed=0, accepted=0, tested=None, steps=None, c=None, ids=None, pp=None, pa=None):
-    r = bench._rates(n, ttft, wall)
+    r = runners.rates(n, ttft, wall)
     r.update(
         output_ids=ids if ids is not None else list(range(n)),
         text="",
@@ -79,9 +81,9 @@ def test_speedup_is_the_ratio_of_the_median_measured_decode_rates():
 
 
 def test_rates_count_tokens_after_the_first_emission():
-    r = bench._rates(11, 1.0, 3.0, first_tokens=3)  # assisted generation: 3 tokens in its first step
+    r = runners.rates(11, 1.0, 3.0, first_tokens=3)  # assisted generation: 3 tokens in its first step
     assert (r["decode_tokens_per_s"], r["e2e_tokens_per_s"], r["decode_s"]) == (4.0, 11 / 3.0, 2.0)
-    assert math.isnan(bench._rates(5, 1.0, 1.0, first_tokens=5)["decode_tokens_per_s"])
+    assert math.isnan(runners.rates(5, 1.0, 1.0, first_tokens=5)["decode_tokens_per_s"])
 
 
 def test_speedup_does_not_depend_on_acceptance_only_on_time():
@@ -145,8 +147,8 @@ def test_bound_takes_alpha_over_tested_drafts_not_over_proposed():
     report = bench.make_report(CONFIG, results, greedy=True)
     s = report["speculative"]
     assert s["acceptance_rate"] == pytest.approx(0.4) and s["alpha"] == pytest.approx(0.8)
-    assert report["analytic_bound"] == pytest.approx(bench.analytic_bound(0.8, 4, report["c"]))
-    assert report["analytic_bound"] != pytest.approx(bench.analytic_bound(0.4, 4, report["c"]))
+    assert report["analytic_bound"] == pytest.approx(analytic_bound(0.8, 4, report["c"]))
+    assert report["analytic_bound"] != pytest.approx(analytic_bound(0.4, 4, report["c"]))
 
 
 def test_identical_outputs_and_hf_ratios():
@@ -295,7 +297,7 @@ def test_sampling_run_has_no_identity_claim(tiny_engine):
 def test_real_small_model_with_ngram_drafter():
     """SmolLM2-135M (fetched) as the target, prompt lookup as the drafter, transformers' prompt lookup as peer."""
     from specdec.engine import Engine, EngineConfig
-    from specdec.fetch import fetch
+    from specdec.models.fetch import fetch
 
     path = fetch(["small"], progress=False)["small"]
     engine = Engine.load(str(path), None, dtype="float32", device="cpu", config=EngineConfig(method=Method.NGRAM))
@@ -318,7 +320,7 @@ def test_concurrency_report_counts_every_token_and_its_ratios_are_the_measured_o
                                  requests_per_stream=2)  # fmt: skip
     report = bench.run_concurrency(tiny_engine, options, events.append)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 2, 4]
-    measured = [bench._encode(tiny_engine, p, False) for p in PROMPTS[1:]]
+    measured = [runners.encode_prompt(tiny_engine, p, False) for p in PROMPTS[1:]]
     for lv in report["levels"]:
         n = lv["concurrency"]
         for name in ("baseline", "speculative"):
@@ -348,7 +350,7 @@ def test_concurrency_report_counts_every_token_and_its_ratios_are_the_measured_o
         assert lv["identical_outputs"] is True
         for r in lv["baseline"]["requests_detail"]:
             k, j = r["stream"], int(r["request_id"].rsplit("r", 1)[1])
-            alone = bench._time_engine(tiny_engine, [bench.GenerationRequest(measured[(k + j) % 3], 8, ignore_eos=True)])
+            alone = runners.time_engine(tiny_engine, [GenerationRequest(measured[(k + j) % 3], 8, ignore_eos=True)])
             assert r["output_ids"] == alone[0]["output_ids"]
     assert report["identical_outputs"] is True
     assert sum(e["event"] == "done" for e in events) == 2 * 4 and events[-1]["event"] == "finished"
@@ -381,5 +383,5 @@ def test_concurrency_arguments(tmp_path):
             parser.parse_args(["--concurrency", bad])
     with pytest.raises(ValueError, match="requests_per_stream"):
         bench.BenchOptions(requests_per_stream=0).validate()
-    assert bench._percentiles([]) == {"p50": None, "p99": None}
-    assert bench._percentiles([1.0, 2.0, 3.0, 4.0]) == {"p50": 2.5, "p99": pytest.approx(3.97)}
+    assert concurrency.percentiles([]) == {"p50": None, "p99": None}
+    assert concurrency.percentiles([1.0, 2.0, 3.0, 4.0]) == {"p50": 2.5, "p99": pytest.approx(3.97)}

@@ -18,7 +18,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from specdec.cli import DEFAULT_METRICS_PORT, DEFAULT_PORT, build_parser  # noqa: E402
-from specdec.metrics import METRIC_NAMES  # noqa: E402
+from specdec.serving.metrics import METRIC_NAMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"

@@ -8,8 +8,9 @@ import torch
 from tiny import llama
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from specdec import draft_decoder, fast_linear, ragged
-from specdec.draft_decoder import DraftDecoder
+from specdec.models import draft_decoder, ragged
+from specdec.models import linear as fast_linear
+from specdec.models.draft_decoder import DraftDecoder
 
 VOCAB = 50
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from specdec.engine import Engine, EngineConfig
-from specdec.models import load_model
-from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.models.loading import load_model
+from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
 
 PROMPTS = [
     "def add(a, b):",
@@ -152,7 +152,7 @@ def test_recover_after_a_failed_step_keeps_the_output_exact(engines, monkeypatch
     assert [len(s.all_ids) for s in seqs] == lengths  # nothing emitted by the failed step
     # Between healthy steps both counts are len(all_ids) - 1; the failure must have broken that to mean anything.
     valid = [len(s.all_ids) - 1 for s in seqs]
-    dirty = [s.target_cache.get_seq_length() != v or s.target_len != v or s.draft_len > v for s, v in zip(seqs, valid)]
+    dirty = [s.target_cache.get_seq_length() != v or s.target_len != v or s.draft_state.length > v for s, v in zip(seqs, valid)]
     assert all(dirty)
     for s in seqs:
         engine.recover(s)

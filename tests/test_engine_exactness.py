@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from specdec import fast_linear, ragged
+from specdec.models import linear as fast_linear
+from specdec.models import ragged
 from specdec.engine import Engine, EngineConfig
-from specdec.models import load_model
-from specdec.params import GenerationRequest, Method, SpeculationParams
+from specdec.models.loading import load_model
+from specdec.types import GenerationRequest, Method, SpeculationParams
 
 PROMPT_TEXTS = [
     "def add(a, b):",
@@ -134,10 +135,10 @@ def test_rollback_equals_fresh_prefill(engines, target):
     with torch.inference_mode():
         fresh_t = target.model(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(next_logits(target.model, seq.target_cache, seq.target_len), fresh_t, rtol=1e-5, atol=1e-5)
-        assert seq.draft_cache.length == seq.draft_len <= len(ids) - 1  # the lean draft forward's cache
+        assert seq.draft_state.cache.length == seq.draft_state.length <= len(ids) - 1  # the lean draft forward's cache
         fresh_d = engine.draft.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        row = ragged.Row(copy.deepcopy(seq.draft_cache), seq.draft_len, ids[seq.draft_len :], [len(ids) - seq.draft_len - 1])
-        _, logits = seq.drafter.decoder.forward([row], engine.vocab_size)
+        row = ragged.Row(copy.deepcopy(seq.draft_state.cache), seq.draft_state.length, ids[seq.draft_state.length :], [len(ids) - seq.draft_state.length - 1])
+        _, logits = engine._drafters[Method.DRAFT].decoder.forward([row], engine.vocab_size)
         torch.testing.assert_close(logits[0][0], fresh_d, rtol=1e-5, atol=1e-5)
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from specdec.engine import Engine, EngineConfig
-from specdec.models import load_model
-from specdec.params import GenerationRequest, Method, SpeculationParams
+from specdec.models.loading import load_model
+from specdec.types import GenerationRequest, Method, SpeculationParams
 
 CHUNK = 8
 

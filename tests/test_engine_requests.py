@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specdec import fast_linear
-from specdec.detokenizer import Detokenizer
+from specdec.models import linear as fast_linear
+from specdec.engine.detokenizer import Detokenizer
 from specdec.engine import Engine, EngineConfig
-from specdec.models import load_model
-from specdec.params import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
-from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, analytic_bound, choose_gamma, expected_tokens
+from specdec.models.loading import load_model
+from specdec.types import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.engine.gamma import AcceptanceEstimate, ProbeSchedule, StepCosts, analytic_bound, choose_gamma, expected_tokens
 
 PROMPT = "Emoji: 🚀🔥 and math"
 

@@ -15,10 +15,9 @@ import torch
 from scipy.stats import chisquare
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from specdec import engine as engine_mod
 from specdec.engine import Engine, EngineConfig
-from specdec.models import load_model
-from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.models.loading import load_model
+from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
 
 TOKENS = 3
 TRIALS = 4000
@@ -115,7 +114,7 @@ def test_speculative_sampling_follows_target(engine, sampling):
 
 def test_negative_control_accept_all_is_rejected(engine, monkeypatch):
     """Accepting every draft yields the draft's law for tokens 2-3: the same test must reject it."""
-    real_verify = engine_mod.kernels.verify
+    real_verify = engine.kernels.verify
 
     def accept_all(target_logits, draft_tokens, draft_probs, num_draft, **kw):
         tokens, num_accepted, logprobs = real_verify(target_logits, draft_tokens, draft_probs, num_draft, **kw)
@@ -127,15 +126,15 @@ def test_negative_control_accept_all_is_rejected(engine, monkeypatch):
             num_accepted[:] = k
         return tokens, num_accepted, logprobs
 
-    monkeypatch.setattr(engine_mod.kernels, "verify", accept_all)
+    monkeypatch.setattr(engine.kernels, "verify", accept_all)
     prompt = [1, 5, 3]
     joint = exact_joint(engine.target.model, prompt, 1.0, 1.0)
     assert gof_pvalue(sample_counts(engine, prompt, {"temperature": 1.0}, Method.DRAFT), joint) < P_THRESHOLD
 
 
 def test_same_seed_same_output(engine):
-    """With a fixed γ the sample is a function of the seed. (Adaptive γ picks step sizes from measured
-    timings, so the same seed can then give another, equally distributed, sample.)"""
+    """With a fixed γ the sample is a function of the seed (so it is with adaptive γ: a seeded sampled request
+    picks γ from its own α alone, see test_engine_batch.py::test_a_seeded_sample_with_adaptive_gamma_does_not_depend_on_step_costs)."""
     req = lambda: GenerationRequest(
         prompt_ids=[2, 4],
         max_new_tokens=12,

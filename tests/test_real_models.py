@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.params import GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
 
 pytestmark = pytest.mark.real_models
 
@@ -20,7 +20,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def engine():
     from specdec.engine import Engine
-    from specdec.fetch import list_models
+    from specdec.models.fetch import list_models
 
     dirs = {m["role"]: m["path"] for m in list_models() if m["state"] == "converted"}
     if not {"target", "draft"} <= dirs.keys():

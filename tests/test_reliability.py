@@ -19,7 +19,7 @@ import pytest
 from server_fixtures import ControlledEngine, ServerThread, load_engine, test_config, wait_until
 
 from specdec import loadtest
-from specdec.params import Method
+from specdec.types import Method
 
 MAX_MESSAGE_BYTES = 64 << 10
 METHODS = ("none", "ngram", "draft")

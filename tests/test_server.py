@@ -23,8 +23,8 @@ from server_fixtures import (  # noqa: F401 - fixtures
 )
 
 from specdec.engine import Engine, EngineConfig
-from specdec.metrics import METRIC_NAMES
-from specdec.params import FinishReason, GenerationRequest
+from specdec.serving.metrics import METRIC_NAMES
+from specdec.types import FinishReason, GenerationRequest
 from specdec.v1 import specdec_pb2 as pb
 
 PROMPTS = ["Café crème, naïve façade", "漢字とかなの文章です。", "Emoji: 🚀🔥✨ and math", "def add(a, b):\n"]
@@ -258,7 +258,7 @@ def test_deadline_stops_generation_and_frees_the_request(slow_server):
         assert wait_until(slow_server.idle, 5)
         seq = _seq(slow_server.engine, rid)
         assert seq.finished and seq.finish_reason in (FinishReason.DEADLINE, FinishReason.CANCELLED)
-        assert seq.target_cache is None and seq.draft_cache is None
+        assert seq.target_cache is None and seq.draft_state is None
         assert 0 < seq.metrics.completion_tokens < 400
     assert metric(scrape(slow_server), "specdec_requests_total", finish_reason="deadline") >= 1
 
@@ -277,7 +277,7 @@ def test_cancel_mid_stream_stops_within_a_step_and_engine_returns_to_idle(slow_s
     assert wait_until(slow_server.idle, 5)
     seq = _seq(slow_server.engine, "to-cancel")
     assert seq.finished and seq.finish_reason == FinishReason.CANCELLED
-    assert seq.target_cache is None and seq.draft_cache is None  # KV memory freed
+    assert seq.target_cache is None and seq.draft_state is None  # KV memory freed
     # stopped within one step of the cancel (the one in flight, plus at most one racing the cancel)
     assert slow_server.engine.step_calls - steps_at_cancel <= 2
     assert seq.metrics.completion_tokens < 20
@@ -397,7 +397,7 @@ def test_request_log_line_is_structured(server, caplog):
     assert f["finish_reason"] == "length" and f["completion_tokens"] == 5
     for key in ("prompt_tokens", "queue_s", "ttft_s", "e2e_s", "tokens_per_s", "acceptance_rate", "method"):
         assert key in f
-    from specdec.metrics import JsonFormatter
+    from specdec.serving.metrics import JsonFormatter
 
     line = json.loads(JsonFormatter().format(rec))
     assert line["request_id"] == "log-me" and line["msg"] == "request finished"

@@ -46,7 +46,7 @@ def test_benchmark_streams_progress_then_a_consistent_report(server):
         (pb.BenchmarkRequest(prompts=["a"], max_new_tokens=1), "max_new_tokens must be >= 2"),
         (pb.BenchmarkRequest(prompts=["a"], method=pb.METHOD_NONE), "'none' is the baseline"),
         (pb.BenchmarkRequest(prompts=["a", ""]), "prompts[1] must not be empty"),
-        (pb.BenchmarkRequest(prompts=["a"], gamma=2, gamma_max=3), "gamma and gamma_max are exclusive"),
+        (pb.BenchmarkRequest(prompts=["a"], gamma=2, gamma_max=3), "gamma (fixed γ) and gamma_max (adaptive γ) are exclusive"),
         (pb.BenchmarkRequest(prompts=["a", "b"], warmup=2), "warmup must be in [0, 2)"),
         (pb.BenchmarkRequest(prompts=["a"], sampling=pb.SamplingOptions(top_p=2.0)), "sampling.top_p must be in (0, 1]"),
     ],

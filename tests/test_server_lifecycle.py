@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_fixtures import ControlledEngine, ServerThread, load_engine, test_config, wait_until
 
-from specdec.server import SERVICE_NAME
+from specdec.serving.server import SERVICE_NAME
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from server_fixtures import ServerThread, load_engine, server, test_config, wait_until  # noqa: F401
 
-from specdec.params import Method
+from specdec.types import Method
 from specdec.v1 import specdec_pb2 as pb
 
 
@@ -142,7 +142,7 @@ def test_unparseable_request_is_invalid_argument(server, payload, expected):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from specdec.convert import parse_request  # noqa: E402
+from specdec.serving.wire import parse_request  # noqa: E402
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1.0, -0.0, 0.5, 1e-45]))
 i32 = st.integers(-(2**31), 2**31 - 1)
@@ -188,7 +188,7 @@ def fuzz_engine(tiny_dirs):
 @given(r=generate_requests())
 def test_fuzzed_requests_give_a_request_or_a_named_value_error(fuzz_engine, r):
     try:
-        seq = fuzz_engine.start(parse_request(r).build(fuzz_engine))
+        seq = fuzz_engine.start(fuzz_engine.prepare(parse_request(r)))
     except ValueError as e:
         assert str(e) and not str(e).startswith("Traceback")
     else:

@@ -138,7 +138,7 @@ def test_mtls_requires_a_client_certificate_from_the_ca(engine, pki):
 
 
 def test_server_credentials_reject_half_configurations(pki):
-    from specdec.security import server_credentials
+    from specdec.serving.security import server_credentials
 
     g = pki["good"]
     with pytest.raises(ValueError, match="go together"):

@@ -1,6 +1,6 @@
 """Tiny random-initialised Llama models and tokenizers, built and saved inside the tests.
 
-They go through the same loading code as real models (``specdec.models.load_model`` on a directory).
+They go through the same loading code as real models (``specdec.models.loading.load_model`` on a directory).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ namespace {
 constexpr int64_t ROWS = kRowsPerPass;  // accumulators for this many rows stay in registers
 constexpr int MAX_WIDTH = 4;            // weight rows per group call at most: sweep_columns' buffer holds this many
 // Software prefetch distance along a weight row, into L2 (T1). The hardware prefetcher alone falls behind once
-// the FMAs of several x rows sit between the weight loads. Measured on 2 Zen 4 cores with Qwen2.5-1.5B's
-// shapes: into L1 (T0) M=8 took 1.41-1.52x the M=1 time; into L2 1.11-1.20x, and M=1 itself got 20-30% faster
-// (more misses in flight than L1's fill buffers allow). 4-32 KiB ahead are all within noise.
+// the FMAs of several x rows sit between the weight loads, and prefetching into L2 rather than L1 keeps more
+// misses in flight than L1's fill buffers allow, which speeds up M=1 too. The level and the distance are the
+// fastest that `python bench/linear_rows.py` finds on Qwen2.5-1.5B's shapes; distances of 4-32 KiB tie.
 constexpr int64_t PREFETCH_BYTES = 8192;
 
 float to_float(float v) { return v; }
@@ -117,10 +117,10 @@ struct Group {
 template <typename W>
 using GroupFn = void (*)(const float*, const W*, int64_t, float*);
 
-// Measured on 2 Zen 4 cores with Qwen2.5-1.5B's MLP shapes: 4 weight rows per call at 7-8 x rows (fewer x loads
-// per FMA; M=8 down-projection 1.08-1.21x the M=1 time against 1.41-1.44x with 2), 2 below that (4 was slower).
-// At 8 x rows the 32 accumulators plus the weight and x vectors exceed the 32 registers, so GCC spills a few: known,
-// and still the faster choice measured. (The int8 table below keeps 2 weight rows at every row count.)
+// 4 weight rows per call at 7-8 x rows (fewer x loads per FMA), 2 below that, where 4 is slower: the widths that
+// `python bench/linear_rows.py` finds fastest on Qwen2.5-1.5B's MLP shapes. At 8 x rows the 32 accumulators plus
+// the weight and x vectors exceed the 32 registers, so GCC spills a few: known, and still the faster choice.
+// (The int8 table below keeps 2 weight rows at every row count.)
 template <typename W>
 Group<GroupFn<W>> group_for(int64_t rows) {
   static const Group<GroupFn<W>> table[ROWS] = {

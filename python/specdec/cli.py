@@ -18,6 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
+from specdec.openmp import passive_waits
+from specdec.types import GAMMA_LIMIT, Method
+
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
 
@@ -91,7 +94,7 @@ def _add_client_security(p) -> None:
 
 def _client(args: argparse.Namespace, **kw):
     from specdec.client import Client
-    from specdec.security import load_token
+    from specdec.serving.security import load_token
 
     return Client(args.address, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                   server_name=args.server_name, token=load_token(args.auth_token_file), **kw)  # fmt: skip
@@ -128,8 +131,9 @@ def _add_bench(sub, full: bool) -> None:
         return
     try:
         from specdec import bench
-    except ImportError as e:  # pragma: no cover - bench.py is part of the package
-        p.set_defaults(func=lambda args: _fail(f"specdec bench is unavailable: {e}"))
+    except ImportError as e:  # a broken install (torch missing): say so instead of a traceback
+        message = f"specdec bench is unavailable: {e}"
+        p.set_defaults(func=lambda args: _fail(message))
         return
     bench.add_arguments(p)
     p.set_defaults(func=bench.run_cli)
@@ -156,7 +160,7 @@ def _add_health(sub) -> None:
 
 
 def _add_loadtest(sub) -> None:
-    from specdec import loadtest
+    from specdec.loadtest import cli as loadtest
 
     p = sub.add_parser("loadtest", help="load, faults and fuzz against a server on loopback, bounded in time",
                        description=loadtest.__doc__.split("\n\n")[0])  # fmt: skip
@@ -186,15 +190,15 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from specdec.metrics import setup_logging
+    from specdec.serving.metrics import setup_logging
 
     setup_logging(args.log_level, args.log_format)
     if args.draft and not args.target:
         return _fail("--draft needs --target")
-    if args.gamma is not None and not 0 <= args.gamma <= 32:
-        return _fail(f"--gamma must be in [0, 32], got {args.gamma}")
-    if not 1 <= args.gamma_max <= 32:
-        return _fail(f"--gamma-max must be in [1, 32], got {args.gamma_max}")
+    if args.gamma is not None and not 0 <= args.gamma <= GAMMA_LIMIT:
+        return _fail(f"--gamma must be in [0, {GAMMA_LIMIT}], got {args.gamma}")
+    if not 1 <= args.gamma_max <= GAMMA_LIMIT:
+        return _fail(f"--gamma-max must be in [1, {GAMMA_LIMIT}], got {args.gamma_max}")
     if args.prefill_chunk < 0:
         return _fail(f"--prefill-chunk must be >= 0 (0: the whole prompt in one forward), got {args.prefill_chunk}")
     if args.max_queue < 0 or args.max_running < 1:
@@ -206,17 +210,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_stop_strings" else 1):
             return _fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_stop_strings' else 1}, got {value}")
-    from specdec.security import load_token, server_credentials
+    from specdec.serving.security import load_token, server_credentials
 
     try:
         server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)  # fails early on a bad pair or path
         args.auth_token = load_token(args.auth_token_file)
     except (ValueError, UnicodeDecodeError) as err:
         return _fail(str(err))
-    from specdec import kernels
+    from specdec.backends import open_backend
 
     try:
-        kernels.set_backend(args.kernels)
+        args.kernel_backend = open_backend(args.kernels)
     except RuntimeError as err:
         return _fail(str(err))
     try:
@@ -228,11 +232,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _loader(args: argparse.Namespace):
     def load():
         from specdec.engine import Engine, EngineConfig
-        from specdec.params import Method
 
         target, draft = args.target, args.draft
         if target is None:
-            from specdec.fetch import default_pair
+            from specdec.models.fetch import default_pair
 
             target, draft = default_pair()
         method = Method(args.method)
@@ -243,14 +246,14 @@ def _loader(args: argparse.Namespace):
             draft = None  # no need to hold a draft model the server will not use
         config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk)
         return Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
-                           threads=args.threads, config=config)  # fmt: skip
+                           threads=args.threads, config=config, kernels=args.kernel_backend)  # fmt: skip
 
     return load
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from specdec.convert import Limits
-    from specdec.server import ServerConfig, SpecDecServer
+    from specdec.serving.server import ServerConfig, SpecDecServer
+    from specdec.serving.wire import Limits
 
     log = logging.getLogger("specdec.cli")
     config = ServerConfig(
@@ -388,7 +391,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from specdec import fetch
+    from specdec.models import fetch
 
     roles = args.roles or list(fetch.DEFAULT_ROLES)
     unknown = [r for r in roles if r not in fetch.MODELS]
@@ -404,7 +407,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from specdec import fetch
+    from specdec.models import fetch
 
     models = fetch.list_models()
     if args.json:
@@ -435,6 +438,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in ("serve", "bench"):  # they run the engine: before anything loads torch
+        passive_waits()
     parser = build_parser(command)
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.security import bearer_metadata, channel_credentials
+from specdec.serving.security import bearer_metadata, channel_credentials
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 

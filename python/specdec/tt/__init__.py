@@ -3,10 +3,11 @@
 Status: the tt-metal kernels have not yet run on hardware.  ``model`` (numpy only) is the
 tile-faithful model of the device algorithm; ``program`` builds the ttnn ProgramDescriptor and needs
 ttnn (Python 3.10/3.12 wheels); ``verify``/``sample`` run it on a device and raise RuntimeError when
-ttnn or a device is absent.
+ttnn or a device is absent. ``TtBackend`` puts them behind the kernels' backend interface.
 """
 from __future__ import annotations
 
+from specdec.tt.backend import TtBackend
 from specdec.tt.runtime import available, sample, verify, why_unavailable
 
-__all__ = ["available", "why_unavailable", "sample", "verify"]
+__all__ = ["TtBackend", "available", "why_unavailable", "sample", "verify"]

@@ -1,7 +1,7 @@
 """Running the device program through ``ttnn.generic_op``: ``verify`` and ``sample`` on a Tenstorrent card.
 
-Same contract as ``specdec.kernels.verify`` / ``sample`` (shapes, per-row parameters, the Philox
-uniforms: this module takes them from ``specdec.kernels.uniforms`` with the CPU kernels' index
+Same contract as ``specdec.kernels.sampling.verify`` / ``sample`` (shapes, per-row parameters, the Philox
+uniforms: this module takes them from ``specdec.kernels.sampling.uniforms`` with the CPU kernels' index
 mapping, so a device result can be compared with the CPU result draw for draw).  Without ttnn or
 without a device every entry point raises RuntimeError saying which is missing.
 
@@ -121,9 +121,9 @@ def _decode(out: np.ndarray, K1: int):
 
 def verify(target_logits, draft_tokens, draft_probs, num_draft, *, temperature, top_k, top_p, min_p, seed, offset,
            device=None):
-    """``specdec.kernels.verify`` on a Tenstorrent device -> (tokens int64 [B, K+1], num_accepted int32 [B])."""
+    """``specdec.kernels.sampling.verify`` on a Tenstorrent device -> (tokens int64 [B, K+1], num_accepted int32 [B])."""
     _require()
-    from specdec import kernels
+    from specdec.kernels import sampling as kernels  # here: the descriptor tests import this module without the C++ build
 
     is_bf16 = "bfloat16" in str(getattr(target_logits, "dtype", ""))
     tl = _numpy(target_logits, np.float32)
@@ -151,9 +151,9 @@ def verify(target_logits, draft_tokens, draft_probs, num_draft, *, temperature, 
 
 
 def sample(logits, *, temperature, top_k, top_p, min_p, seed, offset, device=None):
-    """``specdec.kernels.sample`` on a Tenstorrent device -> tokens int64 [B]."""
+    """``specdec.kernels.sampling.sample`` on a Tenstorrent device -> tokens int64 [B]."""
     _require()
-    from specdec import kernels
+    from specdec.kernels import sampling as kernels
 
     is_bf16 = "bfloat16" in str(getattr(logits, "dtype", ""))
     lg = _numpy(logits, np.float32)

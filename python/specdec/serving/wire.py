@@ -5,17 +5,28 @@ path in ``GenerateRequest``, the allowed range and the value received (the serve
 INVALID_ARGUMENT):
 - ``parse_request`` checks what the message alone decides (which prompt form, request id, roles, list
   sizes, enum values, exclusive options, and the sampling/speculation ranges of ``params``);
-- ``Engine.start`` checks what needs the model (token ids against the vocabulary, the context length);
-  ``engine_message`` renames its field paths to the proto's where they differ.
+- ``Engine.prepare`` and ``Engine.start`` check what needs the model (the tokenized prompt's length, token ids
+  against the vocabulary, the context length); ``engine_message`` renames their field paths to the proto's
+  where they differ.
+
+This is the only module that converts between ``specdec.v1`` messages and ``specdec.types``.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from specdec.params import FinishReason, GenerationRequest, Method, SamplingParams, SpeculationParams
+from specdec.types import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Method,
+    ParsedRequest,
+    SamplingParams,
+    SpeculationParams,
+)
 from specdec.v1 import specdec_pb2 as pb
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -36,7 +47,7 @@ FINISH_TO_PROTO = {
 class Limits:
     """Per-request limits (the README's limits table; ``specdec serve --max-*`` flags). All but
     ``max_prompt_tokens`` for text and chat prompts are decided by the message alone; that one is checked once
-    the prompt is tokenized (``ParsedRequest.build``, on the engine's thread)."""
+    the prompt is tokenized (``Engine.prepare``, on the engine's thread)."""
 
     max_request_id_length: int = 128
     max_stop_strings: int = 16
@@ -46,40 +57,6 @@ class Limits:
     default_max_new_tokens: int = 64
     max_new_tokens: int | None = None  # the largest max_new_tokens a request may ask for (None: the context length)
     max_prompt_tokens: int = 8192  # prompt tokens after tokenizing (--max-prompt-tokens)
-
-
-@dataclass
-class ParsedRequest:
-    """A validated request whose prompt is not tokenized yet (tokenizing happens on the engine's thread)."""
-
-    request_id: str
-    prompt_kind: str  # "text", "token_ids" or "messages"
-    prompt: str | list[int] | list[dict[str, str]]
-    template: GenerationRequest = field(repr=False)  # everything but prompt_ids
-    max_prompt_tokens: int | None = None  # checked once the prompt is tokenized
-
-    def build(self, engine) -> GenerationRequest:
-        if self.prompt_kind == "text":
-            ids = list(engine.encode(self.prompt))
-        elif self.prompt_kind == "messages":
-            ids = list(engine.encode_chat(self.prompt))
-        else:
-            ids = list(self.prompt)
-        n = self.max_prompt_tokens
-        _require(n is None or len(ids) <= n,
-                 f"prompt must be at most {n} tokens (limit max_prompt_tokens), got {len(ids)}")  # fmt: skip
-        t = self.template
-        return GenerationRequest(
-            prompt_ids=ids,
-            max_new_tokens=t.max_new_tokens,
-            sampling=SamplingParams(**vars(t.sampling)),
-            speculation=SpeculationParams(**vars(t.speculation)),
-            stop=list(t.stop),
-            stop_token_ids=list(t.stop_token_ids),
-            ignore_eos=t.ignore_eos,
-            logprobs=t.logprobs,
-            request_id=t.request_id,
-        )
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -140,12 +117,7 @@ def speculation_from_proto(s: pb.SpeculationOptions) -> SpeculationParams:
         method = Method.NONE
     gamma = s.gamma if s.HasField("gamma") else None
     gamma_max = s.gamma_max if s.HasField("gamma_max") else None
-    _require(
-        gamma is None or gamma_max is None,
-        f"speculation.gamma (fixed γ) and speculation.gamma_max (adaptive γ) are exclusive, got gamma={gamma} "
-        f"and gamma_max={gamma_max}",
-    )
-    p = SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max, adaptive=None if gamma_max is None else True)
+    p = SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max)
     p.validate()
     return p
 
@@ -210,63 +182,6 @@ def engine_message(msg: str) -> str:
     if msg.startswith("prompt_token_ids["):
         return "token_ids.ids[" + msg[len("prompt_token_ids[") :]
     return msg
-
-
-# ---- results ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Completion:
-    """How one request ended, with its statistics; built on the scheduler's thread."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[float] | None
-    finish_reason: FinishReason
-    matched_stop: str | None
-    seed: int
-    method: str
-    prompt_tokens: int
-    completion_tokens: int
-    queue_s: float
-    ttft_s: float | None
-    e2e_s: float
-    proposed: int = 0
-    accepted: int = 0
-    verify_steps: int = 0
-    acceptance_rate: float = 0.0
-    mean_accepted_length: float = 0.0
-    per_position_acceptance: list[float] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.e2e_s if self.e2e_s > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        if self.ttft_s is None or self.completion_tokens < 2 or self.e2e_s <= self.ttft_s:
-            return 0.0
-        return (self.completion_tokens - 1) / (self.e2e_s - self.ttft_s)
-
-    def log_fields(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "finish_reason": self.finish_reason.value,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "queue_s": round(self.queue_s, 6),
-            "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6),
-            "e2e_s": round(self.e2e_s, 6),
-            "tokens_per_s": round(self.tokens_per_s, 3),
-            "method": self.method,
-            "proposed": self.proposed,
-            "accepted": self.accepted,
-            "verify_steps": self.verify_steps,
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "mean_accepted_length": round(self.mean_accepted_length, 4),
-            "seed": self.seed,
-        }
 
 
 def _finite(x: float | None) -> float:

@@ -30,11 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from specdec.convert import Completion, ParsedRequest, engine_message
-from specdec.params import FinishReason
+from specdec.types import Completion, FinishReason, ParsedRequest
 
 if TYPE_CHECKING:
-    from specdec.engine import StepOutput
+    from specdec.engine.sequence import StepOutput
 
 log = logging.getLogger("specdec.scheduler")
 
@@ -61,7 +60,7 @@ class InternalError(Exception):
 
 
 class Observer(Protocol):
-    """Told about each request's life on the worker thread (``metrics.Metrics`` implements it)."""
+    """Told about each request's life on the worker thread (``specdec.serving.metrics.Metrics`` implements it)."""
 
     def first_token(self, ttft_s: float) -> None: ...
     def tokens(self, n: int, seconds_per_token: float | None) -> None:
@@ -194,7 +193,7 @@ class Scheduler:
                 "running": len(self._running),
                 "jobs": len(self._jobs) + int(self._job_running),
                 "unfinished": sum(not s.finished for s in seqs),
-                "holding_cache": sum(s.target_cache is not None or s.draft_cache is not None for s in seqs),
+                "holding_cache": sum(s.holds_cache for s in seqs),
             }
 
     def submit(self, handle: Handle, parsed: ParsedRequest) -> None:
@@ -285,10 +284,10 @@ class Scheduler:
                 self._complete(h, h.cancel_reason or FinishReason.DEADLINE)
                 continue
             try:
-                h.seq = self.engine.start(h.parsed.build(self.engine))
+                h.seq = self.engine.start(self.engine.prepare(h.parsed))
             except ValueError as e:
                 self.observer.failed("invalid_argument")
-                h.put("error", ValueError(engine_message(str(e))))
+                h.put("error", e)
                 continue
             except Exception as e:
                 log.exception("starting request %s failed", h.request_id)

@@ -54,9 +54,9 @@ class StepCosts:
     γ values whose verify is compute-bound and many times a decode step. No forward is taken to cost more
     than a measured larger one.
 
-    Target forwards are also kept per batch size: 8 tokens cost 0.39 s as one row's verify and 0.48 s as 8
-    rows' decode step (measured on the default pair: each row attends to its own, padded, cache), so a batch
-    size's own measurements are used once it has any.
+    Target forwards are also kept per batch size: 8 tokens cost more as 8 rows' decode step than as one row's
+    verify (each row attends to its own, padded, cache), so a batch size's own measurements are used once it
+    has any.
     """
 
     def __init__(self, flat_tokens: int = 8) -> None:

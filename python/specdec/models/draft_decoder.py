@@ -1,7 +1,7 @@
 """A lean forward for the draft model: the same function as transformers' forward, with less around it.
 
-transformers' forward spends about 10 ms of a 0.5B draft step in Python and small torch ops, beside the ~30 ms
-that streaming the weights takes (measured on 2 cores: 45-57 ms a step against 39-47 ms here). The draft's
+transformers' forward spends a fair share of a 0.5B draft step in Python and small torch ops, beside the time
+that streaming the weights takes (`specdec bench` reports the draft's cost ratio c either way). The draft's
 arithmetic never changes what the engine outputs, only how often its proposals are accepted, so it may compute
 differently; this computes the same function (tested against transformers' logits), with:
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from specdec import fast_linear, ragged
+from specdec.models import linear
+from specdec.models import ragged
 
 ARCHITECTURES = frozenset({"llama", "qwen2"})
 
@@ -78,16 +79,16 @@ class _Linear:
     @classmethod
     def of(cls, module: torch.nn.Module) -> _Linear:
         bias = None if module.bias is None else module.bias.detach().to(torch.float32)
-        if isinstance(module, fast_linear.Int8Linear):
+        if isinstance(module, linear.Int8Linear):
             return cls(module.qweight, module.scale, bias)
         return cls(module.weight.detach(), None, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] float32 → [T, N] float32."""
         if self.scale is not None:
-            return fast_linear.linear_int8(x, self.weight, self.bias, self.scale)
-        if x.shape[0] <= fast_linear.MAX_ROWS:
-            return fast_linear.linear(x, self.weight, self.bias)
+            return linear.linear_int8(x, self.weight, self.bias, self.scale)
+        if x.shape[0] <= linear.MAX_ROWS:
+            return linear.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(torch.float32)
 

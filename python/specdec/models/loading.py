@@ -1,29 +1,25 @@
 """Model loading: a hub id, a local directory or a ``.gguf`` file, placed on a device in a chosen dtype.
 
-GGUF files are dequantised once into a safetensors directory in the cache (see ``gguf_cache``); later
+GGUF files are dequantised once into a safetensors directory in the cache (see ``specdec.models.gguf_convert``); later
 loads read that directory. A draft and a target must share a tokenizer, which ``check_pair`` enforces.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec import attention, fast_linear
+from specdec.models import attention
+from specdec.models import linear
+from specdec.models.gguf_convert import ensure_converted
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only formats: the linear layers' weights are quantised, everything else runs in the mapped dtype.
 WEIGHT_ONLY = {"int8": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    """Where fetched and converted models live: ``$SPECDEC_CACHE`` or ``~/.cache/specdec``."""
-    return Path(os.environ.get("SPECDEC_CACHE") or Path.home() / ".cache" / "specdec")
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -36,9 +32,10 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def default_draft_precision(device: str = "auto") -> str:
     """What a draft runs in unless told: int8 on a CPU with AVX-512 VNNI, where the small-M kernel multiplies int8
-    rows by int8-quantised activations (measured: 1.89x over target-only against 1.40x with a bfloat16 draft),
-    bfloat16 elsewhere (without VNNI the int8 kernel is a portable loop, slower than bfloat16)."""
-    if resolve_device(device).type == "cpu" and fast_linear.int8_is_fast():
+    rows by int8-quantised activations and the draft is cheapest (compare `specdec bench --draft-dtype int8` and
+    `--draft-dtype bfloat16`), bfloat16 elsewhere (without VNNI the int8 kernel is a portable loop, slower than
+    bfloat16)."""
+    if resolve_device(device).type == "cpu" and linear.int8_is_fast():
         return "int8"
     return "bfloat16"
 
@@ -96,15 +93,13 @@ class LoadedModel:
 
 def _local_source(source: str) -> str:
     if source.endswith(".gguf"):
-        from specdec.gguf_cache import ensure_converted
-
         return str(ensure_converted(Path(source)))
     return source
 
 
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them): after quantising a 0.5B draft, the replaced
-    bfloat16 weights otherwise stay resident, measured 1958 MiB RSS against 1154 MiB after the trim."""
+    bfloat16 weights otherwise stay resident (the server's RSS, in `specdec loadtest`, shows the difference)."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -124,7 +119,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file.
 
     dtype is a torch dtype or its name, or "int8": weight-only int8 linear layers (per-row scales) with
-    bfloat16 everywhere else, meant for a draft model (``fast_linear.Int8Linear``).
+    bfloat16 everywhere else, meant for a draft model (``linear.Int8Linear``).
     """
     precision = precision_name(dtype)
     weight_only = precision if precision in WEIGHT_ONLY else ""
@@ -135,7 +130,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     model.requires_grad_(False)
     attention.install(model)
     if weight_only:
-        fast_linear.quantize_int8(model)
+        linear.quantize_int8(model)
         _return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(model))
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)

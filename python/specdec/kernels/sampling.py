@@ -1,4 +1,4 @@
-"""Fused sampling and speculative-verification kernels (C++, ``specdec._kernels``).
+"""Fused sampling and speculative-verification kernels on the CPU (C++, ``specdec._kernels``).
 
 Two kernels, one processing of the logits, one random-number contract.
 
@@ -111,8 +111,6 @@ __all__ = [
     "STREAM_SAMPLE",
     "STREAM_VERIFY",
     "GREEDY_TEMPERATURE",
-    "set_backend",
-    "backend",
 ]
 
 STREAM_SAMPLE: int = _k.STREAM_SAMPLE
@@ -129,45 +127,6 @@ class NonFiniteLogitsError(ValueError):
         super().__init__(msg)
         self.rows = rows
         self.positions = positions
-
-
-_backend = "cpu"
-
-
-def set_backend(name: str) -> None:
-    """Run ``sample`` and ``verify`` on "cpu" (these C++ kernels) or "tt" (tt-metal device kernels).
-
-    "tt" needs ttnn and a Tenstorrent device; without them it raises RuntimeError saying what is missing.
-    """
-    global _backend
-    if name not in ("cpu", "tt"):
-        raise ValueError(f"kernels backend must be 'cpu' or 'tt', got {name!r}")
-    if name == "tt":
-        from specdec import tt
-
-        reason = tt.why_unavailable()
-        if reason is not None:
-            raise RuntimeError(f"--kernels tt is unavailable: {reason}")
-    _backend = name
-
-
-def backend() -> str:
-    return _backend
-
-
-def _tt_verify(target_logits, draft_tokens, draft_probs, num_draft, return_logprobs, **params):
-    from specdec import tt
-
-    tokens, num_accepted = tt.verify(target_logits, draft_tokens, draft_probs, num_draft, **params)
-    if not return_logprobs:
-        return tokens, num_accepted
-    # The device kernels return no logprobs: take log_softmax of the raw logits on the host.
-    logits = np.asarray(target_logits.float() if _is_torch(target_logits) else target_logits, dtype=np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    logz = np.log(np.exp(shifted).sum(-1))
-    safe = np.maximum(tokens, 0)[..., None]
-    logprobs = np.where(tokens >= 0, np.take_along_axis(shifted, safe, -1)[..., 0] - logz, np.nan)
-    return tokens, num_accepted, logprobs.astype(np.float32)
 
 
 def num_threads() -> int:
@@ -373,12 +332,6 @@ def sample(
     probs is the processed distribution the token was drawn from (one-hot at the argmax for greedy
     rows). Uses uniform index 0 of stream ``STREAM_SAMPLE`` for (seed, offset) of each row.
     """
-    if _backend == "tt":
-        if return_probs:
-            raise ValueError("return_probs is not supported by the tt backend (the device returns tokens only)")
-        from specdec import tt
-
-        return tt.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset)
     buf = _float_buf(logits, "logits", 2, allow_bf16=True)
     B, V = buf.shape
     if V < 1:
@@ -426,11 +379,6 @@ def verify(
     at each emitted token, NaN-padded. The acceptance rule and the uniforms used are in the module
     docstring.
     """
-    if _backend == "tt":
-        return _tt_verify(
-            target_logits, draft_tokens, draft_probs, num_draft, return_logprobs,
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset,
-        )
     buf = _float_buf(target_logits, "target_logits", 3, allow_bf16=True)
     B, K1, V = buf.shape
     if K1 < 1:

@@ -27,9 +27,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec.convert import (
-    Completion,
+from specdec import bench
+from specdec.engine.scheduler import Closed, Handle, JobCancelled, QueueFull, Scheduler
+from specdec.serving.metrics import Metrics
+from specdec.serving.security import TokenAuthInterceptor, server_credentials
+from specdec.serving.wire import (
     Limits,
+    engine_message,
     method_from_proto,
     model_info_to_proto,
     new_request_id,
@@ -38,10 +42,7 @@ from specdec.convert import (
     sampling_from_proto,
     summary_to_proto,
 )
-from specdec.metrics import Metrics
-from specdec.params import FinishReason, Method
-from specdec.security import TokenAuthInterceptor, server_credentials
-from specdec.scheduler import Closed, Handle, JobCancelled, QueueFull, Scheduler
+from specdec.types import Completion, FinishReason, Method
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
@@ -308,7 +309,7 @@ class SpecDecServer:
                     return
                 if kind == "error":
                     if isinstance(payload, ValueError):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(payload))
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, engine_message(str(payload)))
                     await context.abort(
                         grpc.StatusCode.INTERNAL, f"internal error in request {handle.request_id}: {payload}"
                     )
@@ -397,8 +398,6 @@ class SpecDecServer:
             self._active_calls -= 1
 
     def _bench_options(self, r: pb.BenchmarkRequest):
-        from specdec import bench
-
         if len(r.prompts) > MAX_BENCHMARK_PROMPTS:
             raise ValueError(f"prompts must hold at most {MAX_BENCHMARK_PROMPTS} prompts, got {len(r.prompts)}")
         for i, p in enumerate(r.prompts):
@@ -409,8 +408,6 @@ class SpecDecServer:
             method = Method.DRAFT if getattr(self.engine, "draft", None) is not None else Method.NGRAM
         if method == Method.DRAFT and getattr(self.engine, "draft", None) is None:
             raise ValueError("method METHOD_DRAFT needs a draft model; this server was started without one")
-        if r.HasField("gamma") and r.HasField("gamma_max"):
-            raise ValueError(f"gamma and gamma_max are exclusive, got gamma={r.gamma} and gamma_max={r.gamma_max}")
         options = bench.BenchOptions(
             prompts=[bench.Prompt(p) for p in r.prompts] if r.prompts else bench.builtin_prompts(),
             method=method,
@@ -426,7 +423,7 @@ class SpecDecServer:
             options.warmup = 0  # a single prompt of one's own is measured
         if r.HasField("max_new_tokens"):
             options.max_new_tokens = r.max_new_tokens
-        options.validate()
+        options.validate(prefix="")  # the request names them gamma and gamma_max
         return options
 
 
@@ -522,8 +519,6 @@ def _end_reason(handle: Handle) -> FinishReason:
 
 def _bench_job(options):
     def run(engine, progress):
-        from specdec import bench
-
         report = bench.run_benchmark(engine, options, progress)
         return report, bench.to_json(report), bench.to_markdown(report)
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from specdec import _kernels
 
-# Up to this many rows take the kernel, and the batch invariance ends here. Its time ÷ torch's GEMM on Qwen2.5-1.5B's
-# MLP shapes (bench/linear_rows.py, 2 cores, interleaved): 16 rows 0.78, 24 rows 0.90, 32 rows 1.06, 40 rows 1.19.
+# Up to this many rows take the kernel, and the batch invariance ends here: about where the kernel's time stops
+# beating torch's GEMM on Qwen2.5-1.5B's MLP shapes (`python bench/linear_rows.py` prints kernel ÷ torch per row count).
 MAX_ROWS = 32
 # Rows the kernel multiplies by each weight row in registers: up to this many a forward costs about one row's;
-# each further block of rows reuses the weights from cache and adds compute (16 rows: about 1.5x 8 rows' time).
+# each further block of rows reuses the weights from cache and adds compute (`python bench/linear_rows.py`).
 ROWS_PER_PASS: int = _kernels.rows_per_pass
 _WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -83,9 +83,9 @@ def install(model: torch.nn.Module) -> int:
 _QUANTIZE_ROWS = 4096
 
 
-# int8 layers take the kernel at any number of rows, this many per call. Measured on the default draft, a 60-token
-# catch-up took 159-169 ms this way against 256-264 ms dequantising to bfloat16 for torch's GEMM (555 to float32),
-# and a 300-token prompt 774 against 820.
+# int8 layers take the kernel at any number of rows, this many per call: on the default draft this beats
+# dequantising to bfloat16 for torch's GEMM for a catch-up of tens of tokens and for a prompt of hundreds (the
+# draft's catch-up shows in `specdec bench`'s draft cost and TTFT).
 INT8_SLICE_ROWS = 32
 
 

@@ -1,0 +1,32 @@
+"""The benchmark harness, shared by ``specdec bench`` and the Benchmark RPC: target-only vs speculative (vs
+transformers' assisted generation) on the same prompts, all measured.
+
+``run_benchmark(engine, options, progress)`` is the one call both use; ``run_concurrency`` measures N streams at
+once. The report is a dict (``to_json``, ``to_markdown``, ``plot``).
+"""
+
+from specdec.bench.cli import add_arguments, options_from_args, run_cli
+from specdec.bench.concurrency import concurrency_to_markdown, make_concurrency_report, run_concurrency
+from specdec.bench.options import BenchOptions
+from specdec.bench.prompts import Prompt, builtin_prompts, read_prompts
+from specdec.bench.report import bound_for, make_report, plot, to_json, to_markdown
+from specdec.bench.runners import run_benchmark
+
+__all__ = [
+    "BenchOptions",
+    "Prompt",
+    "add_arguments",
+    "bound_for",
+    "builtin_prompts",
+    "concurrency_to_markdown",
+    "make_concurrency_report",
+    "make_report",
+    "options_from_args",
+    "plot",
+    "read_prompts",
+    "run_benchmark",
+    "run_cli",
+    "run_concurrency",
+    "to_json",
+    "to_markdown",
+]

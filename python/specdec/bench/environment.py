@@ -1,0 +1,68 @@
+"""Where a benchmark ran: the machine, the CPU and its instruction-set path, versions, load and memory."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import time
+
+import torch
+
+from specdec.models import linear
+
+
+def run_environment(t_start: float, load_start: tuple[float, float, float]) -> dict:
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "cpu_model": cpu_model(),
+        "linear_kernel_int8_path": "avx512-vnni" if linear.int8_is_fast() else "portable",
+        "specdec_version": package_version("specdec"),
+        # Shipped code runs no git: a run from a checkout names its commit in the environment.
+        "specdec_commit": os.environ.get("SPECDEC_COMMIT", ""),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start)),
+        "duration_s": time.time() - t_start,
+        # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return 0
+
+
+def weight_bytes(model) -> int:
+    """Parameters and buffers (an int8 draft keeps its quantised weights and scales as buffers)."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo`` on Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "?"

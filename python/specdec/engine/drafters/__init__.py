@@ -1,0 +1,8 @@
+"""Drafters: the engine sees only ``base.Drafter``."""
+
+from specdec.engine.drafters.base import Drafter, Proposal
+from specdec.engine.drafters.draft_model import DraftModelDrafter
+from specdec.engine.drafters.ngram import NgramDrafter
+from specdec.engine.drafters.none import NoDrafter
+
+__all__ = ["Drafter", "DraftModelDrafter", "NgramDrafter", "NoDrafter", "Proposal"]

@@ -1,0 +1,31 @@
+"""The Python face of the C++ kernels: sampling and speculative verification (``sampling``), and the backend
+interface the engine calls them through (``backend``)."""
+
+from specdec.kernels.backend import CpuBackend, KernelBackend
+from specdec.kernels.sampling import (
+    GREEDY_TEMPERATURE,
+    STREAM_SAMPLE,
+    STREAM_VERIFY,
+    NonFiniteLogitsError,
+    num_threads,
+    philox4x32_10,
+    sample,
+    set_num_threads,
+    uniforms,
+    verify,
+)
+
+__all__ = [
+    "CpuBackend",
+    "KernelBackend",
+    "GREEDY_TEMPERATURE",
+    "STREAM_SAMPLE",
+    "STREAM_VERIFY",
+    "NonFiniteLogitsError",
+    "num_threads",
+    "philox4x32_10",
+    "sample",
+    "set_num_threads",
+    "uniforms",
+    "verify",
+]
