@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.hpp)
 
-.PHONY: venv serve test test-slow test-models proto bench-kernels clean
+.PHONY: venv serve test test-slow test-models proto bench-kernels results clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ proto: venv
 
 bench-kernels: venv
 	$(BIN)/python bench/kernels.py
+
+# The measurements behind docs/benchmarks.md (about an hour on 2 cores; run on an idle machine).
+results: venv
+	scripts/bench_results.sh
 
 clean:
 	rm -rf build $(VENV)
