@@ -31,7 +31,11 @@ import statistics
 import sys
 import time
 
-import specdec  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
 import numpy as np
 import torch
 

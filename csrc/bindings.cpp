@@ -1,6 +1,6 @@
 // pybind11 bindings for specdec._kernels.
 //
-// The Python face (python/specdec/kernels.py) does every shape, dtype and range check and passes raw
+// The Python face (python/specdec/kernels/sampling.py) does every shape, dtype and range check and passes raw
 // addresses of contiguous numpy arrays / torch CPU tensors (zero-copy; the caller keeps them alive for
 // the call). The GIL is released while a kernel runs. Use specdec.kernels, not this module.
 #include <pybind11/pybind11.h>
@@ -78,7 +78,7 @@ PYBIND11_MODULE(_kernels, m) {
   });
 
   // y[m, n] = x[m, k] · w[n, k]^T (· scale[n] for int8) (+ bias): the few-row linear of decode and verify
-  // forwards (python/specdec/fast_linear.py checks the arguments). Output columns are split across the pool;
+  // forwards (python/specdec/models/linear.py checks the arguments). Output columns are split across the pool;
   // for int8 weights x is quantised once, before the split.
   m.def(
       "linear_small_m",

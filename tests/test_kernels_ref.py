@@ -1,4 +1,4 @@
-"""A plain numpy reference for specdec.kernels (helpers only; the tests are in test_kernels*.py), written from the module docstring's contract.
+"""A plain numpy reference for specdec.kernels (helpers only; the tests are in test_kernels*.py), written from the contract in the docstring of specdec.kernels.sampling.
 
 It consumes the same uniforms (``kernels.uniforms``) and follows the same processing, so the C++
 kernels must agree with it token for token (greedy exactly; sampling except when a uniform falls

@@ -59,7 +59,7 @@ def test_max_message_bytes(limited):
 def test_max_prompt_tokens_for_token_ids_and_for_text(limited):
     details = rejected(limited, req(token_ids=pb.TokenIds(ids=[5] * 7)), grpc.StatusCode.INVALID_ARGUMENT)
     assert details == "prompt must be at most 6 tokens (limit max_prompt_tokens), got 7"
-    # a text prompt is judged once tokenized, on the engine's thread
+    # a text prompt is judged once tokenized, on the server's tokenizing thread
     details = rejected(limited, req(text="hello world " * 20), grpc.StatusCode.INVALID_ARGUMENT)
     assert "prompt must be at most 6 tokens (limit max_prompt_tokens)" in details
     ok = limited.stub().Generate(req(token_ids=pb.TokenIds(ids=[5] * 6)), timeout=30)

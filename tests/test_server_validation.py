@@ -8,6 +8,7 @@ import grpc
 import pytest
 from server_fixtures import ServerThread, load_engine, server, test_config, wait_until  # noqa: F401
 
+from specdec.serving.wire import Limits
 from specdec.types import Method
 from specdec.v1 import specdec_pb2 as pb
 
@@ -43,7 +44,7 @@ BAD = [
     ("temperature Inf", req(sampling=S(temperature=math.inf)), "sampling.temperature must be a finite number, got inf"),
     ("top_p above 1", req(sampling=S(top_p=1.5)), "sampling.top_p must be in (0, 1], got 1.5"),
     ("top_p zero", req(sampling=S(top_p=0.0)), "sampling.top_p must be in (0, 1], got 0.0"),
-    ("top_k negative", req(sampling=S(top_k=-1)), "sampling.top_k must be in [0, 2^31] (0 = off), got -1"),
+    ("top_k negative", req(sampling=S(top_k=-1)), "sampling.top_k must be in [0, 2^31 - 1] (0 = off), got -1"),
     ("min_p one", req(sampling=S(min_p=1.0)), "sampling.min_p must be in [0, 1), got 1.0"),
     ("min_p NaN", req(sampling=S(min_p=math.nan)), "sampling.min_p must be a finite number, got nan"),
     ("max_new_tokens zero", req(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
@@ -88,9 +89,17 @@ def test_table_is_big_enough_and_the_server_is_unharmed(server):
     assert r.summary.usage.completion_tokens == 3
 
 
-def test_edges_that_are_valid(server):
+@pytest.fixture(scope="module")
+def server_up_to_gamma_32(tiny_dirs):
+    """A server that lets requests use the API's whole γ range (--max-gamma 32)."""
+    s = ServerThread(test_config(limits=Limits(max_gamma=32)), engine=load_engine(tiny_dirs))
+    yield s
+    s.close()
+
+
+def test_edges_that_are_valid(server_up_to_gamma_32):
     """The boundaries themselves are accepted (so the table above tests the range, not a blanket rejection)."""
-    stub = server.stub()
+    stub = server_up_to_gamma_32.stub()
     for ok in (
         req(sampling=S(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=2**64 - 1)),
         req(sampling=S(temperature=100.0, top_k=2**31 - 1, min_p=0.999, seed=0)),

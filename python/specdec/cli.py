@@ -14,8 +14,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from specdec.openmp import passive_waits
@@ -72,6 +74,21 @@ def _add_serve(sub) -> None:
     lim.add_argument("--max-stop-length", type=int, default=256, help="characters per stop string (default 256)")
     lim.add_argument("--max-concurrent-streams", type=int, default=128,
                      help="Generate/GenerateStream calls in flight beyond which RESOURCE_EXHAUSTED (default 128)")  # fmt: skip
+    lim.add_argument("--max-gamma", type=int, default=None,
+                     help="largest gamma or gamma_max a request may ask for (default: the server's own largest γ, "
+                          "--gamma or --gamma-max)")  # fmt: skip
+    lim.add_argument("--max-unread-chunks", type=int, default=64,
+                     help="a stream with this many chunks unread by its client leaves the running batch until it reads "
+                          "(default 64)")  # fmt: skip
+    lim.add_argument("--unread-timeout", type=float, default=60.0,
+                     help="seconds a stream may stay out of the batch unread before it is cancelled (default 60)")  # fmt: skip
+    bm = p.add_argument_group("benchmark RPC")
+    bm.add_argument("--no-benchmark-rpc", action="store_true", help="switch the Benchmark RPC off (UNIMPLEMENTED)")
+    bm.add_argument("--max-benchmark-seconds", type=float, default=300.0,
+                    help="one Benchmark call holds the engine at most this long, then fails RESOURCE_EXHAUSTED "
+                         "(default 300)")  # fmt: skip
+    n.add_argument("--expose-model-paths", action="store_true",
+                   help="GetModelInfo reports the models' paths (default: their file names only)")
     q = p.add_argument_group("admission")
     q.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which RESOURCE_EXHAUSTED (default 64)")
     q.add_argument("--max-running", type=int, default=8, help="requests stepped together (default 8)")
@@ -205,8 +222,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("--max-queue must be >= 0 and --max-running >= 1")
     if args.threads is not None and args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
+    if args.max_gamma is not None and not 0 <= args.max_gamma <= GAMMA_LIMIT:
+        return _fail(f"--max-gamma must be in [0, {GAMMA_LIMIT}], got {args.max_gamma}")
+    if not args.max_benchmark_seconds > 0 or not args.unread_timeout > 0:
+        return _fail("--max-benchmark-seconds and --unread-timeout must be > 0")
     for name in ("max_prompt_tokens", "max_new_tokens_limit", "max_stop_strings", "max_stop_length",
-                 "max_concurrent_streams", "max_message_bytes"):  # fmt: skip
+                 "max_concurrent_streams", "max_message_bytes", "max_unread_chunks"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_stop_strings" else 1):
             return _fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_stop_strings' else 1}, got {value}")
@@ -224,9 +245,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         return _fail(str(err))
     try:
-        return asyncio.run(_serve(args))
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
+        code = asyncio.run(_serve(args))
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers are in place
+        code = 130
+    return _leave(code)
+
+
+def _leave(code: int) -> int:
+    """Return ``code``, or end the process with it at once while a specdec thread still runs: a model load, or an
+    engine step that outlived the scheduler's stop. The interpreter's finalization would run C++ destructors (torch's
+    thread pools) under that thread and abort the process, where the exit code must say how the server ended."""
+    if any(t.is_alive() for t in threading.enumerate() if t.name.startswith("specdec-")):
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _loader(args: argparse.Namespace):
@@ -266,12 +304,18 @@ async def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         reflection=not args.no_reflection,
         limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens_limit,
-                      max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length),  # fmt: skip
+                      max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
+                      max_gamma=args.max_gamma),  # fmt: skip
         max_concurrent_streams=args.max_concurrent_streams,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token,
+        benchmark_rpc=not args.no_benchmark_rpc,
+        max_benchmark_s=args.max_benchmark_seconds,
+        max_unread=args.max_unread_chunks,
+        unread_timeout_s=args.unread_timeout,
+        expose_model_paths=args.expose_model_paths,
     )
     server = SpecDecServer(config, loader=_loader(args))
     port = await server.start()
@@ -291,10 +335,9 @@ async def _serve(args: argparse.Namespace) -> int:
         if signals == 1:
             log.info("signal received: draining", extra={"fields": {"signal": signal.Signals(signum).name}})
             server.shutdown()
-        else:
+        else:  # the operator wants it gone: no more waiting for the engine
             log.warning("second signal: stopping now")
-            server.shutdown(0.0)
-            loop.create_task(_force_stop(server))
+            _exit_now(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -306,11 +349,6 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     await server.wait_closed()
     return 0
-
-
-async def _force_stop(server) -> None:
-    if server.scheduler is not None:
-        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
 
 
 # ---- generate -----------------------------------------------------------------------------------

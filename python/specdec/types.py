@@ -77,7 +77,7 @@ class SamplingParams:
     def validate(self) -> None:
         _finite("sampling.temperature", self.temperature)
         _require(0.0 <= self.temperature <= 100.0, f"sampling.temperature must be in [0, 100], got {self.temperature}")
-        _require(0 <= self.top_k <= 1 << 31, f"sampling.top_k must be in [0, 2^31] (0 = off), got {self.top_k}")
+        _require(0 <= self.top_k < 1 << 31, f"sampling.top_k must be in [0, 2^31 - 1] (0 = off), got {self.top_k}")
         _finite("sampling.top_p", self.top_p)
         _require(0.0 < self.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         _finite("sampling.min_p", self.min_p)
@@ -145,8 +145,8 @@ class GenerationRequest:
 
 @dataclass
 class ParsedRequest:
-    """A validated request whose prompt is not tokenized yet: the engine tokenizes it on its own thread
-    (``Engine.prepare``), since fast tokenizers are not safe to share across threads."""
+    """A request validated as far as the message alone decides; ``Engine.prepare`` makes it a ``GenerationRequest``,
+    tokenizing a prompt that is still text (the server tokenizes text on a thread of its own first)."""
 
     request_id: str
     prompt_kind: str  # "text", "token_ids" or "messages"
@@ -165,7 +165,7 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: FinishReason
     matched_stop: str | None
-    seed: int
+    seed: int | None  # None: the request ended before it started and asked for no seed
     method: str
     prompt_tokens: int
     completion_tokens: int

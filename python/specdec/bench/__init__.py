@@ -1,7 +1,7 @@
 """The benchmark harness, shared by ``specdec bench`` and the Benchmark RPC: target-only vs speculative (vs
 transformers' assisted generation) on the same prompts, all measured.
 
-``run_benchmark(engine, options, progress)`` is the one call both use; ``run_concurrency`` measures N streams at
+``run_benchmark(engine, options, progress, check)`` is the one call both use; ``run_concurrency`` measures N streams at
 once. The report is a dict (``to_json``, ``to_markdown``, ``plot``).
 """
 

@@ -112,7 +112,8 @@ def run_concurrency(engine, options: BenchOptions, progress: Callable[[dict], No
     if not options.concurrency:
         raise ValueError("run_concurrency needs at least one concurrency level")
     progress = progress or (lambda event: None)
-    prompts = [encode_prompt(engine, p, options.chat) for p in options.prompts[options.warmup :]]
+    prompts = [encode_prompt(engine, p, options.chat, options.max_prompt_tokens, f"prompts[{i}]")
+               for i, p in enumerate(options.prompts) if i >= options.warmup]  # fmt: skip
     base_seed = options.sampling.seed if options.sampling.seed is not None else 1234
     methods = {"baseline": SpeculationParams(method=Method.NONE, gamma=0),
                "speculative": SpeculationParams(options.method, options.gamma, options.gamma_max)}  # fmt: skip

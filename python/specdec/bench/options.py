@@ -24,6 +24,7 @@ class BenchOptions:
     # --concurrency: streams run at once (run_concurrency); each runs requests_per_stream requests in turn.
     concurrency: list[int] = field(default_factory=list)
     requests_per_stream: int = 2
+    max_prompt_tokens: int | None = None  # each prompt's tokens at most (the server's --max-prompt-tokens)
 
     def validate(self, prefix: str = "speculation.") -> None:
         """``prefix`` names gamma and gamma_max as the caller spells them (the Benchmark RPC: no prefix)."""

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from specdec.bench.environment import rss_bytes, run_environment, weight_bytes
 from specdec.bench.options import BenchOptions
@@ -54,8 +55,13 @@ def rates(n: int, ttft_s: float, wall_s: float, first_tokens: int = 1) -> dict:
     }
 
 
-def time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
-    """Run requests to completion, stepped together; per request its tokens, timings and engine metrics."""
+def _no_check() -> None:
+    pass
+
+
+def time_engine(engine, requests: list[GenerationRequest], check: Callable[[], None] = _no_check) -> list[dict]:
+    """Run requests to completion, stepped together; per request its tokens, timings and engine metrics.
+    ``check`` runs before every step and may raise to stop the run (its caches are freed)."""
     t0 = time.perf_counter()
     seqs = [engine.start(r) for r in requests]
     first: dict[int, float] = {}
@@ -64,6 +70,7 @@ def time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
     try:
         live = list(seqs)
         while live:
+            check()
             outs = engine.step_batch(live)
             now = time.perf_counter()
             for s, o in zip(live, outs):
@@ -98,8 +105,8 @@ def time_engine(engine, requests: list[GenerationRequest]) -> list[dict]:
     return runs
 
 
-def _speculative_run(engine, request: GenerationRequest) -> dict:
-    run = time_engine(engine, [request])[0]
+def _speculative_run(engine, request: GenerationRequest, check: Callable[[], None]) -> dict:
+    run = time_engine(engine, [request], check)[0]
     # c as the engine measures it (draft forward ÷ one-token target forward, running estimates), after this run.
     run["c"] = 0.0 if request.speculation.method == Method.NGRAM else engine.cost_ratio()
     return run
@@ -143,8 +150,20 @@ def _hf_generation_kwargs(engine, options: BenchOptions) -> dict:
     return kwargs
 
 
+class _Checked(StoppingCriteria):
+    """Runs ``check`` at each of transformers' generation steps; it raises to stop the run."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.check()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
-def _time_hf(engine, prompt_ids: list[int], options: BenchOptions, assistant, seed: int) -> dict:
+def _time_hf(engine, prompt_ids: list[int], options: BenchOptions, assistant, seed: int,
+             check: Callable[[], None]) -> dict:  # fmt: skip
     """transformers' own ``generate`` on the engine's target: with ``assistant`` (assisted) or without."""
     model = engine.target.model
     ids = torch.tensor([prompt_ids], device=model.device)
@@ -157,7 +176,8 @@ def _time_hf(engine, prompt_ids: list[int], options: BenchOptions, assistant, se
         torch.manual_seed(seed)
     streamer = _TimingStreamer()
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                         stopping_criteria=StoppingCriteriaList([_Checked(check)]), **kwargs)  # fmt: skip
     wall = time.perf_counter() - t0
     new = [int(t) for t in out[0, len(prompt_ids) :]]
     if len(new) != options.max_new_tokens:
@@ -179,14 +199,21 @@ def _hf_assistant(engine, options: BenchOptions):
     return load_model(engine.draft.name, dtype=dtype, device=str(engine.target.device)).model, dtype
 
 
-def encode_prompt(engine, prompt: Prompt, chat: bool) -> list[int]:
+def encode_prompt(engine, prompt: Prompt, chat: bool, max_tokens: int | None = None, name: str = "prompt") -> list[int]:
+    """The prompt's ids, in the target's chat template when asked and it has one; at most ``max_tokens``."""
     if chat and getattr(engine.tokenizer, "chat_template", None):
-        return engine.encode_chat([{"role": "user", "content": prompt.text}])
-    return engine.encode(prompt.text)
+        return engine.tokenize("messages", [{"role": "user", "content": prompt.text}], max_tokens, name)
+    return engine.tokenize("text", prompt.text, max_tokens, name)
 
 
-def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None) -> dict:
-    """Measure baseline, speculative (and transformers) on every prompt; return the report dict."""
+def run_benchmark(
+    engine,
+    options: BenchOptions,
+    progress: Callable[[dict], None] | None = None,
+    check: Callable[[], None] = _no_check,
+) -> dict:
+    """Measure baseline, speculative (and transformers) on every prompt; return the report dict. ``check`` runs
+    before every engine step (and transformers' steps) and may raise to stop the benchmark."""
     options.validate()
     progress = progress or (lambda event: None)
     assistant, hf_draft_dtype = _hf_assistant(engine, options) if options.compare_hf else (None, "")
@@ -201,7 +228,7 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
     t_start = time.time()
     results = []
     for i, prompt in enumerate(options.prompts):
-        prompt_ids = encode_prompt(engine, prompt, options.chat)
+        prompt_ids = encode_prompt(engine, prompt, options.chat, options.max_prompt_tokens, f"prompts[{i}]")
         seed = base_seed + i
         phase = "warmup" if i < options.warmup else "measure"
 
@@ -217,10 +244,11 @@ def run_benchmark(engine, options: BenchOptions, progress: Callable[[dict], None
             )
 
         runners = {
-            "baseline": lambda: time_engine(engine, [request(Method.NONE, gamma=0)])[0],
-            "speculative": lambda: _speculative_run(engine, request(options.method, options.gamma, options.gamma_max)),
-            "hf_assisted": lambda: _time_hf(engine, prompt_ids, options, assistant, seed),
-            "hf_target_only": lambda: _time_hf(engine, prompt_ids, options, None, seed),
+            "baseline": lambda: time_engine(engine, [request(Method.NONE, gamma=0)], check)[0],
+            "speculative": lambda: _speculative_run(engine, request(options.method, options.gamma, options.gamma_max),
+                                                    check),  # fmt: skip
+            "hf_assisted": lambda: _time_hf(engine, prompt_ids, options, assistant, seed, check),
+            "hf_target_only": lambda: _time_hf(engine, prompt_ids, options, None, seed, check),
         }
         entry = {"index": i, "phase": phase, "category": prompt.category, "prompt": prompt.text,
                  "prompt_tokens": len(prompt_ids)}  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 from specdec.engine.detokenizer import Detokenizer
 from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
+from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
 from specdec.kernels import CpuBackend, KernelBackend
 from specdec.models import linear, ragged
@@ -88,6 +89,7 @@ class Engine:
         self.vocab_size = min(rows)  # the ids both models can score
         self.real_vocab = min(self.vocab_size, len(self.tokenizer))  # ids past this are embedding padding
         self.context_length = target.context_length
+        self.prompts = PromptTokenizer(self.tokenizer, target.name)
         self.eos_token_ids = self._eos_ids()
         # Verify tokens that cost about one decode step until measured (StepCosts): the rows the small-M kernel
         # holds in registers per weight row on a CPU with it, one on a CPU without it (torch runs a GEMV per row),
@@ -162,24 +164,19 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return self.prompts.encode(text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"messages: the target model {self.target.name!r} has no chat template; send a prompt")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return self.prompts.encode_chat(messages)
+
+    def tokenize(self, kind: str, prompt: str | list[int] | list[dict[str, str]], max_tokens: int | None = None,
+                 name: str = "prompt") -> list[int]:  # fmt: skip
+        """``PromptTokenizer.tokenize`` on the engine's thread."""
+        return self.prompts.tokenize(kind, prompt, max_tokens, name)
 
     def prepare(self, parsed: ParsedRequest) -> GenerationRequest:
         """Tokenize a parsed request's prompt and check it against its prompt-token limit."""
-        if parsed.prompt_kind == "text":
-            ids = list(self.encode(parsed.prompt))
-        elif parsed.prompt_kind == "messages":
-            ids = list(self.encode_chat(parsed.prompt))
-        else:
-            ids = list(parsed.prompt)
-        n = parsed.max_prompt_tokens
-        if n is not None and len(ids) > n:
-            raise ValueError(f"prompt must be at most {n} tokens (limit max_prompt_tokens), got {len(ids)}")
+        ids = self.tokenize(parsed.prompt_kind, parsed.prompt, parsed.max_prompt_tokens)
         return replace(parsed.template, prompt_ids=ids, sampling=replace(parsed.template.sampling),
                        speculation=replace(parsed.template.speculation), stop=list(parsed.template.stop),
                        stop_token_ids=list(parsed.template.stop_token_ids))  # fmt: skip
@@ -446,6 +443,8 @@ class Engine:
                 break
         if reason is not None:
             text += seq.detok.flush()
+            if seq.detok.matched_stop is not None:  # the flush completed a stop string: the text ends at it
+                reason = FinishReason.STOP_SEQUENCE
             seq.finished, seq.finish_reason = True, reason
             self.release(seq)
         return StepOutput(

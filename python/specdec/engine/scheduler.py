@@ -1,11 +1,13 @@
 """The scheduler: one worker thread owns the engine and steps every running request together.
 
-Requests move through three places:
-    inbox    submitted, not yet tokenized or validated by the engine
+Requests move through these places:
+    inbox    submitted, not yet prepared (``engine.prepare``) or validated by the engine
     waiting  started (``engine.start`` passed), waiting for a running slot
     running  stepped together by ``engine.step_batch`` (at most ``max_running``)
-Requests join and leave between steps. Every engine call (tokenizing included: fast tokenizers are not safe
-to share across threads) happens on the worker thread, so the engine needs no locks.
+    unread   out of the batch until their consumer reads (back-pressure, below)
+Requests join and leave between steps. Every engine call happens on the worker thread, so the engine needs no
+locks; a prompt still in text form is tokenized there too (the server tokenizes text on a thread of its own
+before it submits, so its requests arrive as token ids).
 
 Results go back to each request's ``asyncio.Queue`` with ``loop.call_soon_threadsafe``. A cancel or an expired
 deadline only marks the request; before its next step the worker calls ``engine.finish`` (which frees its KV
@@ -13,7 +15,14 @@ caches), so generation stops within one step. The bounded admission queue (inbox
 ``QueueFull`` beyond ``max_queue``.
 
 Exclusive jobs (the benchmark) run on the worker thread too: when one is pending, no waiting request is
-admitted, the running ones finish, the job runs alone, and then admission resumes.
+admitted, the running ones finish, the job runs alone, and then admission resumes. A job calls its ``check``
+once per engine step, which raises ``JobCancelled`` once the job is cancelled, past its deadline or the
+scheduler is stopping, so a job never holds the engine more than one step after that.
+
+Back-pressure: a request whose consumer has not taken ``max_unread`` of its step events (a stream whose client
+stopped reading) leaves the running batch, keeping its KV cache, and its slot goes to the next waiting request;
+it rejoins once its consumer catches up. One left unread for ``unread_timeout_s`` is cancelled, and so is the
+longest-unread one when more than ``max_running`` are out (their caches are memory the server is not sized for).
 
 The scheduler knows nothing of how ``step_batch`` batches its forwards; it only hands it the running list.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import weakref
@@ -37,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specdec.scheduler")
 
-# How often an idle worker wakes to check deadlines of requests held up behind an exclusive job.
+# How often an idle worker wakes to check deadlines of requests held up behind an exclusive job or out of the
+# batch unread.
 IDLE_WAKE_S = 0.25
 
 
@@ -52,7 +63,11 @@ class Closed(Exception):
 
 
 class JobCancelled(Exception):
-    pass
+    """The job's handle was cancelled or passed its deadline, or the scheduler is stopping (args[0]: the reason)."""
+
+
+class JobOverLimit(Exception):
+    """The job ran past the time it was given (``submit_job(max_s=...)``)."""
 
 
 class InternalError(Exception):
@@ -99,6 +114,9 @@ class Handle:
         self.arrival = time.perf_counter()
         self.cancel_reason: FinishReason | None = None
         self.done = False  # set by the worker when the final event is sent
+        # Step events put and taken: each counter has one writer (the worker, the event loop), so no lock.
+        self.put_steps = 0
+        self.taken_steps = 0
         self._wake: Callable[[], None] = lambda: None
         # worker-side state
         self.parsed: ParsedRequest | None = None
@@ -106,6 +124,7 @@ class Handle:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.logprobs: list[float] = []
+        self.unread_since: float | None = None  # when it left the batch for want of a reader
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """Ask the worker to end this request before its next step. Safe from any thread; idempotent."""
@@ -117,13 +136,25 @@ class Handle:
         """Worker side: hand one event to the event loop."""
         if kind in ("done", "error", "result"):
             self.done = True
+        elif kind == "step":
+            self.put_steps += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
     async def get(self) -> Event:
-        return await self.queue.get()
+        event = await self.queue.get()
+        if event[0] == "step":
+            self.taken_steps += 1
+            if self.unread_since is not None:  # out of the batch for want of a reader: it may rejoin now
+                self._wake()
+        return event
+
+    @property
+    def unread(self) -> int:
+        """Step events the worker has put and the consumer has not taken yet."""
+        return self.put_steps - self.taken_steps
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -132,25 +163,42 @@ class Handle:
 @dataclass
 class _Job:
     handle: Handle
-    fn: Callable[[Any, Callable[[dict], None]], Any]  # fn(engine, progress) -> result
+    fn: Callable[[Any, Callable[[dict], None], Callable[[], None]], Any]  # fn(engine, progress, check) -> result
+    max_s: float | None = None  # the job is cut off after this long (JobOverLimit)
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_queue: int = 64, max_running: int = 8, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queue: int = 64,
+        max_running: int = 8,
+        max_unread: int = 64,
+        unread_timeout_s: float = 60.0,
+        observer: Observer | None = None,
+    ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if max_unread < 1:
+            raise ValueError(f"max_unread must be >= 1, got {max_unread}")
+        if not unread_timeout_s > 0:
+            raise ValueError(f"unread_timeout_s must be > 0, got {unread_timeout_s}")
         self.engine = engine
         self.max_queue = max_queue
         self.max_running = max_running
+        self.max_unread = max_unread
+        self.unread_timeout_s = unread_timeout_s
         self.observer: Observer = observer or _NullObserver()
         self._cv = threading.Condition()
         self._inbox: deque[Handle] = deque()
         self._waiting: deque[Handle] = deque()
         self._running: list[Handle] = []
+        self._unread: list[Handle] = []  # out of the batch until their consumer catches up
         self._jobs: deque[_Job] = deque()
-        self._job_running = False
+        self._job_running: _Job | None = None
         self._closed = False
         self._stop = False
         self._step_s_ema: float | None = None  # for the retry hint
@@ -175,10 +223,16 @@ class Scheduler:
             return len(self._inbox) + len(self._waiting)
 
     @property
+    def unread(self) -> int:
+        """Requests out of the batch until their consumer reads."""
+        with self._cv:
+            return len(self._unread)
+
+    @property
     def busy(self) -> bool:
         """True while any request or job is queued, running or being started."""
         with self._cv:
-            return bool(self._inbox or self._waiting or self._running or self._jobs or self._job_running)
+            return bool(self._inbox or self._waiting or self._running or self._unread or self._jobs or self._job_running)
 
     def snapshot(self) -> dict[str, int]:
         """Read-only counts: queued, running, jobs, and started sequences still unfinished or holding a KV cache.
@@ -191,7 +245,8 @@ class Scheduler:
                 "inbox": len(self._inbox),
                 "waiting": len(self._waiting),
                 "running": len(self._running),
-                "jobs": len(self._jobs) + int(self._job_running),
+                "unread": len(self._unread),
+                "jobs": len(self._jobs) + int(self._job_running is not None),
                 "unfinished": sum(not s.finished for s in seqs),
                 "holding_cache": sum(s.holds_cache for s in seqs),
             }
@@ -214,15 +269,18 @@ class Scheduler:
             self._inbox.append(handle)
             self._cv.notify()
 
-    def submit_job(self, handle: Handle, fn: Callable[[Any, Callable[[dict], None]], Any]) -> None:
-        """Queue an exclusive job (one at a time); raise QueueFull if one is already queued or running."""
+    def submit_job(
+        self, handle: Handle, fn: Callable[[Any, Callable[[dict], None], Callable[[], None]], Any], max_s: float | None = None
+    ) -> None:
+        """Queue an exclusive job (one at a time), cut off after ``max_s`` seconds of running; raise QueueFull if one
+        is already queued or running."""
         with self._cv:
             if self._closed:
                 raise Closed("the server is shutting down and admits no new requests")
             if self._jobs or self._job_running:
                 raise QueueFull("a benchmark is already running on this server; retry when it has finished", 60.0)
             handle._wake = self._wake
-            self._jobs.append(_Job(handle, fn))
+            self._jobs.append(_Job(handle, fn, max_s))
             self._cv.notify()
 
     def close(self) -> None:
@@ -231,11 +289,14 @@ class Scheduler:
             self._closed = True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything left, end the worker and wait for it."""
+        """Cancel everything left, end the worker and wait for it (a running job ends at its next step)."""
         with self._cv:
             self._closed = True
             self._stop = True
+            job = self._job_running
             self._cv.notify()
+        if job is not None:
+            job.handle.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -253,7 +314,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._stop or self._inbox or self._waiting or self._running or self._jobs):
+                while not (self._stop or self._inbox or self._waiting or self._running or self._unread or self._jobs):
                     self._cv.wait()
                 if self._stop:
                     break
@@ -266,8 +327,8 @@ class Scheduler:
                 self._admit()
                 if self._running:
                     self._step()
-                elif self._waiting:
-                    with self._cv:  # held up behind a job: wake now and then for deadlines
+                elif self._waiting or self._unread:
+                    with self._cv:  # held up behind a job or a reader: wake now and then for deadlines and reads
                         self._cv.wait(IDLE_WAKE_S)
             except Exception:  # a bug here must not kill the worker: fail what is running, keep serving
                 log.exception("scheduler iteration failed")
@@ -281,7 +342,7 @@ class Scheduler:
                     return
                 h = self._inbox.popleft()
             if h.cancel_reason is not None or h.expired(time.monotonic()):
-                self._complete(h, h.cancel_reason or FinishReason.DEADLINE)
+                self._complete(h, self._end_reason(h, time.monotonic()))
                 continue
             try:
                 h.seq = self.engine.start(self.engine.prepare(h.parsed))
@@ -298,17 +359,31 @@ class Scheduler:
                 self._seqs.add(h.seq)
                 self._waiting.append(h)
 
+    @staticmethod
+    def _end_reason(h: Handle, now: float) -> FinishReason:
+        """A request past its deadline ended by it, even when the cancel that its call's end raised came first."""
+        return FinishReason.DEADLINE if h.expired(now) else h.cancel_reason or FinishReason.DEADLINE
+
     def _reap(self) -> None:
-        """End cancelled and expired requests before the next step; their caches are freed at once."""
+        """End cancelled, expired and long-unread requests before the next step; their caches are freed at once."""
         now = time.monotonic()
+        for h in self._unread:
+            overflow = h.unread_since == -math.inf
+            if overflow or (h.unread_since is not None and now - h.unread_since > self.unread_timeout_s):
+                why = "more unread streams than max_running" if overflow else f"unread for {self.unread_timeout_s:g} s"
+                log.warning("request cancelled: its stream was not read", extra={"fields": {
+                    "request_id": h.request_id, "unread_events": h.unread, "why": why}})  # fmt: skip
+                h.cancel()
         with self._cv:
-            ended = [h for h in (*self._waiting, *self._running) if h.cancel_reason is not None or h.expired(now)]
+            live = (*self._waiting, *self._running, *self._unread)
+            ended = [h for h in live if h.cancel_reason is not None or h.expired(now)]
             if not ended:
                 return
             self._waiting = deque(h for h in self._waiting if h not in ended)
             self._running = [h for h in self._running if h not in ended]
+            self._unread = [h for h in self._unread if h not in ended]
         for h in ended:
-            reason = h.cancel_reason or FinishReason.DEADLINE
+            reason = self._end_reason(h, now)
             try:
                 self.engine.finish(h.seq, reason)
             except Exception:
@@ -317,6 +392,21 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self._cv:
+            stalled = [h for h in self._running if h.unread >= self.max_unread]
+            if stalled:
+                now = time.monotonic()
+                for h in stalled:
+                    h.unread_since = now
+                self._running = [h for h in self._running if h not in stalled]
+                self._unread.extend(stalled)
+                for h in self._unread[: max(0, len(self._unread) - self.max_running)]:  # the longest-unread first
+                    h.unread_since = -math.inf  # _reap cancels it before the next step
+            caught_up = [h for h in self._unread if h.unread < self.max_unread]
+            if caught_up:  # ahead of the waiting requests: they were admitted first
+                self._unread = [h for h in self._unread if h not in caught_up]
+                for h in caught_up:
+                    h.unread_since = None
+                self._waiting.extendleft(reversed(caught_up))
             if self._jobs:
                 return  # drain for the exclusive job
             while self._waiting and len(self._running) < self.max_running:
@@ -402,12 +492,14 @@ class Scheduler:
     def _completion(self, h: Handle, reason: FinishReason) -> Completion:
         seq = h.seq
         end = h.last_token_at or time.perf_counter()
-        if seq is None:
-            return Completion(h.request_id, [], "", None, reason, None, 0, "", 0, 0, end - h.arrival, None, end - h.arrival)
-        m = seq.metrics
-        first_step = m.first_step_at if m.first_step_at is not None else end
         spec = h.parsed.template.speculation.method if h.parsed else None
         method = (spec or self.engine.config.method).value
+        if seq is None:  # ended before it started: the seed it asked for, if any
+            seed = h.parsed.template.sampling.seed if h.parsed else None
+            return Completion(h.request_id, [], "", None, reason, None, seed, method, 0, 0, end - h.arrival, None,
+                              end - h.arrival)  # fmt: skip
+        m = seq.metrics
+        first_step = m.first_step_at if m.first_step_at is not None else end
         return Completion(
             request_id=h.request_id,
             token_ids=list(seq.output_ids),
@@ -439,19 +531,27 @@ class Scheduler:
     def _run_job(self, job: _Job) -> None:
         with self._cv:
             self._jobs.popleft()
-            self._job_running = True
+            self._job_running = job
         h = job.handle
+        cutoff = None if job.max_s is None else time.monotonic() + job.max_s
+
+        def check() -> None:
+            now = time.monotonic()
+            if h.cancel_reason is not None or h.expired(now):
+                raise JobCancelled(self._end_reason(h, now))
+            if self._stop:  # stop() may have come before this job was the running one
+                raise JobCancelled(FinishReason.CANCELLED)
+            if cutoff is not None and now >= cutoff:
+                raise JobOverLimit(f"ran past its limit of {job.max_s:g} s")
 
         def progress(event: dict) -> None:
-            if h.cancel_reason is not None or h.expired(time.monotonic()):
-                raise JobCancelled(h.cancel_reason or FinishReason.DEADLINE)
+            check()
             h.put("progress", event)
 
         try:
-            if h.cancel_reason is not None:
-                raise JobCancelled(h.cancel_reason)
-            result = job.fn(self.engine, progress)
-        except JobCancelled as e:
+            check()
+            result = job.fn(self.engine, progress, check)
+        except (JobCancelled, JobOverLimit) as e:
             h.put("error", e)
         except ValueError as e:
             h.put("error", e)
@@ -462,16 +562,17 @@ class Scheduler:
             h.put("result", result)
         finally:
             with self._cv:
-                self._job_running = False
+                self._job_running = None
 
     def _shutdown_all(self) -> None:
         """The worker is stopping: end whatever is left as cancelled and free it."""
         with self._cv:
-            left = [*self._inbox, *self._waiting, *self._running]
+            left = [*self._inbox, *self._waiting, *self._running, *self._unread]
             jobs = list(self._jobs)
             self._inbox.clear()
             self._waiting.clear()
             self._running.clear()
+            self._unread.clear()
             self._jobs.clear()
         for h in left:
             if h.seq is not None:

@@ -11,7 +11,10 @@ The command starts ``specdec serve`` with the given models (default: the default
 3. the server is idle afterwards: 0 running, 0 waiting and 0 sequences holding a KV cache on /metrics;
 4. fuzz: Hypothesis-generated GenerateRequests (needs ``hypothesis``, in the test extras); every answer must be
    OK, INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message, within the timeout;
-5. RSS of the server after the warm-up and at the end; then SIGTERM with streams in flight: each finishes or
+5. hostile clients: streams that are never read (a probe Generate must still be served), text prompts too large
+   for the prompt-token limit beside a running stream (INVALID_ARGUMENT, the stream keeps its pace), a Benchmark
+   over the limits and one cancelled midway (a probe Generate is served right after);
+6. RSS of the server after the warm-up and at the end; then SIGTERM with streams in flight: each finishes or
    gets UNAVAILABLE, and the server exits 0.
 
 It prints one summary (and ``--json`` writes it). Exit status 0 only when nothing went wrong. The functions
@@ -33,6 +36,7 @@ from pathlib import Path
 import grpc
 
 from specdec.loadtest.fuzz import FuzzStats, run_fuzz
+from specdec.loadtest.hostile import run_hostile
 from specdec.loadtest.load import LoadStats, kill_clients, reference, run_load
 from specdec.loadtest.server_process import (
     health,
@@ -62,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuzz-concurrency", type=int, default=8)
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="the server's limit (default 1 MiB)")
     p.add_argument("--grace", type=float, default=2.0, help="the server's shutdown grace (default 2 s)")
+    p.add_argument("--unread-streams", type=int, default=10, help="streams opened and never read (default 10)")
+    p.add_argument("--oversized-prompts", type=int, default=4,
+                   help="text prompts of about --max-message-bytes, too large to tokenize (default 4)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="write the summary as JSON")
 
@@ -97,6 +104,12 @@ def run(args: argparse.Namespace) -> dict:
                             max_message_bytes=args.max_message_bytes, seed=args.seed, concurrency=args.fuzz_concurrency,
                             progress=lambda n: n % 200 < args.fuzz_concurrency and say(f"fuzz {n}/{args.fuzz_cases}"))  # fmt: skip
         idle_after_fuzz = wait_idle(lambda: idle_counts(server.metrics_url))
+        say(f"hostile clients: {args.unread_streams} unread streams, {args.oversized_prompts} oversized prompts, "
+            "Benchmark calls")  # fmt: skip
+        hostile = run_hostile(server.address, unread=args.unread_streams, tokens=min(4000, info.context_length // 2),
+                              oversized=args.oversized_prompts, text_bytes=args.max_message_bytes * 9 // 10,
+                              max_new_tokens_over=info.context_length + 1, probe_timeout_s=300.0)  # fmt: skip
+        idle_after_hostile = wait_idle(lambda: idle_counts(server.metrics_url))
         healthy = health(server.address) == "SERVING"
         rss_end = rss_bytes(server.proc.pid)
         served = scrape(server.metrics_url)
@@ -115,6 +128,9 @@ def run(args: argparse.Namespace) -> dict:
                        if k.startswith("specdec_requests_") and "_created" not in k},  # fmt: skip
         idle_after_load=idle_after_load,
         idle_after_fuzz=idle_after_fuzz,
+        hostile={k: v for k, v in asdict(hostile).items() if k != "bad"} | {"bad": len(hostile.bad),
+                                                                              "examples": hostile.bad[:10]},
+        idle_after_hostile=idle_after_hostile,
         fuzz={"cases": fuzz.cases, "outcomes": dict(fuzz.outcomes), "bad": len(fuzz.bad), "examples": fuzz.bad[:10]},
         healthy_after_fuzz=healthy,
         rss_bytes={"after_warmup": rss_start, "end": rss_end, "growth": rss_end / rss_start - 1},
@@ -122,8 +138,9 @@ def run(args: argparse.Namespace) -> dict:
     )
     summary["server_log"] = str(server.log_path)
     summary["ok"] = bool(
-        not load.errors and not load.mismatches and not fuzz.bad and healthy and not any(idle_after_load.values())
-        and not any(idle_after_fuzz.values()) and term["exit_code"] == 0 and not term["hung"]
+        not load.errors and not load.mismatches and not fuzz.bad and not hostile.bad and healthy
+        and not any(idle_after_load.values()) and not any(idle_after_fuzz.values())
+        and not any(idle_after_hostile.values()) and term["exit_code"] == 0 and not term["hung"]
         and set(term["outcomes"]) <= {"finished", "UNAVAILABLE"} and summary["rss_bytes"]["growth"] < 0.10
     )  # fmt: skip
     if summary["ok"]:
@@ -132,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    ld, fz, rss, term = s["load"], s["fuzz"], s["rss_bytes"], s["sigterm"]
+    ld, fz, hs, rss, term = s["load"], s["fuzz"], s["hostile"], s["rss_bytes"], s["sigterm"]
     lines = [
         f"models: {s['models']['target']} / {s['models']['draft'] or '(n-gram)'}",
         f"load: {ld['requests']} requests, {ld['served']} served and checked ({ld['tokens']} tokens), "
@@ -143,11 +160,14 @@ def format_summary(s: dict) -> str:
         f"idle after load: {s['idle_after_load']}; after fuzz: {s['idle_after_fuzz']}",
         f"fuzz: {fz['cases']} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(fz["outcomes"].items()))
         + f"; {fz['bad']} bad; healthy afterwards: {s['healthy_after_fuzz']}",
+        f"hostile: {hs['unread_streams']} unread streams, {hs['oversized_prompts']} oversized prompts (longest stall "
+        f"of a running stream {hs['longest_stall_s']:.2f} s), {hs['benchmarks']} Benchmark calls, {hs['probes']} "
+        f"probes; {hs['bad']} bad; idle afterwards: {s['idle_after_hostile']}",
         f"RSS: {rss['after_warmup'] / 2**20:.1f} MiB after warm-up, {rss['end'] / 2**20:.1f} MiB at the end "
         f"({rss['growth']:+.1%})",
         f"SIGTERM with {term['in_flight_at_signal']}/{term['streams']} streams in flight: {term['outcomes']}, "
         f"{term['hung']} hung, exit code {term['exit_code']} after {term['exit_s']:.1f} s",
-        *(f"  example: {e}" for e in ld["examples"] + fz["examples"]),
+        *(f"  example: {e}" for e in ld["examples"] + fz["examples"] + hs["examples"]),
         "result: " + ("OK" if s["ok"] else f"FAILED (server log: {s['server_log']})"),
     ]
     return "\n".join(lines)

@@ -35,6 +35,7 @@ METRIC_NAMES = {
     "specdec_requests_failed_total": "counter by kind (invalid_argument, resource_exhausted, unavailable, unauthenticated, internal)",
     "specdec_requests_running": "gauge: requests being stepped",
     "specdec_requests_waiting": "gauge: requests in the admission queue",
+    "specdec_requests_unread": "gauge: streams out of the batch until their client reads",
     "specdec_sequences_holding_cache": "gauge: started sequences still holding a KV cache (0 when idle)",
 }
 
@@ -64,16 +65,18 @@ class Metrics:
                                        ["kind"], registry=r)  # fmt: skip
         self.running = Gauge("specdec_requests_running", "Requests being stepped by the engine.", registry=r)
         self.waiting = Gauge("specdec_requests_waiting", "Requests in the admission queue.", registry=r)
+        self.unread = Gauge("specdec_requests_unread", "Streams out of the batch until their client reads.", registry=r)
         self.holding_cache = Gauge("specdec_sequences_holding_cache",
                                    "Started sequences still holding a KV cache (0 when idle; more is a leak).",
                                    registry=r)  # fmt: skip
         self._http = None
 
     def bind_counts(self, running: Callable[[], float], waiting: Callable[[], float],
-                    holding_cache: Callable[[], float] = lambda: 0) -> None:  # fmt: skip
+                    holding_cache: Callable[[], float] = lambda: 0, unread: Callable[[], float] = lambda: 0) -> None:  # fmt: skip
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.holding_cache.set_function(holding_cache)
+        self.unread.set_function(unread)
 
     # ---- scheduler observer -----------------------------------------------------------------
 

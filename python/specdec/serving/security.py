@@ -17,8 +17,10 @@ the command line, where ``ps`` would show them.
 from __future__ import annotations
 
 import hmac
+import math
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,6 +30,10 @@ log = logging.getLogger("specdec.security")
 
 TOKEN_ENV = "SPECDEC_AUTH_TOKEN"
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # probes stay open
+# At most this many "rejected" warnings per this many seconds, the next one naming how many went unlogged: a
+# client retrying without a token must not flood the log (the metrics count every rejection).
+REJECT_LOG_BURST = 5
+REJECT_LOG_INTERVAL_S = 10.0
 
 
 def _read(path: str | os.PathLike | None, what: str) -> bytes | None:
@@ -103,6 +109,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             raise ValueError("the auth token must not be empty")
         self._token = token.encode("utf-8")
         self._on_reject = on_reject
+        self._window_start = -math.inf
+        self._logged = 0  # warnings in the current window
+        self._unlogged = 0  # rejections not logged since the last warning
 
     def __repr__(self) -> str:  # never the token
         return "TokenAuthInterceptor(token=<redacted>)"
@@ -114,7 +123,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if self._on_reject is not None:
             self._on_reject()
-        log.warning("unauthenticated call rejected", extra={"fields": {"method": method}})
+        now = time.monotonic()
+        if now - self._window_start >= REJECT_LOG_INTERVAL_S:
+            self._window_start, self._logged = now, 0
+        if self._logged < REJECT_LOG_BURST:
+            log.warning("unauthenticated call rejected",
+                        extra={"fields": {"method": method, "unlogged_before": self._unlogged}})  # fmt: skip
+            self._logged, self._unlogged = self._logged + 1, 0
+        else:
+            self._unlogged += 1
         return _denied(handler)
 
 

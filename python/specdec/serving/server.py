@@ -21,18 +21,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from jinja2 import TemplateError
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from specdec import bench
-from specdec.engine.scheduler import Closed, Handle, JobCancelled, QueueFull, Scheduler
+from specdec.engine.scheduler import Closed, Handle, JobCancelled, JobOverLimit, QueueFull, Scheduler
 from specdec.serving.metrics import Metrics
 from specdec.serving.security import TokenAuthInterceptor, server_credentials
 from specdec.serving.wire import (
     Limits,
+    check_gamma,
     engine_message,
     method_from_proto,
     model_info_to_proto,
@@ -51,6 +55,8 @@ log = logging.getLogger("specdec.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecDecode"].full_name  # "specdec.v1.SpecDecode"
 HEALTH_SERVICES = ("", SERVICE_NAME)
 MAX_BENCHMARK_PROMPTS = 1000
+# grpc.reflection.v1 is v1alpha renamed, message for message: newer clients (grpcurl) ask for it first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def version() -> str:
@@ -79,6 +85,13 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # with it, client certificates signed by this CA are required (mTLS)
     auth_token: str | None = field(default=None, repr=False)  # bearer token required on every call but health
+    benchmark_rpc: bool = True  # False: Benchmark answers UNIMPLEMENTED (--no-benchmark-rpc)
+    max_benchmark_s: float = 300.0  # one Benchmark call holds the engine at most this long (--max-benchmark-seconds)
+    # A stream whose client leaves this many step events unread leaves the running batch until it reads; one
+    # left unread for unread_timeout_s is cancelled (--max-unread-chunks, --unread-timeout).
+    max_unread: int = 64
+    unread_timeout_s: float = 60.0
+    expose_model_paths: bool = False  # GetModelInfo names models by their file name, not their path, unless set
 
 
 class SpecDecServer:
@@ -88,6 +101,7 @@ class SpecDecServer:
         if (engine is None) == (loader is None):
             raise ValueError("give exactly one of engine and loader")
         self.config = config
+        self.limits = config.limits  # with max_gamma resolved against the engine once it is loaded
         self.engine = engine
         self._loader = loader
         self.metrics = Metrics()
@@ -102,12 +116,17 @@ class SpecDecServer:
         self._active_calls = 0
         self._generate_calls = 0  # Generate + GenerateStream calls in flight (max_concurrent_streams)
         self._info: pb.GetModelInfoResponse | None = None
+        # Text and chat prompts are tokenized here, one at a time with a tokenizer of this thread's own, not on the
+        # engine's worker: a long prompt then delays only its own request, never the running streams.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._prompts = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics.bind_counts(
             lambda: self.scheduler.running if self.scheduler else 0,
             lambda: self.scheduler.waiting if self.scheduler else 0,
             lambda: self.scheduler.snapshot()["holding_cache"] if self.scheduler else 0,
+            lambda: self.scheduler.unread if self.scheduler else 0,
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -130,6 +149,7 @@ class SpecDecServer:
         if cfg.reflection:
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self._server)
+            _add_reflection_v1(reflection.aio.ReflectionServicer(names), self._server)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{_host(cfg.host)}:{cfg.port}"
@@ -180,12 +200,19 @@ class SpecDecServer:
         if self._draining:
             self._ready.set()
             return
-        self.scheduler = Scheduler(
-            self.engine, max_queue=self.config.max_queue, max_running=self.config.max_running, observer=self.metrics
-        )
+        cfg = self.config
+        self.scheduler = Scheduler(self.engine, max_queue=cfg.max_queue, max_running=cfg.max_running,
+                                   max_unread=cfg.max_unread, unread_timeout_s=cfg.unread_timeout_s,
+                                   observer=self.metrics)  # fmt: skip
+        self._prompts = self.engine.prompts.copy()
         self.scheduler.start()
+        if self.limits.max_gamma is None:  # the largest γ the engine's own policy uses
+            ec = self.engine.config
+            self.limits = replace(self.limits, max_gamma=max(ec.gamma_max, ec.gamma or 0))
         info = self.engine.info()
         info["vocab_size"] = getattr(self.engine, "real_vocab", info.get("vocab_size", 0))
+        if not cfg.expose_model_paths:
+            info.update(target=_model_name(info["target"]), draft=_model_name(info["draft"]))
         self._info = model_info_to_proto(
             info, max_queue=self.config.max_queue, max_running=self.config.max_running, version=version()
         )
@@ -231,6 +258,7 @@ class SpecDecServer:
             await loop.run_in_executor(None, self.scheduler.stop)
         if self._server is not None:
             await self._server.stop(1.0)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         log.info("stopped")
         self._stopped.set()
@@ -260,9 +288,13 @@ class SpecDecServer:
                 "retry in 1 s or on another replica",
             )
         try:
-            parsed = parse_request(request, self.config.limits)
+            parsed = parse_request(request, self.limits)
+            if parsed.prompt_kind != "token_ids":
+                parsed = replace(parsed, prompt_kind="token_ids", prompt=await self._tokenize(parsed))
         except ValueError as e:
             parsed, error = None, str(e)
+        except _TokenizeFailed as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         if parsed is None:
             self.metrics.failed("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
@@ -282,6 +314,22 @@ class SpecDecServer:
             await context.abort(code, message)
         context.add_done_callback(lambda _ctx: handle.cancel(_end_reason(handle)))
         return handle
+
+    async def _tokenize(self, parsed) -> list[int]:
+        """A text or chat prompt's ids, on the tokenizing thread. A chat template that fails on these messages is the
+        request's fault (ValueError); anything else is logged and answered INTERNAL."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, self._prompts.tokenize, parsed.prompt_kind, parsed.prompt, parsed.max_prompt_tokens
+            )
+        except ValueError:
+            raise
+        except TemplateError as e:
+            raise ValueError(f"messages: the target's chat template refused them: {e}") from None
+        except Exception as e:
+            log.exception("tokenizing request %s failed", parsed.request_id)
+            self.metrics.failed("internal")
+            raise _TokenizeFailed(f"{type(e).__name__} while tokenizing request {parsed.request_id}") from e
 
     async def _events(self, handle: Handle, context):
         """Yield the request's StepOutputs, then its Completion; abort with the right status otherwise."""
@@ -356,6 +404,9 @@ class SpecDecServer:
     async def benchmark(self, request: pb.BenchmarkRequest, context):
         self._active_calls += 1
         try:
+            if not self.config.benchmark_rpc:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                    "the Benchmark RPC is switched off on this server (--no-benchmark-rpc)")  # fmt: skip
             await self._check_serving(context)
             try:
                 options = self._bench_options(request)
@@ -366,7 +417,7 @@ class SpecDecServer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             handle = Handle(asyncio.get_running_loop(), "benchmark-" + new_request_id()[:8], _deadline(context))
             try:
-                self.scheduler.submit_job(handle, _bench_job(options))
+                self.scheduler.submit_job(handle, _bench_job(options), max_s=self.config.max_benchmark_s)
             except (QueueFull, Closed) as e:
                 busy = isinstance(e, QueueFull)
                 if busy:
@@ -382,10 +433,16 @@ class SpecDecServer:
                     elif kind == "result":
                         yield pb.BenchmarkProgress(report=_bench_report(*payload))
                         return
+                    elif isinstance(payload, JobOverLimit):
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            f"the benchmark {payload} on this server (limit max_benchmark_seconds); "
+                                            "ask for fewer prompts or tokens")  # fmt: skip
                     elif isinstance(payload, JobCancelled):
                         reason = payload.args[0] if payload.args else FinishReason.CANCELLED
                         if reason == FinishReason.DEADLINE:
                             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded during the benchmark")
+                        if self._draining:
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server shut down during the benchmark")
                         await context.abort(grpc.StatusCode.CANCELLED, "the benchmark was cancelled")
                     elif isinstance(payload, ValueError):
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(payload))
@@ -403,6 +460,12 @@ class SpecDecServer:
         for i, p in enumerate(r.prompts):
             if not p.strip():
                 raise ValueError(f"prompts[{i}] must not be empty")
+        limits = self.limits
+        if r.HasField("max_new_tokens") and limits.max_new_tokens is not None and r.max_new_tokens > limits.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be <= {limits.max_new_tokens} (limit max_new_tokens), "
+                             f"got {r.max_new_tokens}")  # fmt: skip
+        check_gamma(r.gamma if r.HasField("gamma") else None, r.gamma_max if r.HasField("gamma_max") else None, limits,
+                    prefix="")  # fmt: skip
         method = method_from_proto(r.method, "method")
         if method is None:
             method = Method.DRAFT if getattr(self.engine, "draft", None) is not None else Method.NGRAM
@@ -416,6 +479,7 @@ class SpecDecServer:
             sampling=sampling_from_proto(r.sampling),
             compare_hf=r.compare_hf,
             chat=not r.no_chat_template,
+            max_prompt_tokens=limits.max_prompt_tokens,
         )
         if r.HasField("warmup"):
             options.warmup = r.warmup
@@ -425,6 +489,10 @@ class SpecDecServer:
             options.max_new_tokens = r.max_new_tokens
         options.validate(prefix="")  # the request names them gamma and gamma_max
         return options
+
+
+class _TokenizeFailed(Exception):
+    """Tokenizing failed for a reason other than the request (logged with its traceback)."""
 
 
 class _Malformed:
@@ -510,19 +578,39 @@ def _deadline(context) -> float | None:
     return time.monotonic() + remaining
 
 
+# A call's end within this long of its deadline counts as the deadline: the deadline the server computes at the start
+# of a call (now + time remaining) runs a little behind grpc's own.
+DEADLINE_SLACK_S = 0.05
+
+
 def _end_reason(handle: Handle) -> FinishReason:
-    """Why a call ended early: its deadline if that has passed, else a cancel."""
-    if handle.deadline is not None and time.monotonic() >= handle.deadline - 1e-3:
+    """Why a call ended early: its deadline if that has (about) passed, else a cancel."""
+    if handle.deadline is not None and time.monotonic() >= handle.deadline - DEADLINE_SLACK_S:
         return FinishReason.DEADLINE
     return FinishReason.CANCELLED
 
 
 def _bench_job(options):
-    def run(engine, progress):
-        report = bench.run_benchmark(engine, options, progress)
+    def run(engine, progress, check):
+        report = bench.run_benchmark(engine, options, progress, check)
         return report, bench.to_json(report), bench.to_markdown(report)
 
     return run
+
+
+def _model_name(source: str) -> str:
+    """A model as GetModelInfo names it by default: a local path by its last component, a hub id as it is."""
+    return Path(source).name if source and Path(source).exists() else source
+
+
+def _add_reflection_v1(servicer, server: grpc.aio.Server) -> None:
+    """Serve reflection as grpc.reflection.v1 too, through the v1alpha servicer (the messages are the same)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 def _bench_step(event: dict) -> pb.BenchmarkStep:

@@ -4,10 +4,10 @@ Validation happens in two places, both raising ``ValueError`` whose message name
 path in ``GenerateRequest``, the allowed range and the value received (the server maps it to
 INVALID_ARGUMENT):
 - ``parse_request`` checks what the message alone decides (which prompt form, request id, roles, list
-  sizes, enum values, exclusive options, and the sampling/speculation ranges of ``params``);
-- ``Engine.prepare`` and ``Engine.start`` check what needs the model (the tokenized prompt's length, token ids
-  against the vocabulary, the context length); ``engine_message`` renames their field paths to the proto's
-  where they differ.
+  sizes, enum values, exclusive options, and the sampling/speculation ranges of ``specdec.types``);
+- the tokenizer checks a text or chat prompt's length (``engine.prompts``, on the server's tokenizing thread), and
+  ``Engine.start`` what needs the model (token ids against the vocabulary, the context length);
+  ``engine_message`` renames their field paths to the proto's where they differ.
 
 This is the only module that converts between ``specdec.v1`` messages and ``specdec.types``.
 """
@@ -47,7 +47,7 @@ FINISH_TO_PROTO = {
 class Limits:
     """Per-request limits (the README's limits table; ``specdec serve --max-*`` flags). All but
     ``max_prompt_tokens`` for text and chat prompts are decided by the message alone; that one is checked once
-    the prompt is tokenized (``Engine.prepare``, on the engine's thread)."""
+    the prompt is tokenized (on the server's tokenizing thread)."""
 
     max_request_id_length: int = 128
     max_stop_strings: int = 16
@@ -57,6 +57,9 @@ class Limits:
     default_max_new_tokens: int = 64
     max_new_tokens: int | None = None  # the largest max_new_tokens a request may ask for (None: the context length)
     max_prompt_tokens: int = 8192  # prompt tokens after tokenizing (--max-prompt-tokens)
+    # The largest γ a request may fix or bound its adaptive γ by (--max-gamma; None: no bound beyond the API's
+    # range). A server sets it to the largest γ its own policy uses, so that no client buys longer verifies.
+    max_gamma: int | None = None
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -104,6 +107,14 @@ def method_from_proto(value: int, field_name: str) -> Method | None:
     allowed = ", ".join(pb.Method.keys())
     _require(value in METHOD_FROM_PROTO, f"{field_name} must be one of {allowed}, got {_enum_name(pb.Method, value)}")
     return METHOD_FROM_PROTO[value]
+
+
+def check_gamma(gamma: int | None, gamma_max: int | None, limits: Limits, prefix: str = "speculation.") -> None:
+    """γ and γ_max against the server's --max-gamma (after their range in the API is checked)."""
+    n = limits.max_gamma
+    for name, value in (("gamma", gamma), ("gamma_max", gamma_max)):
+        _require(n is None or value is None or value <= n,
+                 f"{prefix}{name} must be <= {n} on this server (limit max_gamma), got {value}")  # fmt: skip
 
 
 def speculation_from_proto(s: pb.SpeculationOptions) -> SpeculationParams:
@@ -163,11 +174,13 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
     n = limits.max_new_tokens
     _require(n is None or max_new <= n, f"max_new_tokens must be <= {n} (limit max_new_tokens), got {max_new}")
 
+    speculation = speculation_from_proto(msg.speculation)
+    check_gamma(speculation.gamma, speculation.gamma_max, limits)
     template = GenerationRequest(
         prompt_ids=[],
         max_new_tokens=max_new,
         sampling=sampling_from_proto(msg.sampling),
-        speculation=speculation_from_proto(msg.speculation),
+        speculation=speculation,
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
@@ -192,7 +205,7 @@ def summary_to_proto(c: Completion) -> pb.CompletionSummary:
     return pb.CompletionSummary(
         finish_reason=FINISH_TO_PROTO.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         matched_stop=c.matched_stop or "",
-        seed=c.seed,
+        seed=c.seed or 0,
         usage=pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
         timing=pb.Timing(
             queue_s=_finite(c.queue_s),
