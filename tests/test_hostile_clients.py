@@ -19,14 +19,12 @@ from test_server_lifecycle import _spawn
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 from specdec.engine.scheduler import Handle
+from specdec.loadtest.hostile import SMALL_WINDOW
 from specdec.serving.wire import Limits, parse_request
 from specdec.types import FinishReason, GenerationRequest, Method
 from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
-# A client channel whose HTTP/2 receive window is tiny: once it stops reading, the server's writes block after a few
-# chunks, as they would after a default window's worth of them.
-SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 def gen(n: int = 8, **kw) -> pb.GenerateRequest:

@@ -37,6 +37,7 @@ from specdec.serving.security import TokenAuthInterceptor, server_credentials
 from specdec.serving.wire import (
     Limits,
     check_gamma,
+    check_max_new_tokens,
     engine_message,
     method_from_proto,
     model_info_to_proto,
@@ -461,9 +462,8 @@ class SpecDecServer:
             if not p.strip():
                 raise ValueError(f"prompts[{i}] must not be empty")
         limits = self.limits
-        if r.HasField("max_new_tokens") and limits.max_new_tokens is not None and r.max_new_tokens > limits.max_new_tokens:
-            raise ValueError(f"max_new_tokens must be <= {limits.max_new_tokens} (limit max_new_tokens), "
-                             f"got {r.max_new_tokens}")  # fmt: skip
+        if r.HasField("max_new_tokens"):
+            check_max_new_tokens(r.max_new_tokens, limits)
         check_gamma(r.gamma if r.HasField("gamma") else None, r.gamma_max if r.HasField("gamma_max") else None, limits,
                     prefix="")  # fmt: skip
         method = method_from_proto(r.method, "method")

@@ -109,6 +109,12 @@ def method_from_proto(value: int, field_name: str) -> Method | None:
     return METHOD_FROM_PROTO[value]
 
 
+def check_max_new_tokens(max_new: int, limits: Limits) -> None:
+    """max_new_tokens against the server's --max-new-tokens-limit."""
+    n = limits.max_new_tokens
+    _require(n is None or max_new <= n, f"max_new_tokens must be <= {n} (limit max_new_tokens), got {max_new}")
+
+
 def check_gamma(gamma: int | None, gamma_max: int | None, limits: Limits, prefix: str = "speculation.") -> None:
     """γ and γ_max against the server's --max-gamma (after their range in the API is checked)."""
     n = limits.max_gamma
@@ -171,8 +177,7 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
 
     max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
     _require(max_new >= 1, f"max_new_tokens must be >= 1, got {max_new}")
-    n = limits.max_new_tokens
-    _require(n is None or max_new <= n, f"max_new_tokens must be <= {n} (limit max_new_tokens), got {max_new}")
+    check_max_new_tokens(max_new, limits)
 
     speculation = speculation_from_proto(msg.speculation)
     check_gamma(speculation.gamma, speculation.gamma_max, limits)
