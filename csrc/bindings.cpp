@@ -15,6 +15,7 @@
 #include "kernels/rng.hpp"
 #include "kernels/sampling.hpp"
 #include "kernels/threadpool.hpp"
+#include "linear/quant.hpp"
 #include "linear/small_m.hpp"
 
 namespace py = pybind11;
@@ -23,6 +24,14 @@ using specdec::uniform;
 template <class T>
 static T* P(uintptr_t a) {
   return reinterpret_cast<T*>(a);
+}
+
+// An Isa from Python's int; with `usable`, one this CPU runs (a forced path the CPU lacks would fault).
+static specdec::Isa checked_isa(int isa, bool usable = true) {
+  if (isa < 0 || isa > 2) throw std::invalid_argument("isa must be 0 (portable), 1 (avx2) or 2 (avx512)");
+  const auto path = static_cast<specdec::Isa>(isa);
+  if (usable && !specdec::cpu_supports(path)) throw std::invalid_argument("this CPU cannot run the requested isa path");
+  return path;
 }
 
 PYBIND11_MODULE(_kernels, m) {
@@ -77,38 +86,52 @@ PYBIND11_MODULE(_kernels, m) {
     return py::make_tuple(out[0], out[1], out[2], out[3]);
   });
 
-  // y[m, n] = x[m, k] · w[n, k]^T (· scale[n] for int8) (+ bias): the few-row linear of decode and verify
-  // forwards (python/specdec/models/linear.py checks the arguments). Output columns are split across the pool;
-  // for int8 weights x is quantised once, before the split.
+  // Output columns are split across the pool in tasks of this many columns.
+  constexpr int64_t kColumnsPerTask = 256;
+  const auto column_tasks = [](int64_t n) { return (n + kColumnsPerTask - 1) / kColumnsPerTask; };
+  const auto columns = [](int64_t t, int64_t n) {
+    return std::pair(t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
+  };
+
+  // y[m, n] = x[m, k] · w[n, k]^T (+ bias): the few-row linear of decode and verify forwards over float32 (wtype 0)
+  // or bfloat16 (1) weights, on the `isa` path (python/specdec/models/linear.py checks the arguments).
   m.def(
       "linear_small_m",
-      [](uintptr_t x, uintptr_t w, int wtype, uintptr_t scale, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n,
-         int64_t k) {
-        constexpr int kInt8 = 2;  // int8 weights take the quantised-activation kernel, not a WeightType
-        if (wtype < 0 || wtype > kInt8) throw std::invalid_argument("wtype must be 0 (float32), 1 (bfloat16) or 2 (int8)");
-        constexpr int64_t kColumnsPerTask = 256;
-        const int64_t tasks = (n + kColumnsPerTask - 1) / kColumnsPerTask;
-        const auto columns = [&](int64_t t) { return std::pair(t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask)); };
-        if (wtype == kInt8) {
-          std::vector<uint8_t> xu(rows * k);
-          std::vector<float> sx(rows);
-          specdec::quantize_rows_q8(P<const float>(x), rows, k, xu.data(), sx.data());
-          specdec::parallel_run(tasks, [&](int64_t t, int) {
-            const auto [begin, end] = columns(t);
-            specdec::linear_small_m_q8(xu.data(), sx.data(), P<const int8_t>(w), P<const float>(scale), P<const float>(bias),
-                                       P<float>(y), rows, n, k, begin, end);
-          });
-          return;
-        }
+      [=](uintptr_t x, uintptr_t w, int wtype, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k, int isa) {
+        if (wtype < 0 || wtype > 1) throw std::invalid_argument("wtype must be 0 (float32) or 1 (bfloat16)");
         const auto type = static_cast<specdec::WeightType>(wtype);
-        specdec::parallel_run(tasks, [&](int64_t t, int) {
-          const auto [begin, end] = columns(t);
+        const auto path = checked_isa(isa);
+        specdec::parallel_run(column_tasks(n), [&](int64_t t, int) {
+          const auto [begin, end] = columns(t, n);
           specdec::linear_small_m(P<const float>(x), P<const void>(w), type, P<const float>(bias), P<float>(y), rows, n,
-                                  k, begin, end);
+                                  k, begin, end, path);
         });
       },
       py::call_guard<py::gil_scoped_release>());
-  m.def("cpu_has_avx512_vnni", &specdec::cpu_has_avx512_vnni);
+
+  // y[m, n] = x[m, k] · w[n, k]^T (+ bias) over quantised weights (csrc/linear/quant.hpp: codes, scales, mins, bits,
+  // group); x is quantised once, before the columns are split (python/specdec/models/quant.py checks the arguments).
+  m.def(
+      "linear_quant",
+      [=](uintptr_t x, uintptr_t codes, uintptr_t scales, uintptr_t mins, int bits, int group, uintptr_t bias,
+          uintptr_t y, int64_t rows, int64_t n, int64_t k, int isa) {
+        if (!((bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32))))
+          throw std::invalid_argument("bits/group must be 4/32, 8/16 or 8/32");
+        if (k % specdec::kQuantChunk != 0) throw std::invalid_argument("k must be a multiple of 128");
+        const auto path = checked_isa(isa);
+        std::vector<uint8_t> q(rows * k);
+        std::vector<float> a(rows * (k / specdec::kQuantChunk)), gsum(mins ? rows * (k / group) : 0);
+        specdec::quantize_activations(P<const float>(x), rows, k, group, specdec::quant_offset(path), q.data(), a.data(),
+                                      mins ? gsum.data() : nullptr);
+        const specdec::QuantRows xq{q.data(), a.data(), mins ? gsum.data() : nullptr, rows, k};
+        const specdec::QuantMatrix wq{P<const uint8_t>(codes), P<const float>(scales), P<const float>(mins), bits, group, n, k};
+        specdec::parallel_run(column_tasks(n), [&](int64_t t, int) {
+          const auto [begin, end] = columns(t, n);
+          specdec::linear_quant(xq, wq, P<const float>(bias), P<float>(y), begin, end, path);
+        });
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_supports", [](int isa) { return specdec::cpu_supports(checked_isa(isa, false)); });
   m.attr("rows_per_pass") = specdec::kRowsPerPass;
 
   m.def("num_threads", &specdec::num_threads);

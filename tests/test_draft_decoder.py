@@ -1,5 +1,5 @@
 """The lean draft forward computes transformers' function: over ragged rows with their own caches, after
-rollbacks, for Llama (no biases, tied or not) and Qwen2 (q/k/v biases), in float32 and int8."""
+rollbacks, for Llama (no biases, tied or not) and Qwen2 (q/k/v biases), in float32 and quantised."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from specdec.models import draft_decoder, ragged
 from specdec.models import linear as fast_linear
+from specdec.models import quant
 from specdec.models.draft_decoder import DraftDecoder
 
 VOCAB = 50
 
 
-def qwen2(seed: int) -> Qwen2ForCausalLM:
+def qwen2(seed: int, hidden: int = 64) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
     model = Qwen2ForCausalLM(config).float().eval()
     with torch.no_grad():  # random biases: transformers initialises them to zero, which would hide a misplaced one
@@ -89,9 +90,9 @@ def test_the_comparison_rejects_a_forward_without_positions(monkeypatch):
         assert_matches(run_ragged_script(model, DraftDecoder(model)))
 
 
-def test_int8_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy():
-    model = qwen2(8)
-    fast_linear.quantize_int8(model)
+def test_quantised_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy():
+    model = qwen2(8, hidden=128)  # the quantised kernel takes widths in multiples of 128
+    assert quant.quantize_model(model, "int8") == 2 * 7 + 1
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
         before = model(ids).logits
@@ -101,17 +102,17 @@ def test_int8_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy(
     assert torch.equal(before, after)
     attn = model.model.layers[0].self_attn
     fused = decoder.layers[0].qkv.weight
-    assert attn.q_proj.qweight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-    assert attn.v_proj.scale.untyped_storage().data_ptr() == decoder.layers[0].qkv.scale.untyped_storage().data_ptr()
+    assert attn.q_proj.codes.untyped_storage().data_ptr() == fused.codes.untyped_storage().data_ptr()
+    assert attn.v_proj.scales.untyped_storage().data_ptr() == fused.scales.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+@pytest.mark.parametrize("precision", ["int8", "q4", "bfloat16"])
 def test_a_low_precision_lean_forward_agrees_with_the_model(precision):
-    """int8 or bfloat16 weights: the lean forward keeps float32 activations where the model's own forward keeps
+    """Quantised or bfloat16 weights: the lean forward keeps float32 activations where the model's own forward keeps
     bfloat16 ones, so the two differ by rounding only: close logits, the same argmax almost everywhere."""
-    model = qwen2(9).to(torch.bfloat16)
-    if precision == "int8":
-        fast_linear.quantize_int8(model)
+    model = qwen2(9, hidden=128).to(torch.bfloat16)
+    if precision in ("int8", "q4"):
+        quant.quantize_model(model, precision)
     else:
         fast_linear.install(model)  # the kernel reads bfloat16 weights directly, as the engine sets it up
     decoder = DraftDecoder(model)

@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from specdec.models import linear as fast_linear
+from specdec.models import quant
 from specdec.models import ragged
 from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
 from specdec.types import GenerationRequest, Method, SpeculationParams
+from tiny import bpe_tokenizer, llama, save
 
 PROMPT_TEXTS = [
     "def add(a, b):",
@@ -150,11 +151,11 @@ def test_max_new_tokens_never_exceeded(engines, max_new):
     assert m.completion_tokens == max_new
 
 
-def test_the_default_draft_on_a_cpu_is_int8_where_the_kernel_is_fast(tiny_dirs):
-    engine = Engine.load(tiny_dirs["target"], tiny_dirs["draft_other"], device="cpu")
+def test_the_default_draft_of_a_float_model_on_a_cpu_is_int8(tiny_dirs, tmp_path):
+    draft = save(llama(len(bpe_tokenizer()), seed=2, hidden=128, layers=1), bpe_tokenizer(), tmp_path / "draft")
+    engine = Engine.load(tiny_dirs["target"], draft, device="cpu")
     info = engine.info()
-    if not fast_linear.int8_is_fast():
-        assert (info["target_dtype"], info["draft_dtype"]) == ("float32", "bfloat16")
-        return
     assert (info["target_dtype"], info["draft_dtype"]) == ("float32", "int8")
-    assert engine.draft.dtype == torch.bfloat16  # activations; the linear layers hold int8 rows and scales
+    assert engine.draft.dtype == torch.bfloat16  # activations; the linear layers hold int8 codes and scales
+    kinds = {type(m).__name__ for m in engine.draft.model.modules() if isinstance(m, (torch.nn.Linear, quant.QuantLinear))}
+    assert kinds == {"QuantLinear"}

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import zipfile
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specdec.models import fetch
 from specdec.models import gguf_convert
+from gguf_files import write_gguf
 from tiny import bpe_tokenizer, llama
 
 # ---- fake packages ------------------------------------------------------------------------------
@@ -176,60 +174,6 @@ def test_the_default_models_are_the_issue_table():
 # ---- GGUF → safetensors -------------------------------------------------------------------------
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order (which transformers undoes when it reads a llama GGUF)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(model, tok, path: Path) -> None:
-    """A real F32 llama GGUF with a byte-level BPE ('gpt2') tokenizer; the file says: no BOS."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t == "<eos>" else gguf.TokenType.NORMAL for t in tokens])
-    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    w.add_bos_token_id(tok.eos_token_id)
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_add_bos_token(False)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
-                t = _permute(t, cfg.num_attention_heads)
-            elif gg == "attn_k":
-                t = _permute(t, cfg.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     tok = bpe_tokenizer()
@@ -292,10 +236,10 @@ def test_list_models_reports_states(index, monkeypatch, tiny_gguf):
     fetch.fetch_gguf("test", progress=False)
     [row] = fetch.list_models()
     assert (row["state"], row["size"]) == ("downloaded", len(data))
-    dirs = fetch.fetch(["test"], progress=False)
+    paths = fetch.fetch(["test"], progress=False)
     [row] = fetch.list_models()
-    assert row["state"] == "converted" and row["path"] == str(dirs["test"])
-    assert row["size"] == sum(f.stat().st_size for f in dirs["test"].iterdir())
+    assert row["state"] == "ready" and row["path"] == str(paths["test"]) and row["size"] == len(data)
+    assert gguf_convert.metadata_path(paths["test"]).joinpath("config.json").is_file()
 
 
 # ---- the real models (make test-models) ---------------------------------------------------------

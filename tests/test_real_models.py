@@ -1,6 +1,6 @@
 """Real-model checks on the demo pair (Qwen2.5-Coder 0.5B → 1.5B). Run with `make test-models`.
 
-Skipped unless the converted models are in the cache (`specdec models fetch`).
+Skipped unless the models are in the cache (`specdec models fetch`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def engine():
     from specdec.engine import Engine
     from specdec.models.fetch import list_models
 
-    dirs = {m["role"]: m["path"] for m in list_models() if m["state"] == "converted"}
-    if not {"target", "draft"} <= dirs.keys():
-        pytest.skip("the demo pair is not converted in the cache; run `specdec models fetch`")
-    return Engine.load(dirs["target"], dirs["draft"], dtype="float32")  # the default draft precision
+    paths = {m["role"]: m["path"] for m in list_models() if m["state"] == "ready"}
+    if not {"target", "draft"} <= paths.keys():
+        pytest.skip("the demo pair is not in the cache; run `specdec models fetch`")
+    return Engine.load(paths["target"], paths["draft"])  # the default precisions: both GGUF files as stored
 
 
 def tokens(engine, prompt: str, **spec) -> tuple[list[int], object]:

@@ -19,11 +19,6 @@ namespace {
 
 constexpr int64_t ROWS = kRowsPerPass;  // accumulators for this many rows stay in registers
 constexpr int MAX_WIDTH = 4;            // weight rows per group call at most: sweep_columns' buffer holds this many
-// Software prefetch distance along a weight row, into L2 (T1). The hardware prefetcher alone falls behind once
-// the FMAs of several x rows sit between the weight loads, and prefetching into L2 rather than L1 keeps more
-// misses in flight than L1's fill buffers allow, which speeds up M=1 too. The level and the distance are the
-// fastest that `python bench/linear_rows.py` finds on Qwen2.5-1.5B's shapes; distances of 4-32 KiB tie.
-constexpr int64_t PREFETCH_BYTES = 8192;
 
 float to_float(float v) { return v; }
 float to_float(uint16_t v) {  // bfloat16 bits
@@ -69,7 +64,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline float tree_sum(__m51
 template <int MB, int WR, typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void group_step(
     const float* x, const W* w, int64_t k, int64_t i, __mmask16 mask, __m512 (&acc)[WR][MB]) {
-  constexpr int64_t ahead = PREFETCH_BYTES / sizeof(W);  // past a row's end it fetches the next rows: harmless
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(W);  // past a row's end it fetches the next rows: harmless
   __m512 v[WR];
 #pragma GCC unroll 4
   for (int q = 0; q < WR; ++q) {
@@ -120,7 +115,6 @@ using GroupFn = void (*)(const float*, const W*, int64_t, float*);
 // 4 weight rows per call at 7-8 x rows (fewer x loads per FMA), 2 below that, where 4 is slower: the widths that
 // `python bench/linear_rows.py` finds fastest on Qwen2.5-1.5B's MLP shapes. At 8 x rows the 32 accumulators plus
 // the weight and x vectors exceed the 32 registers, so GCC spills a few: known, and still the faster choice.
-// (The int8 table below keeps 2 weight rows at every row count.)
 template <typename W>
 Group<GroupFn<W>> group_for(int64_t rows) {
   static const Group<GroupFn<W>> table[ROWS] = {
@@ -131,67 +125,58 @@ Group<GroupFn<W>> group_for(int64_t rows) {
   return table[rows - 1];
 }
 
-// ---- int8 weights × int8 activations -------------------------------------------------------------------
-// x is quantised per row (symmetric, scale max|x|/127) and offset to unsigned (xq + 128), so VNNI's vpdpbusd
-// multiplies 64 byte pairs per instruction into exact int32 sums: Σ xu·w = Σ xq·w + 128·Σ w, and Σ w comes
-// from the same instruction against a vector of ones. Integer sums are exact, so every path (VNNI or the
-// portable loop) and every row count gives bit-identical results.
+// ---- AVX2 + FMA: the same blocking in 8-lane vectors (k a multiple of 8) -----------------------------------------
 
-template <int MB, int WR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void group_q8_vnni(const uint8_t* xu, const int8_t* w, int64_t k,
-                                                                        int32_t* out) {
+__attribute__((target("avx2,fma"))) inline __m256 load_w8(const float* w) { return _mm256_loadu_ps(w); }
+__attribute__((target("avx2,fma"))) inline __m256 load_w8(const uint16_t* w) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+__attribute__((target("avx2,fma"))) inline float tree_sum8(__m256 v) {
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <int MB, int WR, typename W>
+__attribute__((target("avx2,fma"))) void group_avx2(const float* x, const W* w, int64_t k, float* out) {
   static_assert(WR <= MAX_WIDTH);
-  __m512i acc[WR][MB], wsum[WR];
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(W);
+  __m256 acc[WR][MB];
 #pragma GCC unroll 4
-  for (int q = 0; q < WR; ++q) {
-    wsum[q] = _mm512_setzero_si512();
+  for (int q = 0; q < WR; ++q)
 #pragma GCC unroll 8
-    for (int r = 0; r < MB; ++r) acc[q][r] = _mm512_setzero_si512();
-  }
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t i = 0; i < k; i += 64) {
-    const __mmask64 mask = k - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - i)) - 1;
-    __m512i v[WR];
+    for (int r = 0; r < MB; ++r) acc[q][r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 8) {
+    __m256 v[WR];
 #pragma GCC unroll 4
     for (int q = 0; q < WR; ++q) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + q * k + i + PREFETCH_BYTES), _MM_HINT_T1);
-      v[q] = _mm512_maskz_loadu_epi8(mask, w + q * k + i);
-      wsum[q] = _mm512_dpbusd_epi32(wsum[q], ones, v[q]);
+      _mm_prefetch(reinterpret_cast<const char*>(w + q * k + i + ahead), _MM_HINT_T1);
+      v[q] = load_w8(w + q * k + i);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
-      const __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + r * k + i);
+      const __m256 xv = _mm256_loadu_ps(x + r * k + i);
 #pragma GCC unroll 4
-      for (int q = 0; q < WR; ++q) acc[q][r] = _mm512_dpbusd_epi32(acc[q][r], xv, v[q]);
+      for (int q = 0; q < WR; ++q) acc[q][r] = _mm256_fmadd_ps(xv, v[q], acc[q][r]);
     }
   }
 #pragma GCC unroll 4
-  for (int q = 0; q < WR; ++q) {
-    const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum[q]);
+  for (int q = 0; q < WR; ++q)
 #pragma GCC unroll 8
-    for (int r = 0; r < MB; ++r) out[q * ROWS + r] = _mm512_reduce_add_epi32(acc[q][r]) - offset;
-  }
+    for (int r = 0; r < MB; ++r) out[q * ROWS + r] = tree_sum8(acc[q][r]);
 }
 
-using GroupQ8Fn = void (*)(const uint8_t*, const int8_t*, int64_t, int32_t*);
-
-Group<GroupQ8Fn> group_q8_for(int64_t rows) {
-  static const Group<GroupQ8Fn> table[ROWS] = {
-      {group_q8_vnni<1, 2>, group_q8_vnni<1, 1>, 2}, {group_q8_vnni<2, 2>, group_q8_vnni<2, 1>, 2},
-      {group_q8_vnni<3, 2>, group_q8_vnni<3, 1>, 2}, {group_q8_vnni<4, 2>, group_q8_vnni<4, 1>, 2},
-      {group_q8_vnni<5, 2>, group_q8_vnni<5, 1>, 2}, {group_q8_vnni<6, 2>, group_q8_vnni<6, 1>, 2},
-      {group_q8_vnni<7, 2>, group_q8_vnni<7, 1>, 2}, {group_q8_vnni<8, 2>, group_q8_vnni<8, 1>, 2}};
+// Two weight rows per call up to 4 x rows, one beyond: 16 registers hold WR·MB accumulators plus the operands.
+template <typename W>
+Group<GroupFn<W>> group_avx2_for(int64_t rows) {
+  static const Group<GroupFn<W>> table[ROWS] = {
+      {group_avx2<1, 2, W>, group_avx2<1, 1, W>, 2}, {group_avx2<2, 2, W>, group_avx2<2, 1, W>, 2},
+      {group_avx2<3, 2, W>, group_avx2<3, 1, W>, 2}, {group_avx2<4, 2, W>, group_avx2<4, 1, W>, 2},
+      {group_avx2<5, 1, W>, group_avx2<5, 1, W>, 1}, {group_avx2<6, 1, W>, group_avx2<6, 1, W>, 1},
+      {group_avx2<7, 1, W>, group_avx2<7, 1, W>, 1}, {group_avx2<8, 1, W>, group_avx2<8, 1, W>, 1}};
   return table[rows - 1];
-}
-
-void block_q8_generic(const uint8_t* xu, int64_t m, const int8_t* w, int64_t k, int32_t* out) {
-  int32_t wsum = 0;
-  for (int64_t i = 0; i < k; ++i) wsum += w[i];
-  for (int64_t r = 0; r < m; ++r) {
-    int32_t acc = 0;
-    for (int64_t i = 0; i < k; ++i) acc += int32_t(xu[r * k + i]) * int32_t(w[i]);
-    out[r] = acc - 128 * wsum;
-  }
 }
 
 // Walks output columns [n_begin, n_end) for all m rows of x: MAX_WIDTH columns at a time, and within them every
@@ -230,9 +215,12 @@ void sweep_columns(Group<Fn> (*kernel_for)(int64_t), Block block, const X* x, in
 }
 
 template <typename W>
-void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y,
-                  int64_t n_begin, int64_t n_end, int64_t n, int64_t k, bool avx512) {
-  sweep_columns<float>(avx512 ? group_for<W> : nullptr, block_generic<W>, x, m, w, k, n_begin, n_end,
+void linear_range(const float* x, int64_t m, const W* w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
+                  int64_t n, int64_t k, Isa isa) {
+  Group<GroupFn<W>> (*kernel_for)(int64_t) = nullptr;
+  if (isa == Isa::kAvx512) kernel_for = group_for<W>;
+  if (isa == Isa::kAvx2 && k % 8 == 0) kernel_for = group_avx2_for<W>;
+  sweep_columns<float>(kernel_for, block_generic<W>, x, m, w, k, n_begin, n_end,
                        [&](int64_t r0, int64_t rows, int64_t j, const float* out) {
                          const float b = bias ? bias[j] : 0.0f;
                          for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n + j] = out[r] + b;
@@ -241,49 +229,18 @@ void linear_range(const float* x, int64_t m, const W* w, const float* bias, floa
 
 }  // namespace
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
+bool cpu_supports(Isa isa) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return isa == Isa::kPortable || (isa == Isa::kAvx2 && avx2) || (isa == Isa::kAvx512 && avx512);
 }
 
 void linear_small_m(const float* x, const void* w, WeightType wtype, const float* bias, float* y, int64_t m, int64_t n,
-                    int64_t k, int64_t n_begin, int64_t n_end) {
-  const bool avx512 = cpu_has_avx512();
+                    int64_t k, int64_t n_begin, int64_t n_end, Isa isa) {
   if (wtype == WeightType::kFloat32)
-    return linear_range(x, m, static_cast<const float*>(w), bias, y, n_begin, n_end, n, k, avx512);
-  return linear_range(x, m, static_cast<const uint16_t*>(w), bias, y, n_begin, n_end, n, k, avx512);
-}
-
-bool cpu_has_avx512_vnni() {
-  // SPECDEC_NO_VNNI=1 takes the portable loop on any CPU: the tests compare it with the VNNI path bit for bit.
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") && !std::getenv("SPECDEC_NO_VNNI");
-  return has;
-}
-
-void quantize_rows_q8(const float* x, int64_t m, int64_t k, uint8_t* xu, float* sx) {
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = x + r * k;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
-    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-    sx[r] = s;
-    for (int64_t i = 0; i < k; ++i) {
-      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[i] / s)));
-      xu[r * k + i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
-    }
-  }
-}
-
-void linear_small_m_q8(const uint8_t* xu, const float* sx, const int8_t* w, const float* scale, const float* bias,
-                       float* y, int64_t m, int64_t n, int64_t k, int64_t n_begin, int64_t n_end) {
-  const bool vnni = cpu_has_avx512_vnni();
-  sweep_columns<int32_t>(vnni ? group_q8_for : nullptr, block_q8_generic, xu, m, w, k, n_begin, n_end,
-                         [&](int64_t r0, int64_t rows, int64_t j, const int32_t* out) {
-                           const float b = bias ? bias[j] : 0.0f;
-                           for (int64_t r = 0; r < rows; ++r)
-                             y[(r0 + r) * n + j] = static_cast<float>(out[r]) * sx[r0 + r] * scale[j] + b;
-                         });
+    return linear_range(x, m, static_cast<const float*>(w), bias, y, n_begin, n_end, n, k, isa);
+  return linear_range(x, m, static_cast<const uint16_t*>(w), bias, y, n_begin, n_end, n, k, isa);
 }
 
 }  // namespace specdec

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from specdec.openmp import passive_waits
-from specdec.types import GAMMA_LIMIT, Method
+from specdec.types import GAMMA_LIMIT, PRECISIONS, Method
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
@@ -33,10 +33,12 @@ def _add_serve(sub) -> None:
     m = p.add_argument_group("models")
     m.add_argument("--target", help="target model: directory, .gguf file or hub id (default: the default pair)")
     m.add_argument("--draft", help="draft model (default: the default pair's draft when --target is not given)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="target dtype")
-    m.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                   help="draft dtype; int8 = weight-only int8 linear layers, bfloat16 elsewhere; "
-                        "auto = int8 on a CPU, bfloat16 on a GPU")  # fmt: skip
+    m.add_argument("--dtype", default="auto", choices=PRECISIONS,
+                   help="target precision: gguf = a .gguf file's quantised weights as stored; int8/q4 = linear layers "
+                        "quantised at load; float32/bfloat16/float16; auto = gguf for a .gguf file on a CPU, else float32")  # fmt: skip
+    m.add_argument("--draft-dtype", default="auto", choices=PRECISIONS,
+                   help="draft precision, as --dtype; auto = gguf for a .gguf file on a CPU, int8 for a float model on a "
+                        "CPU, bfloat16 on a GPU")  # fmt: skip
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
     m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",

@@ -18,6 +18,8 @@ import numpy as np
 
 # Upper bound on γ: verify cost grows with it and no real pair accepts 32+ tokens in a row often enough.
 GAMMA_LIMIT = 32
+# What a model can run in (``specdec.models.loading``): auto, float dtypes, and weight-only quantised formats.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "gguf", "int8", "q4")
 
 
 class Method(str, Enum):

@@ -13,17 +13,19 @@ from specdec.bench.report import plot, to_json, to_markdown
 from specdec.bench.runners import run_benchmark
 from specdec.engine import Engine, EngineConfig
 from specdec.models.fetch import default_pair
-from specdec.types import Method, SamplingParams
+from specdec.types import PRECISIONS, Method, SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
     m.add_argument("--target", help="target model: directory, .gguf or hub id (default: the default pair, fetched)")
     m.add_argument("--draft", help="draft model (default: the default pair's draft)")
-    m.add_argument("--dtype", default="float32", help="target dtype (default float32)")
-    m.add_argument("--draft-dtype", default="auto",
-                   help="dtype specdec runs the draft in: auto (int8 weight-only on a CPU, bfloat16 on a GPU), "
-                        "int8, bfloat16, float16 or float32")  # fmt: skip
+    m.add_argument("--dtype", default="auto", choices=PRECISIONS,
+                   help="target precision: auto (a .gguf file as stored on a CPU, else float32), gguf, int8, q4, float32, "
+                        "bfloat16, float16")  # fmt: skip
+    m.add_argument("--draft-dtype", default="auto", choices=PRECISIONS,
+                   help="draft precision: auto (a .gguf file as stored, a float model as int8 on a CPU; bfloat16 on a GPU), "
+                        "or as --dtype")  # fmt: skip
     m.add_argument("--hf-draft-dtype", default=None,
                    help="dtype of the draft given to transformers' assisted generation (default: --dtype)")  # fmt: skip
     m.add_argument("--device", default="auto")
@@ -45,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--warmup", type=int, default=1, help="leading prompts used as warm-up, reported separately")
     b.add_argument("--no-chat-template", dest="chat", action="store_false", help="send prompts raw")
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' assisted generation (the peer)")
+    b.add_argument("--compare-llamacpp", action="store_true",
+                   help="also run llama.cpp's target-only decoding on the target's GGUF file, same prompts, tokens and "
+                        "threads (needs llama-cpp-python: pip install 'specdec[llamacpp]')")  # fmt: skip
     b.add_argument("--hf-target-only", action="store_true", help="also run transformers' plain generate on the target")
     b.add_argument("--concurrency", type=_levels, default=[], metavar="N[,N...]",
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
@@ -77,6 +82,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 seed=args.seed),  # fmt: skip
         compare_hf=args.compare_hf,
+        compare_llamacpp=args.compare_llamacpp,
         hf_target_only=args.hf_target_only,
         hf_draft_dtype=args.hf_draft_dtype,
         chat=args.chat,
@@ -90,8 +96,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     options.validate()
-    if options.concurrency and (options.compare_hf or options.hf_target_only or args.plot_path):
-        print("specdec bench: --concurrency runs baseline and speculative only (no --compare-hf, --hf-target-only, --plot)",
+    if options.concurrency and (options.compare_hf or options.hf_target_only or options.compare_llamacpp or args.plot_path):
+        print("specdec bench: --concurrency runs baseline and speculative only (no --compare-hf, --hf-target-only, "
+              "--compare-llamacpp, --plot)",
               file=sys.stderr)  # fmt: skip
         return 2
     target, draft = args.target, args.draft

@@ -9,17 +9,15 @@ import time
 
 import torch
 
-from specdec.models import linear
+from specdec.models import isa
 
 
 def run_environment(t_start: float, load_start: tuple[float, float, float]) -> dict:
     return {
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        **host_info(),
         "torch": torch.__version__,
         "transformers": package_version("transformers"),
-        "cpu_model": cpu_model(),
-        "linear_kernel_int8_path": "avx512-vnni" if linear.int8_is_fast() else "portable",
         "specdec_version": package_version("specdec"),
         # Shipped code runs no git: a run from a checkout names its commit in the environment.
         "specdec_commit": os.environ.get("SPECDEC_COMMIT", ""),
@@ -28,6 +26,16 @@ def run_environment(t_start: float, load_start: tuple[float, float, float]) -> d
         # Other work on the machine skews every method; the order is interleaved, but say how busy it was.
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def host_info() -> dict:
+    """The machine, its CPU model, the kernels' instruction-set path and the paths this CPU could take."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "cpu_model": cpu_model(),
+        "kernel_isa": isa.ISA or "torch",
+        "cpu_isa_paths": isa.supported(),
     }
 
 
@@ -41,7 +49,7 @@ def rss_bytes() -> int:
 
 
 def weight_bytes(model) -> int:
-    """Parameters and buffers (an int8 draft keeps its quantised weights and scales as buffers)."""
+    """Parameters and buffers (quantised layers keep their codes, scales and mins as buffers)."""
     if not isinstance(model, torch.nn.Module):
         return 0
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))

@@ -20,6 +20,7 @@ class BenchOptions:
     compare_hf: bool = False  # also run transformers' assisted generation (the peer)
     hf_target_only: bool = False  # also run transformers' plain generate (is the engine's baseline a fair one?)
     hf_draft_dtype: str | None = None  # the draft as the user loaded it; None = the target's dtype
+    compare_llamacpp: bool = False  # also run llama.cpp's target-only decoding on the target's GGUF file (the CPU peer)
     chat: bool = True  # wrap prompts in the target's chat template when it has one
     # --concurrency: streams run at once (run_concurrency); each runs requests_per_stream requests in turn.
     concurrency: list[int] = field(default_factory=list)

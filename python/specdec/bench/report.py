@@ -77,7 +77,7 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
     per_prompt = []
     for e in results:
         row = {k: e[k] for k in ("index", "phase", "category", "prompt", "prompt_tokens", "order")}
-        for name in ("baseline", "speculative", "hf_assisted", "hf_target_only"):
+        for name in ("baseline", "speculative", "hf_assisted", "hf_target_only", "llamacpp"):
             if name in e:
                 row[name] = dict(e[name])
         spec, base = e["speculative"], e["baseline"]
@@ -86,6 +86,8 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
         row["speedup_e2e"] = ratio(spec["e2e_tokens_per_s"], base["e2e_tokens_per_s"])
         if "hf_assisted" in e:
             row["speedup_vs_hf"] = ratio(spec["decode_tokens_per_s"], e["hf_assisted"]["decode_tokens_per_s"])
+        if "llamacpp" in e:
+            row["speedup_vs_llamacpp"] = ratio(spec["decode_tokens_per_s"], e["llamacpp"]["decode_tokens_per_s"])
         row["c"] = spec["c"]
         row["analytic_bound"], row["bound_gamma"] = bound_for(row["speculative"]["alpha"], row["c"], gamma, gamma_max)
         row["efficiency"] = ratio(row["speedup"], row["analytic_bound"])
@@ -112,6 +114,12 @@ def make_report(config: dict, results: list[dict], *, greedy: bool) -> dict:
         report["hf_assisted"] = _summary([e["hf_assisted"] for e in measured])
     if has_hf_plain:
         report["hf_target_only"] = _summary([e["hf_target_only"] for e in measured])
+    if measured and "llamacpp" in measured[0]:
+        report["llamacpp"] = _summary([e["llamacpp"] for e in measured])
+        peer = report["llamacpp"]["decode_tokens_per_s"]
+        report["speedup_vs_llamacpp"] = ratio(report["speculative"]["decode_tokens_per_s"], peer)
+        report["baseline_vs_llamacpp"] = ratio(report["baseline"]["decode_tokens_per_s"], peer)
+        report["ttft_vs_llamacpp"] = ratio(report["baseline"]["ttft_s_median"], report["llamacpp"]["ttft_s_median"])
     report["speedup"] = ratio(report["speculative"]["decode_tokens_per_s"], report["baseline"]["decode_tokens_per_s"])
     report["speedup_e2e"] = ratio(report["speculative"]["e2e_tokens_per_s"], report["baseline"]["e2e_tokens_per_s"])
     report["speedup_per_prompt_median"] = median([r["speedup"] for r in per_prompt if r["phase"] == "measure"])
@@ -170,7 +178,8 @@ def environment_rows(c: dict) -> list[str]:
     return [
         f"| threads, device | {c['threads']}, {c['device']} |",
         f"| machine | {c['machine']}; torch {c['torch']}, transformers {c['transformers']} |",
-        f"| CPU, int8 kernel path | {c.get('cpu_model', 'unknown')}, {c.get('linear_kernel_int8_path', 'unknown')} |",
+        f"| CPU, kernel path | {c.get('cpu_model', 'unknown')}, {c.get('kernel_isa', 'unknown')} (this CPU runs "
+        f"{', '.join(c.get('cpu_isa_paths', [])) or 'unknown'}) |",
         f"| specdec | {c.get('specdec_version', 'unknown')}, commit {c.get('specdec_commit') or 'unknown'} |",
         f"| run | {c['started_at']}, {c['duration_s']:.0f} s; load average (1/5/15 min) "
         f"{'/'.join(map(str, c['load_average_start']))} at start, {'/'.join(map(str, c['load_average_end']))} at end |",
@@ -181,6 +190,7 @@ def to_markdown(report: dict) -> str:
     c, b, s = report["config"], report["baseline"], report["speculative"]
     hf = report.get("hf_assisted")
     hft = report.get("hf_target_only")
+    lcp = report.get("llamacpp")
     sampling = c["sampling"]
     samp = "greedy" if sampling["temperature"] == 0 else (
         f"temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}, "
@@ -199,7 +209,9 @@ def to_markdown(report: dict) -> str:
     if c["compare_hf"]:
         L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
     L += ["", "## Summary (medians over the measured prompts)", ""]
-    peers = [(name, x) for name, x in (("HF assisted", hf), ("HF target-only", hft)) if x]
+    if lcp:
+        L.append(f"| llama.cpp peer | llama-cpp-python {c.get('llamacpp_version', '?')}, target-only on the same GGUF file, same threads |")
+    peers = [(name, x) for name, x in (("HF assisted", hf), ("HF target-only", hft), ("llama.cpp target-only", lcp)) if x]
     L += ["| | baseline (target only) | speculative |" + "".join(f" {name} |" for name, _ in peers),
           "|---|---|---|" + "---|" * len(peers)]  # fmt: skip
 
@@ -219,6 +231,10 @@ def to_markdown(report: dict) -> str:
     if hf:
         L.append(f"| **speedup vs HF assisted** (speculative ÷ HF assisted decode tokens/s) | **{fmt(report['speedup_vs_hf'], '.3f', '×')}** |")
         L.append(f"| HF assisted ÷ baseline | {fmt(report['hf_assisted_speedup'], '.3f', '×')} |")
+    if lcp:
+        L.append(f"| **speculative ÷ llama.cpp target-only** (decode tokens/s) | **{fmt(report['speedup_vs_llamacpp'], '.3f', '×')}** |")
+        L.append(f"| **baseline ÷ llama.cpp target-only** (decode tokens/s) | **{fmt(report['baseline_vs_llamacpp'], '.3f', '×')}** |")
+        L.append(f"| baseline TTFT ÷ llama.cpp TTFT | {fmt(report['ttft_vs_llamacpp'], '.3f', '×')} |")
     if hft:
         L.append(f"| baseline ÷ HF target-only (is the baseline fair?) | {fmt(report['baseline_vs_hf_target_only'], '.3f', '×')} |")
     L.append(f"| acceptance rate (accepted ÷ proposed) | {fmt(s['acceptance_rate'], '.3f')} ({s['accepted']}/{s['proposed']}) |")
@@ -301,7 +317,7 @@ def _notes(report: dict) -> list[str]:
 
 
 def plot(report: dict, path: str | Path) -> None:
-    """Per-prompt decode tokens/s (baseline, speculative, HF assisted) and acceptance per prompt."""
+    """Per-prompt decode tokens/s (baseline, speculative, and the peers run) and acceptance per prompt."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +328,8 @@ def plot(report: dict, path: str | Path) -> None:
     series = [("baseline", "baseline"), ("speculative", "speculative")]
     if "hf_assisted" in report:
         series.append(("hf_assisted", "HF assisted"))
+    if "llamacpp" in report:
+        series.append(("llamacpp", "llama.cpp target-only"))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(rows)), 8), sharex=True)
     width = 0.8 / len(series)
     xs = range(len(rows))

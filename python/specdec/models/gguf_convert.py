@@ -1,7 +1,9 @@
-"""GGUF → safetensors, once: dequantise a ``.gguf`` file into a transformers directory kept in the cache.
+"""GGUF → transformers directories in the cache, made once per file: its metadata, or the whole model dequantised.
 
-``ensure_converted(path)`` returns ``<cache>/converted/<key>/``, a directory that ``from_pretrained`` reads in
-seconds. The key is the file's name, its size and a hash of its first and last MiB, so a changed file gets a
+``ensure_metadata(path)`` returns ``<cache>/gguf-meta/<key>/``: the file's config.json and tokenizer, which take
+seconds to parse out of the GGUF and milliseconds to read back (``specdec.models.gguf_load`` reads the weights from
+the file itself). ``ensure_converted(path)`` returns ``<cache>/converted/<key>/``: the model dequantised to float32
+safetensors (``--dtype float32``), a directory that ``from_pretrained`` reads in seconds. The key is the file's name, its size and a hash of its first and last MiB, so a changed file gets a
 new directory. Conversion runs in a child process (the dequantised model is freed with it, so the caller's
 peak memory does not carry it), writes into a temporary directory and renames it into place: a directory under
 its final name is always complete. A lock file serialises concurrent conversions of the same file.
@@ -68,18 +70,35 @@ def file_lock(lock_path: Path) -> Iterator[None]:
 def ensure_converted(path: Path, *, quiet: bool = False) -> Path:
     """The safetensors directory for the GGUF file ``path``, converting it first if the cache lacks it."""
     path = Path(path).expanduser().resolve()
+    return _ensure(path, converted_path(path), lambda tmp: _convert_in_child(path, tmp, quiet=quiet))
+
+
+def metadata_path(path: Path) -> Path:
+    """Where the GGUF file's config and tokenizer are (or would be) cached."""
+    return cache_dir() / "gguf-meta" / cache_key(path)
+
+
+def ensure_metadata(path: Path) -> Path:
+    """The directory holding the GGUF file's config.json and tokenizer, saving them first if the cache lacks it."""
+    path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    final = converted_path(path)
+    return _ensure(path, metadata_path(path), lambda tmp: save_metadata(path, tmp))
+
+
+def _ensure(path: Path, final: Path, build) -> Path:
+    """``final``, built by ``build(tmp)`` into a temporary directory renamed into place, unless it exists."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
     if final.is_dir():
         return final
-    root = converted_root()
+    root = final.parent
     with file_lock(root / f".{final.name}.lock"):
         if final.is_dir():  # another process finished it while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         try:
-            _convert_in_child(path, tmp, quiet=quiet)
+            build(tmp)
             (tmp / MARKER).write_text(f"{path}\n{final.name}\n")
             os.rename(tmp, final)
         except BaseException:
@@ -125,15 +144,23 @@ def _write_stderr(chunk: bytes) -> None:
 def convert(src: Path, dst: Path) -> None:
     """Dequantise ``src`` (GGUF) and save model and tokenizer into the directory ``dst`` (float32 safetensors)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    save_metadata(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model.save_pretrained(dst, safe_serialization=True)
+
+
+def save_metadata(src: Path, dst: Path) -> None:
+    """Save the GGUF file's tokenizer (special tokens as the file says) and config.json into the directory ``dst``."""
+    from transformers import AutoConfig, AutoTokenizer
 
     src, dst = Path(src), Path(dst)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     _fix_special_tokens(tokenizer, src)
     tokenizer.save_pretrained(dst)
-    del tokenizer
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    model.save_pretrained(dst, safe_serialization=True)
+    AutoConfig.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(dst)
 
 
 def gguf_special_tokens(src: Path) -> dict:

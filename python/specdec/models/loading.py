@@ -1,7 +1,9 @@
-"""Model loading: a hub id, a local directory or a ``.gguf`` file, placed on a device in a chosen dtype.
+"""Model loading: a hub id, a local directory or a ``.gguf`` file, placed on a device in a chosen precision.
 
-GGUF files are dequantised once into a safetensors directory in the cache (see ``specdec.models.gguf_convert``); later
-loads read that directory. A draft and a target must share a tokenizer, which ``check_pair`` enforces.
+On a CPU a GGUF file runs as stored (precision "gguf": ``specdec.models.gguf_load``); with a float dtype it is
+dequantised once into a safetensors directory in the cache (``specdec.models.gguf_convert``). Float models can be
+quantised at load ("int8", "q4": ``specdec.models.quant``). A draft and a target must share a tokenizer, which
+``check_pair`` enforces.
 """
 
 from __future__ import annotations
@@ -14,34 +16,39 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.models import attention
-from specdec.models import linear
+from specdec.models import quant
 from specdec.models.gguf_convert import ensure_converted
+from specdec.models.gguf_load import load_quantised
+from specdec.types import PRECISIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Weight-only formats: the linear layers' weights are quantised, everything else runs in the mapped dtype.
-WEIGHT_ONLY = {"int8": torch.bfloat16}
+# Weight-only formats: the linear layers' weights are quantised (``quant.QuantLinear``), the rest runs in the mapped
+# dtype. "gguf" keeps a GGUF file's own quantisation; "int8" and "q4" quantise float weights at load.
+WEIGHT_ONLY = {"gguf": torch.float32, "int8": torch.bfloat16, "q4": torch.bfloat16}
+assert set(PRECISIONS) == {"auto", *DTYPES, *WEIGHT_ONLY}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or a weight-only format {sorted(WEIGHT_ONLY)}), got {name!r}")
     return DTYPES[name]
 
 
-def default_draft_precision(device: str = "auto") -> str:
-    """What a draft runs in unless told: int8 on a CPU with AVX-512 VNNI, where the small-M kernel multiplies int8
-    rows by int8-quantised activations and the draft is cheapest (compare `specdec bench --draft-dtype int8` and
-    `--draft-dtype bfloat16`), bfloat16 elsewhere (without VNNI the int8 kernel is a portable loop, slower than
-    bfloat16)."""
-    if resolve_device(device).type == "cpu" and linear.int8_is_fast():
-        return "int8"
-    return "bfloat16"
+def default_precision(source: str, device: str = "auto", *, draft: bool = False) -> str:
+    """What a model runs in unless told. On a CPU: a GGUF file as stored, and a float draft quantised to int8 (its
+    precision changes only how often its proposals are accepted; `specdec bench --draft-dtype` compares). On a GPU:
+    float32 for a target, bfloat16 for a draft."""
+    if resolve_device(device).type == "cpu":
+        if str(source).endswith(".gguf"):
+            return "gguf"
+        return "int8" if draft else "float32"
+    return "bfloat16" if draft else "float32"
 
 
 def precision_name(name: str | torch.dtype) -> str:
-    """A dtype or weight-only format as the CLI spells it ("float32", "int8", ...); ValueError if unknown."""
+    """A dtype or weight-only format as the CLI spells it ("float32", "gguf", ...); ValueError if unknown."""
     if isinstance(name, str) and name in WEIGHT_ONLY:
         return name
     return str(resolve_dtype(name)).removeprefix("torch.")
@@ -91,15 +98,9 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def _local_source(source: str) -> str:
-    if source.endswith(".gguf"):
-        return str(ensure_converted(Path(source)))
-    return source
-
-
 def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them): after quantising a 0.5B draft, the replaced
-    bfloat16 weights otherwise stay resident (the server's RSS, in `specdec loadtest`, shows the difference)."""
+    """Hand freed heap pages back to the OS (glibc keeps them): after quantising a float model, the replaced
+    weights otherwise stay resident (the server's RSS, in `specdec loadtest`, shows the difference)."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -115,22 +116,30 @@ def _tokenizer_kwargs(model: PreTrainedModel) -> dict:
     return {} if model.config.model_type in _MISTRAL_TYPES else {"fix_mistral_regex": False}
 
 
-def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "auto") -> LoadedModel:
+def load_model(source: str, *, dtype: str | torch.dtype = "auto", device: str = "auto", draft: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a directory or a .gguf file.
 
-    dtype is a torch dtype or its name, or "int8": weight-only int8 linear layers (per-row scales) with
-    bfloat16 everywhere else, meant for a draft model (``linear.Int8Linear``).
+    dtype is a torch dtype or its name; "gguf" (a GGUF file's quantised tensors as stored, CPU only); "int8" or "q4"
+    (float linear layers quantised at load, bfloat16 elsewhere); or "auto" (``default_precision``).
     """
+    if dtype == "auto":
+        dtype = default_precision(source, device, draft=draft)
     precision = precision_name(dtype)
     weight_only = precision if precision in WEIGHT_ONLY else ""
-    path = _local_source(source)
-    torch_dtype = WEIGHT_ONLY[weight_only] if weight_only else resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
-    model.to(resolve_device(device)).eval()
-    model.requires_grad_(False)
+    gguf_file, cpu = str(source).endswith(".gguf"), resolve_device(device).type == "cpu"
+    if weight_only == "gguf" and not (gguf_file and cpu):
+        raise ValueError(f"dtype 'gguf' needs a .gguf file on a CPU, got {source!r} on {resolve_device(device)}")
+    if weight_only and gguf_file and cpu:  # as stored, or requantised from the stored values: no float copy
+        model, path = load_quantised(Path(source))
+    else:
+        path = str(ensure_converted(Path(source))) if str(source).endswith(".gguf") else source
+        torch_dtype = WEIGHT_ONLY[weight_only] if weight_only else resolve_dtype(dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, low_cpu_mem_usage=True)
+        model.to(resolve_device(device)).eval()
+        model.requires_grad_(False)
     attention.install(model)
-    if weight_only:
-        linear.quantize_int8(model)
+    if weight_only in ("int8", "q4"):
+        quant.quantize_model(model, weight_only)
         _return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(model))
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)

@@ -1,0 +1,77 @@
+"""The quantised small-M kernel on every path this CPU runs, against torch's float32 GEMM, at 1-32 rows.
+
+Qwen2.5-1.5B's MLP shapes (8960 × 1536 and 1536 × 8960) in the kernel's 4-bit layout (Q4_K, Q4_0, ``q4``) and 8-bit
+layout (Q8_0, Q5_0, Q5_K, ``int8``), five copies of each cycled so that no matrix is still in the last-level cache
+when it comes round again. Each row prints the kernel's ms per matrix, its ratio to its own 1-row time, and
+kernel ÷ torch. ``--rows 64,128,256`` measures prefill-sized inputs (where specdec.models.quant.SLICE_ROWS comes
+from).
+
+    python bench/quant_rows.py [--rows 1,2,4,8,16,32] [--repeats 7] [--paths avx512,avx2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from specdec.openmp import passive_waits
+
+passive_waits()  # before torch loads OpenMP
+
+# ruff: noqa: E402
+import torch
+import torch.nn.functional as F
+
+from specdec.bench.environment import host_info
+from specdec.models import isa, quant
+
+SHAPES = [(8960, 1536), (1536, 8960)]
+COPIES = 5  # 5 × 55 MB of float32 per shape: past a 300 MB last-level cache
+LAYOUTS = {"4-bit (Q4_K)": "q4", "8-bit (Q8_0)": "int8"}
+
+
+def median_ms(fn, weights: list, xs: dict[int, torch.Tensor], repeats: int) -> float:
+    fn(xs[weights[0][1]], weights[0][0])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w, k in weights:
+            fn(xs[k], w)
+        times.append((time.perf_counter() - t0) / len(weights) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--paths", default=",".join(p for p in isa.supported() if p != "portable"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dense = [(torch.randn(n, k) * 0.02, k) for n, k in SHAPES for _ in range(COPIES)]
+    quantised = {name: [(quant.quantize(w, kind), k) for w, k in dense] for name, kind in LAYOUTS.items()}
+    rows = [int(r) for r in args.rows.split(",")]
+    paths = args.paths.split(",")
+    print(f"ms per matrix, median of {args.repeats}, {torch.get_num_threads()} threads; torch = float32 weights")
+    results = []
+    with torch.inference_mode():
+        for m in rows:
+            xs = {k: torch.randn(m, k) for _, k in SHAPES}
+            gemm = median_ms(F.linear, dense, xs, args.repeats)
+            for name, weights in quantised.items():
+                for path in paths:
+                    ms = median_ms(lambda x, w, p=path: quant.linear(x, w, isa=p), weights, xs, args.repeats)
+                    one = next((r["ms"] for r in results if r["layout"] == name and r["path"] == path and r["rows"] == rows[0]), ms)
+                    results.append({"rows": m, "layout": name, "path": path, "ms": ms, "torch_ms": gemm})
+                    print(f"M={m:3d}  {name:13s} {path:7s} {ms:7.2f} ms ({ms / one:4.2f}x M={rows[0]})  "
+                          f"torch {gemm:7.2f}  kernel/torch {ms / gemm:4.2f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"host": host_info(), "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+// Small-M linear over quantised weights: y[m, n] = x[m, k] · w[n, k]^T for the few rows of a decode or verify step
+// (and, row block by row block, for a prefill).
+//
+// Every GGUF type this serves is a code per weight and a float scale (and min) per group of 16 or 32 weights
+// (quant.hpp), so one kernel per code width covers them all. Activations are quantised to int8 per chunk of 128
+// columns; each group's dot product is an exact int32 sum, and the float work is one scale per 4 weights per row
+// (a vector lane). The weights stream from memory once for all rows of a block, so up to kRowsPerPass rows cost
+// about one row's memory traffic; every output is reduced in one order whatever m is (batch-invariant).
+//
+// Paths: AVX-512 VNNI multiplies 64 byte pairs per vpdpbusd, unsigned (the activations, offset by +128) by signed
+// (the codes), and removes the offset with 128·Σcode, which each weight chunk computes once for all rows. AVX2 has
+// no such instruction: vpmaddubsw multiplies unsigned by signed bytes into int16 pairs, so signed codes pass their
+// sign to the activations first (|c| · sign(q, c)), which keeps every pair sum below 2^15. The portable path sums
+// the same integers in plain C++.
+#include "linear/quant.hpp"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "linear/small_m.hpp"
+
+namespace specdec {
+namespace {
+
+constexpr int64_t ROWS = kRowsPerPass;
+constexpr int64_t CHUNK = kQuantChunk;
+
+int64_t code_bytes_per_row(const QuantMatrix& w) { return w.k * w.bits / 8; }
+
+// ---- portable ---------------------------------------------------------------------------------------------------
+
+int code_at(const QuantMatrix& w, const uint8_t* row, int64_t i) {
+  if (w.bits == 8) return static_cast<int8_t>(row[i]);
+  const int64_t b = i % CHUNK;
+  const uint8_t byte = row[(i / CHUNK) * (CHUNK / 2) + (b & 63)];
+  return b < 64 ? byte & 15 : byte >> 4;
+}
+
+float dot_portable(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r) {
+  const int64_t k = x.k, groups_per_chunk = CHUNK / w.group;
+  const uint8_t* codes = w.codes + j * code_bytes_per_row(w);
+  const float* scales = w.scales + j * (k / w.group);
+  const int8_t* q = reinterpret_cast<const int8_t*>(x.q + r * k);
+  float acc = 0.0f;
+  for (int64_t c = 0; c < k / CHUNK; ++c) {
+    float chunk = 0.0f;
+    for (int64_t g = c * groups_per_chunk; g < (c + 1) * groups_per_chunk; ++g) {
+      int32_t d = 0;
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) d += int32_t(q[i]) * code_at(w, codes, i);
+      chunk += scales[g] * static_cast<float>(d);
+    }
+    acc += chunk * x.a[r * (k / CHUNK) + c];
+  }
+  return acc;
+}
+
+float min_term_portable(const float* mins, const float* gsum, int64_t groups) {
+  float t = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) t += mins[g] * gsum[g];
+  return t;
+}
+
+// ---- AVX-512 VNNI -----------------------------------------------------------------------------------------------
+
+#define SPECDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// Lane l of a product vector holds 4 consecutive weights; which scale of the chunk applies to it.
+template <int G>
+SPECDEC_AVX512 inline __m512i scale_index(int half) {
+  if (G == 32) return half ? _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)
+                           : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return half ? _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)
+              : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+}
+
+// Rows [r0, r0 + MB) of x against weight row j: out[r] = Σ_c a[r, c] · Σ_lanes scale · (Σ q·c), without the min term.
+template <int BITS, int G, int MB>
+SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r0, float* out) {
+  const int64_t k = x.k, chunks = k / CHUNK;
+  constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
+  const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
+  const float* scales = w.scales + j * (k / G);
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80)), nibble = _mm512_set1_epi8(0x0F);
+  const __m512i idx0 = scale_index<G>(0), idx1 = scale_index<G>(1);
+  __m512 acc[MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* cc = codes + c * chunk_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(cc + kPrefetchBytes), _MM_HINT_T1);
+    __m512i v0, v1;
+    if constexpr (BITS == 4) {
+      const __m512i raw = _mm512_loadu_si512(cc);
+      v0 = _mm512_and_si512(raw, nibble);
+      v1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(cc + kPrefetchBytes + 64), _MM_HINT_T1);
+      v0 = _mm512_loadu_si512(cc);
+      v1 = _mm512_loadu_si512(cc + 64);
+    }
+    // Σ (q + 128)·c − 128·Σ c = Σ q·c: start each row's sum at −128·Σ c.
+    const __m512i n0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v0));
+    const __m512i n1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v1));
+    const __m512 s = G == 32 ? _mm512_castps128_ps512(_mm_loadu_ps(scales + c * 4))
+                             : _mm512_castps256_ps512(_mm256_loadu_ps(scales + c * 8));
+    const __m512 ws0 = _mm512_permutexvar_ps(idx0, s), ws1 = _mm512_permutexvar_ps(idx1, s);
+#pragma GCC unroll 8
+    for (int r = 0; r < MB; ++r) {
+      const uint8_t* xr = x.q + (r0 + r) * k + c * CHUNK;
+      const __m512i d0 = _mm512_dpbusd_epi32(n0, _mm512_loadu_si512(xr), v0);
+      const __m512i d1 = _mm512_dpbusd_epi32(n1, _mm512_loadu_si512(xr + 64), v1);
+      const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), ws1, _mm512_mul_ps(_mm512_cvtepi32_ps(d0), ws0));
+      acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MB; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+SPECDEC_AVX512 float min_term_avx512(const float* mins, const float* gsum, int64_t groups) {
+  __m512 t = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, mins + g), _mm512_maskz_loadu_ps(mask, gsum + g), t);
+  }
+  return _mm512_reduce_add_ps(t);
+}
+
+// ---- AVX2 + FMA -------------------------------------------------------------------------------------------------
+
+#define SPECDEC_AVX2 __attribute__((target("avx2,fma")))
+
+SPECDEC_AVX2 inline float reduce_avx2(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+// As block_avx512, in four 32-weight vectors per chunk. At most 4 rows per call: more accumulators than that
+// spill out of the 16 vector registers, and the weight chunk is still in L1 for the next call.
+template <int BITS, int G, int MB>
+SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r0, float* out) {
+  const int64_t k = x.k, chunks = k / CHUNK;
+  constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
+  const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
+  const float* scales = w.scales + j * (k / G);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[MB];
+#pragma GCC unroll 4
+  for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* cc = codes + c * chunk_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(cc + kPrefetchBytes), _MM_HINT_T1);
+    __m256i v[4], mag[4];  // codes of weights [32i, 32i + 32) of the chunk; mag: |codes| for the signed ones
+    if constexpr (BITS == 4) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cc));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cc + 32));
+      v[0] = _mm256_and_si256(b0, nibble);
+      v[1] = _mm256_and_si256(b1, nibble);
+      v[2] = _mm256_and_si256(_mm256_srli_epi16(b0, 4), nibble);
+      v[3] = _mm256_and_si256(_mm256_srli_epi16(b1, 4), nibble);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(cc + kPrefetchBytes + 64), _MM_HINT_T1);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cc + 32 * i));
+        mag[i] = _mm256_abs_epi8(v[i]);
+      }
+    }
+    __m256 ws[4];
+    if constexpr (G == 32) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) ws[i] = _mm256_broadcast_ss(scales + c * 4 + i);
+    } else {
+      const __m256 s = _mm256_loadu_ps(scales + c * 8);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        ws[i] = _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MB; ++r) {
+      const uint8_t* xr = x.q + (r0 + r) * k + c * CHUNK;
+      __m256 f = _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
+        const __m256i p = BITS == 4 ? _mm256_maddubs_epi16(v[i], xq) : _mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(xq, v[i]));
+        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), ws[i], f);
+      }
+      acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MB; ++r) out[r] = reduce_avx2(acc[r]);
+}
+
+SPECDEC_AVX2 float min_term_avx2(const float* mins, const float* gsum, int64_t groups) {
+  __m256 t = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) t = _mm256_fmadd_ps(_mm256_loadu_ps(mins + g), _mm256_loadu_ps(gsum + g), t);
+  float tail = 0.0f;
+  for (; g < groups; ++g) tail += mins[g] * gsum[g];
+  return reduce_avx2(t) + tail;
+}
+
+// ---- dispatch ---------------------------------------------------------------------------------------------------
+
+using BlockFn = void (*)(const QuantRows&, const QuantMatrix&, int64_t, int64_t, float*);
+
+#define SPECDEC_BLOCK_TABLE(NAME, FN)                                                                        \
+  template <int BITS, int G>                                                                                  \
+  BlockFn NAME(int64_t rows) {                                                                                \
+    static const BlockFn table[ROWS] = {FN<BITS, G, 1>, FN<BITS, G, 2>, FN<BITS, G, 3>, FN<BITS, G, 4>,       \
+                                        FN<BITS, G, 5>, FN<BITS, G, 6>, FN<BITS, G, 7>, FN<BITS, G, 8>};      \
+    return table[rows - 1];                                                                                   \
+  }
+SPECDEC_BLOCK_TABLE(avx512_block, block_avx512)
+#undef SPECDEC_BLOCK_TABLE
+
+template <int BITS, int G>
+BlockFn avx2_block(int64_t rows) {
+  static const BlockFn table[4] = {block_avx2<BITS, G, 1>, block_avx2<BITS, G, 2>, block_avx2<BITS, G, 3>,
+                                   block_avx2<BITS, G, 4>};
+  return table[rows - 1];
+}
+
+struct Path {
+  BlockFn (*block)(int64_t rows);  // null: the portable loop
+  int64_t rows_per_call;
+  float (*min_term)(const float*, const float*, int64_t);
+};
+
+template <int BITS, int G>
+Path path_for(Isa isa) {
+  if (isa == Isa::kAvx512) return {avx512_block<BITS, G>, ROWS, min_term_avx512};
+  if (isa == Isa::kAvx2) return {avx2_block<BITS, G>, 4, min_term_avx2};
+  return {nullptr, ROWS, min_term_portable};
+}
+
+Path path_for(const QuantMatrix& w, Isa isa) {
+  if (w.bits == 4) return path_for<4, 32>(isa);
+  if (w.group == 16) return path_for<8, 16>(isa);
+  return path_for<8, 32>(isa);
+}
+
+}  // namespace
+
+bool quant_offset(Isa isa) { return isa == Isa::kAvx512; }
+
+void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool offset, uint8_t* q, float* a,
+                          float* gsum) {
+  const int64_t chunks = k / CHUNK;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* xc = x + r * k + c * CHUNK;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(xc[i]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      a[r * chunks + c] = s;
+      int8_t qc[CHUNK];
+      for (int64_t i = 0; i < CHUNK; ++i)
+        qc[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xc[i] / s))));
+      uint8_t* out = q + r * k + c * CHUNK;
+      for (int64_t i = 0; i < CHUNK; ++i) out[i] = static_cast<uint8_t>(qc[i]) ^ (offset ? 0x80 : 0x00);
+      if (gsum) {
+        for (int64_t g = 0; g < CHUNK / group; ++g) {
+          int32_t sum = 0;
+          for (int64_t i = g * group; i < (g + 1) * group; ++i) sum += qc[i];
+          gsum[r * (k / group) + c * (CHUNK / group) + g] = s * static_cast<float>(sum);
+        }
+      }
+    }
+  }
+}
+
+void linear_quant(const QuantRows& x, const QuantMatrix& w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
+                  Isa isa) {
+  const Path path = path_for(w, isa);
+  const int64_t groups = w.k / w.group;
+  float out[ROWS];
+  for (int64_t j = n_begin; j < n_end; ++j) {
+    const float b = bias ? bias[j] : 0.0f;
+    for (int64_t r0 = 0; r0 < x.m; r0 += path.rows_per_call) {
+      const int64_t rows = std::min(path.rows_per_call, x.m - r0);
+      if (path.block) {
+        path.block(rows)(x, w, j, r0, out);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) out[r] = dot_portable(x, w, j, r0 + r);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float v = out[r];
+        if (w.mins) v -= path.min_term(w.mins + j * groups, x.gsum + (r0 + r) * groups, groups);
+        y[(r0 + r) * w.n + j] = v + b;
+      }
+    }
+  }
+}
+
+}  // namespace specdec

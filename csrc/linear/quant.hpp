@@ -1,0 +1,51 @@
+// Small-M linear over quantised weights that hold a GGUF file's values exactly. See quant.cpp.
+#pragma once
+
+#include <cstdint>
+
+#include "linear/isa.hpp"
+
+namespace specdec {
+
+// Columns of x quantised under one scale; also the unit the kernels stream (a multiple of every group size).
+inline constexpr int64_t kQuantChunk = 128;
+
+// A weight matrix w[n, k] (k a multiple of kQuantChunk) stored as unsigned or signed codes with one float32 scale
+// (and optionally one float32 min) per `group` consecutive weights of a row:  w[j, i] = scale[j, g] · c[j, i] − min[j, g],
+// g = i / group.
+//   bits 8: codes int8 [n, k], c = codes[j, i]; group 16 or 32.
+//   bits 4: codes uint8 [n, k / 2], c in [0, 15]; group 32. Within each chunk of 128 weights, byte b (0..63) holds
+//           weight b in its low nibble and weight 64 + b in its high nibble.
+// scales, mins: float32 [n, k / group]; mins may be null (no min term).
+struct QuantMatrix {
+  const uint8_t* codes;
+  const float* scales;
+  const float* mins;
+  int bits;
+  int group;
+  int64_t n, k;
+};
+
+// Activations x[m, k] quantised per chunk: q[r, i] = round(x[r, i] / a[r, c]), a[r, c] = max|x[r, chunk c]| / 127,
+// stored as int8, or as uint8 q + 128 where `offset` is set (what the AVX-512 VNNI path multiplies).
+// gsum[r, g] = a[r, c(g)] · Σ_{i in group g} q[r, i], the input of the min term (only where the weights have mins).
+struct QuantRows {
+  const uint8_t* q;     // [m, k]
+  const float* a;       // [m, k / kQuantChunk]
+  const float* gsum;    // [m, k / group] or null
+  int64_t m, k;
+};
+
+// The activation layout `isa` multiplies: whether q carries the +128 offset.
+bool quant_offset(Isa isa);
+
+// Quantise x[m, k] (float32 row-major) into q[m, k], a[m, k / kQuantChunk] and, if gsum is not null, gsum[m, k / group].
+void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool offset, uint8_t* q, float* a,
+                          float* gsum);
+
+// y[r, j] = Σ_i x[r, i] · w[j, i] (+ bias[j]) for r < m and output columns j in [n_begin, n_end), y row-major [m, n].
+// Integer sums are exact (int32); each output's float reduction has one order for any m (batch-invariant per path).
+void linear_quant(const QuantRows& x, const QuantMatrix& w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
+                  Isa isa);
+
+}  // namespace specdec

@@ -1,0 +1,150 @@
+"""Quantised weights: GGUF blocks repacked exactly, the kernel on every path this CPU runs, and GGUF files loaded as
+stored (specdec.models.quant, specdec.models.gguf_load)."""
+
+from __future__ import annotations
+
+import gguf
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+
+from gguf_files import random_blocks, write_gguf
+from specdec.models import isa, quant
+from specdec.models.loading import load_model
+from tiny import bpe_tokenizer, llama
+
+PATHS = isa.supported()  # every path this CPU runs; SPECDEC_ISA forces the default one
+
+
+@pytest.mark.parametrize("kind", sorted(quant.GGUF_TYPES))
+def test_gguf_blocks_repack_to_the_same_values(kind):
+    raw = random_blocks(kind, 5, 512, np.random.default_rng(1))
+    expected = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(5, 512)
+    w = quant.from_gguf("blk.0.ffn_up.weight", kind, raw, 512)
+    assert (w.bits, w.group) == quant.GGUF_TYPES[kind][:2]
+    assert np.array_equal(w.dequantize().numpy(), expected)
+
+
+def test_an_unsupported_type_or_width_names_the_tensor():
+    with pytest.raises(quant.UnsupportedTensor, match=r"'blk\.3\.attn_q\.weight' has type Q3_K"):
+        quant.from_gguf("blk.3.attn_q.weight", "Q3_K", np.zeros((2, 110), np.uint8), 256)
+    with pytest.raises(quant.UnsupportedTensor, match=r"'output\.weight' has 96 columns, not a multiple of 128"):
+        quant.from_gguf("output.weight", "Q8_0", np.zeros((2, 102), np.uint8), 96)
+
+
+def layouts() -> dict[str, quant.QuantWeight]:
+    """One weight per kernel layout: 4-bit with mins, 8-bit in groups of 32 and of 16."""
+    rng = np.random.default_rng(2)
+    return {
+        "Q4_K": quant.from_gguf("a", "Q4_K", random_blocks("Q4_K", 40, 768, rng), 768),
+        "Q8_0": quant.from_gguf("b", "Q8_0", random_blocks("Q8_0", 40, 768, rng), 768),
+        "Q6_K": quant.from_gguf("c", "Q6_K", random_blocks("Q6_K", 40, 768, rng), 768),
+        "q4": quant.quantize(torch.randn(40, 768), "q4"),
+    }
+
+
+def activation_reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x · w^T with x quantised as the kernel does (int8 per 128 columns), in float64; and the bound on its distance
+    from the unquantised product: each activation moves by at most half its chunk's step."""
+    chunks = x.double().view(x.shape[0], -1, quant.CHUNK)
+    step = (chunks.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
+    xq = (torch.round(chunks / step).clamp(-127, 127) * step).view_as(x)
+    bound = (step / 2).expand_as(chunks).reshape_as(x) @ w.double().abs().T
+    return xq @ w.double().T, bound
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["Q4_K", "Q8_0", "Q6_K", "q4"])
+def test_kernel_equals_the_quantised_activation_reference(path, layout):
+    w = layouts()[layout]
+    dense = w.dequantize()
+    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(40)
+    y = quant.linear(x, w, bias, isa=path).double()
+    ref, bound = activation_reference(x, dense)
+    scale = (x.double().abs() @ dense.double().abs().T).max()
+    assert (y - bias.double() - ref).abs().max() <= 1e-5 * scale  # float32 rounding only
+    assert ((y - bias.double() - x.double() @ dense.double().T).abs() <= bound + 1e-5 * scale).all()
+    # The control: a weight whose scales are off by 1% is caught by the same check.
+    wrong = quant.QuantWeight(w.codes, w.scales * 1.01, w.mins, w.bits, w.group, w.kind)
+    assert (quant.linear(x, wrong, bias, isa=path).double() - bias.double() - ref).abs().max() > 1e-5 * scale
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_rows_are_bit_identical_for_1_to_32_rows(path):
+    x = torch.randn(32, 768, generator=torch.Generator().manual_seed(4))
+    for name, w in layouts().items():
+        full = quant.linear(x, w, isa=path)
+        for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 31]:
+            assert torch.equal(quant.linear(x[:m], w, isa=path), full[:m]), (name, path, m)
+        assert torch.equal(quant.linear(x[9:10], w, isa=path), full[9:10]), (name, path)
+
+
+def test_a_forced_path_the_cpu_lacks_is_refused():
+    assert isa.resolve("portable") == "portable"
+    with pytest.raises(ValueError, match=r"SPECDEC_ISA must be auto or one of \[.*\] on this CPU, got 'sse9'"):
+        isa.resolve("sse9")
+
+
+def test_requantised_weights_stay_close_and_stack():
+    w = layouts()["Q8_0"]
+    q4 = quant.requantize(w, "q4", rows_per_slice=16)
+    assert q4.layout() == (4, 32, True) and q4.shape == w.shape
+    # 4 bits over each group's range: at most half a step (range / 30) from the 8-bit value.
+    groups = w.dequantize().view(40, -1, 32)
+    half_step = (groups.amax(-1) - groups.amin(-1)) / 30
+    assert ((q4.dequantize().view(40, -1, 32) - groups).abs() <= half_step[..., None] * 1.001 + 1e-7).all()
+    both = quant.stack([w.rows(slice(0, 10)), w.rows(slice(10, 40))])
+    assert torch.equal(both.dequantize(), w.dequantize())
+    with pytest.raises(ValueError, match="cannot stack quantised weights of different layouts"):
+        quant.stack([w, q4])
+
+
+# ---- GGUF files loaded as stored ------------------------------------------------------------------------
+
+TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q8_0", "ffn_gate": "Q4_0",
+         "ffn_up": "Q5_0", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output.weight": "Q6_K"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quant_gguf(tmp_path_factory):
+    tok = bpe_tokenizer()
+    model = llama(len(tok), seed=5, hidden=256)
+    path = tmp_path_factory.mktemp("gguf") / "tiny-quant.gguf"
+    write_gguf(model, tok, path, TYPES)
+    return path, tok
+
+
+def test_a_gguf_file_loads_as_stored_and_matches_its_dequantised_model(quant_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    path, tok = quant_gguf
+    stored = load_model(str(path), dtype="auto", device="cpu")
+    assert stored.precision == "gguf"
+    kinds = {n: m.kind for n, m in stored.model.named_modules() if isinstance(m, quant.QuantLinear)}
+    assert kinds["model.layers.0.self_attn.k_proj"] == "Q5_K" and kinds["lm_head"] == "Q6_K"
+    assert isinstance(stored.model.get_input_embeddings(), quant.QuantEmbedding)
+    assert not (tmp_path / "cache" / "converted").exists()  # no float copy on disk
+    dense = load_model(str(path), dtype="float32", device="cpu")  # transformers' dequantisation, via safetensors
+    ids = torch.tensor([tok.encode("def add(a, b): return a + b")])
+    with torch.no_grad():
+        a, b = stored.model(ids).logits, dense.model(ids).logits
+    # Same weights (the llama q/k row order undone alike); only the kernel's int8 activations differ.
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    for name, m in stored.model.named_modules():
+        if isinstance(m, quant.QuantLinear):
+            assert torch.equal(m.weight_q.dequantize(), dense.model.get_submodule(name).weight), name
+
+
+def test_a_type_the_kernel_lacks_runs_dequantised_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    tok = bpe_tokenizer()
+    model = llama(len(tok), seed=6, hidden=256)
+    path = tmp_path / "tiny-q3.gguf"
+    write_gguf(model, tok, path, {"ffn_down": "Q6_K", "ffn_up": "Q3_K"})
+    with caplog.at_level("WARNING", logger="specdec.models"):
+        loaded = load_model(str(path), dtype="gguf", device="cpu")
+    assert "'blk.0.ffn_up.weight' has type Q3_K" in caplog.text and "dequantised to float32" in caplog.text
+    assert isinstance(loaded.model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
