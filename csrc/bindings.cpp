@@ -86,11 +86,17 @@ PYBIND11_MODULE(_kernels, m) {
     return py::make_tuple(out[0], out[1], out[2], out[3]);
   });
 
-  // Output columns are split across the pool in tasks of this many columns.
-  constexpr int64_t kColumnsPerTask = 256;
-  const auto column_tasks = [](int64_t n) { return (n + kColumnsPerTask - 1) / kColumnsPerTask; };
-  const auto columns = [](int64_t t, int64_t n) {
-    return std::pair(t * kColumnsPerTask, std::min(n, (t + 1) * kColumnsPerTask));
+  // Output columns are split across the pool in tasks of at most 256 columns, and into at least two tasks per thread
+  // so that a narrow matrix (a 256-row k or v projection) still keeps every thread streaming; a multiple of 4 columns,
+  // the float kernel's widest group (`python bench/quant_rows.py` and `bench/linear_rows.py` time the split).
+  const auto columns_per_task = [](int64_t n) {
+    const int64_t per_thread = (n + 2 * specdec::num_threads() - 1) / (2 * specdec::num_threads());
+    return std::max<int64_t>(4, std::min<int64_t>(256, (per_thread + 3) / 4 * 4));
+  };
+  const auto column_tasks = [=](int64_t n) { return (n + columns_per_task(n) - 1) / columns_per_task(n); };
+  const auto columns = [=](int64_t t, int64_t n) {
+    const int64_t c = columns_per_task(n);
+    return std::pair(t * c, std::min(n, (t + 1) * c));
   };
 
   // y[m, n] = x[m, k] · w[n, k]^T (+ bias): the few-row linear of decode and verify forwards over float32 (wtype 0)

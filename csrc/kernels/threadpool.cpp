@@ -87,12 +87,14 @@ class Pool {
     for (;;) {
       uint64_t g = gen_.load(std::memory_order_acquire);
       if (g == seen) {
-        // Spin for a short while (a kernel dispatches several jobs back to back), then sleep.
+        // Spin for a while, then sleep: a forward dispatches a linear layer's job every few hundred microseconds with
+        // torch's ops in between, and a sleeping worker wakes too late to take its share of the next one (the caller
+        // then streams most of the weights alone). The spin is what `python bench/verify_cost.py` finds fastest.
         auto t0 = std::chrono::steady_clock::now();
         int spins = 0;
         while ((g = gen_.load(std::memory_order_acquire)) == seen && !stop_.load(std::memory_order_relaxed)) {
           SD_PAUSE();
-          if (++spins % 128 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50)) {
+          if (++spins % 128 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(1000)) {
             std::unique_lock<std::mutex> lk(m_);
             cv_.wait(lk, [&] { return stop_.load() || gen_.load(std::memory_order_acquire) != seen; });
             g = gen_.load(std::memory_order_acquire);

@@ -6,6 +6,12 @@ Qwen2.5-1.5B (12 query heads, 2 kv heads) that copy was the largest torch cost a
 step: ``copy_`` went from 0.3 to 6.9 ms per forward at k = 5 with a 128-token context, and it grows with the
 context. torch's CPU kernel takes the mask and the groups together. (On CUDA a mask with ``enable_gqa`` falls back
 to the math kernel, so there transformers' choice stands.)
+
+A few new tokens on a CPU (a verify, up to ``ROW_WISE_MAX``) attend one query at a time, each over the keys up to its
+own position: torch's kernel blocks its reduction by the query length, so a query in a verify of k tokens would
+otherwise get other bits than the same query decoded alone, and with int8-quantised activations downstream
+(``specdec.models.quant``) such a difference can flip a greedy token. Row by row, a verify equals decode steps bit
+for bit (``python bench/verify_cost.py`` checks it and times the cost).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "specdec_sdpa"
+ROW_WISE_MAX = 32  # the small-M kernel's row limit: a verify or a short prefill chunk
 
 
 def grouped_sdpa(
@@ -34,6 +41,17 @@ def grouped_sdpa(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    q, kv = query.shape[2], key.shape[-2]
+    if query.device.type == "cpu" and 1 < q <= ROW_WISE_MAX and kv >= q and (is_causal or attention_mask is not None):
+        rows = []
+        for i in range(q):
+            end = kv - q + i + 1  # this query's own position: it sees the keys up to it, as a decode step would
+            # One sequence has no padding, so its causal frontier is its whole mask (a decode step passes none).
+            mask = None if attention_mask is None or query.shape[0] == 1 else attention_mask[:, :, i : i + 1, :end]
+            rows.append(F.scaled_dot_product_attention(
+                query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], attn_mask=mask, dropout_p=dropout,
+                scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))  # fmt: skip
+        return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=key.shape[1] != query.shape[1],
