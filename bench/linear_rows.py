@@ -1,15 +1,19 @@
-"""The small-M kernel against torch's GEMM at 1-32 rows, float32 weights streamed from memory.
+"""The small-M kernels against torch's GEMM at 1-32 rows, weights streamed from memory, on every path this CPU runs.
 
-The target's MLP shapes (8960 × 1536 and 1536 × 8960), five copies of each cycled so that no matrix is still in the
-last-level cache when it comes round again (as in a forward over a 6 GB model). This is where specdec.models.linear.MAX_ROWS
-comes from: the kernel takes the rows up to which it beats torch.
+The target's MLP shapes (8960 × 1536 and 1536 × 8960), five copies of each cycled so that no matrix is still in
+the last-level cache when it comes round again (as in a forward over a whole model), as float32 weights, and in
+the quantised kernel's 4-bit layout (Q4_K, Q4_0, ``q4``) and 8-bit layout (Q8_0, Q5_0, ``int8``). Each line prints
+the kernel's ms per matrix, its ratio to its own time at the first row count, and kernel ÷ torch's float32 GEMM
+at the same rows. This is where specdec.models.linear.MAX_ROWS and specdec.models.quant.SLICE_ROWS come from
+(``--rows 64,128,256`` for prefill-sized inputs).
 
-    python bench/linear_rows.py [--rows 1,8,16,24,32,40] [--repeats 9]
+    python bench/linear_rows.py [--rows 1,2,4,8,16,32] [--repeats 7] [--paths avx512,avx2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -21,42 +25,54 @@ passive_waits()  # before torch loads OpenMP
 import torch
 import torch.nn.functional as F
 
-from specdec.models import linear as fast_linear
+from specdec.bench.environment import host_info
+from specdec.models import isa, linear, quant
 
 SHAPES = [(8960, 1536), (1536, 8960)]
-COPIES = 5  # 5 × 55 MB per shape: past a 300 MB last-level cache
+COPIES = 5  # 5 × 55 MB of float32 per shape: past a 300 MB last-level cache
+QUANTISED = {"4-bit (Q4_K)": "q4", "8-bit (Q8_0)": "int8"}
 
 
-def ms_per_matrix(fns: dict, weights: list[torch.Tensor], xs: dict[int, torch.Tensor], repeats: int) -> dict[str, float]:
-    """Median ms per matrix of each fn, the fns interleaved per repeat in alternating order (the host drifts)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
-        fn(xs[weights[0].shape[1]], weights[0])
-    for r in range(repeats):
-        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-            t0 = time.perf_counter()
-            for w in weights:
-                fns[name](xs[w.shape[1]], w)
-            times[name].append((time.perf_counter() - t0) / len(weights) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+def median_ms(fn, weights: list, xs: dict[int, torch.Tensor], repeats: int) -> float:
+    fn(xs[weights[0][1]], weights[0][0])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w, k in weights:
+            fn(xs[k], w)
+        times.append((time.perf_counter() - t0) / len(weights) * 1e3)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,8,16,24,32,40")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--rows", default="1,2,4,8,16,32")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--paths", default=",".join(p for p in isa.supported() if p != "portable"))
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    weights = [torch.randn(n, k) * 0.02 for n, k in SHAPES for _ in range(COPIES)]
-    print(f"ms per matrix, median of {args.repeats}, {torch.get_num_threads()} threads, kernel up to {fast_linear.MAX_ROWS} rows")
-    one = None
+    dense = [(torch.randn(n, k) * 0.02, k) for n, k in SHAPES for _ in range(COPIES)]
+    layouts = {"float32": (dense, linear.linear)}
+    for name, kind in QUANTISED.items():
+        layouts[name] = ([(quant.quantize(w, kind), k) for w, k in dense], quant.linear)
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"ms per matrix, median of {args.repeats}, {torch.get_num_threads()} threads; torch = float32 weights")
+    results = []
     with torch.inference_mode():
-        for m in (int(r) for r in args.rows.split(",")):
+        for m in rows:
             xs = {k: torch.randn(m, k) for _, k in SHAPES}
-            ms = ms_per_matrix({"kernel": fast_linear.linear, "torch": F.linear}, weights, xs, args.repeats)
-            kernel, gemm = ms["kernel"], ms["torch"]
-            one = one or kernel
-            print(f"M={m:3d}  kernel {kernel:7.2f} ({kernel / one:4.2f}x M=1)  torch {gemm:7.2f}  kernel/torch {kernel / gemm:4.2f}")
+            gemm = median_ms(F.linear, dense, xs, args.repeats)
+            for name, (weights, fn) in layouts.items():
+                for path in args.paths.split(","):
+                    ms = median_ms(lambda x, w, p=path, f=fn: f(x, w, isa=p), weights, xs, args.repeats)
+                    first = next((r["ms"] for r in results if (r["layout"], r["path"], r["rows"]) == (name, path, rows[0])), ms)
+                    results.append({"rows": m, "layout": name, "path": path, "ms": ms, "torch_ms": gemm})
+                    print(f"M={m:3d}  {name:13s} {path:7s} {ms:7.2f} ms ({ms / first:4.2f}x M={rows[0]})  "
+                          f"torch {gemm:7.2f}  kernel/torch {ms / gemm:4.2f}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"host": host_info(), "threads": torch.get_num_threads(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

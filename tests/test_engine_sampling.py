@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
 from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
+from tiny import llama, save, word_tokenizer
 
 TOKENS = 3
 TRIALS = 4000
@@ -145,3 +146,23 @@ def test_same_seed_same_output(engine):
     a = [t for s in engine.generate(req()) for t in s.token_ids]
     b = [t for s in engine.generate(req()) for t in s.token_ids]
     assert a == b
+
+
+@pytest.fixture(scope="module")
+def quantised_engine(tmp_path_factory):
+    """A q4 target and an int8 draft (the quantised kernel's two layouts), the draft scoring only half the
+    vocabulary: q is zero outside it, and the residual must make up the target's law."""
+    root = tmp_path_factory.mktemp("quantised")
+    words = word_tokenizer()
+    target = save(llama(len(words), seed=3, hidden=128), words, root / "target")
+    draft = save(llama(len(words), seed=4, hidden=128, layers=1), words, root / "draft")
+    config = EngineConfig(method=Method.DRAFT, draft_vocab=len(words) // 2)
+    return Engine(load_model(target, dtype="q4"), load_model(draft, dtype="int8"), config)
+
+
+def test_speculative_sampling_follows_a_quantised_target_with_a_reduced_draft_vocabulary(quantised_engine):
+    engine = quantised_engine
+    assert engine._drafters[Method.DRAFT].decoder.vocab.numel() < engine.vocab_size
+    prompt = [1, 5, 3]
+    joint = exact_joint(engine.target.model, prompt, 1.0, 1.0)
+    assert gof_pvalue(sample_counts(engine, prompt, {"temperature": 1.0}, Method.DRAFT), joint) > P_THRESHOLD

@@ -11,7 +11,9 @@ import torch
 
 from gguf_files import random_blocks, write_gguf
 from specdec.models import isa, quant
+from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
+from specdec.types import GenerationRequest, Method, SpeculationParams
 from tiny import bpe_tokenizer, llama
 
 PATHS = isa.supported()  # every path this CPU runs; SPECDEC_ISA forces the default one
@@ -148,3 +150,27 @@ def test_a_type_the_kernel_lacks_runs_dequantised_with_a_warning(tmp_path, monke
     assert "'blk.0.ffn_up.weight' has type Q3_K" in caplog.text and "dequantised to float32" in caplog.text
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     assert isinstance(loaded.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 100])
+def test_greedy_speculation_on_a_gguf_pair_equals_target_only(quant_gguf, tmp_path, monkeypatch, draft_vocab):
+    """The quantised target as stored, a q4 draft requantised from the same file (with the draft's head cut to 100
+    ids or not): speculative output equals target-only output token for token, at every γ."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    path, tok = quant_gguf
+    target = load_model(str(path), device="cpu")
+    draft = load_model(str(path), dtype="q4", device="cpu", draft=True)
+    assert draft.precision == "q4" and isinstance(draft.model.lm_head, quant.QuantLinear)
+    engine = Engine(target, draft, EngineConfig(method=Method.DRAFT, draft_vocab=draft_vocab))
+    for i, text in enumerate(["def add(a, b):", "Café 🚀 and the rest", "for i in range(10): print(i)"]):
+        ids = tok.encode(text)
+        base = generate(engine, ids, 20, method=Method.NONE)
+        for gamma in (1, 3, 8):
+            assert generate(engine, ids, 20, method=Method.DRAFT, gamma=gamma) == base, (i, gamma)
+
+
+def generate(engine: Engine, ids: list[int], n: int, **spec) -> list[int]:
+    seq = engine.start(GenerationRequest(prompt_ids=ids, max_new_tokens=n, ignore_eos=True, speculation=SpeculationParams(**spec)))
+    while not seq.finished:
+        engine.step_batch([seq])
+    return seq.output_ids

@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import grpc
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import (  # noqa: F401 - fixtures
@@ -23,6 +24,7 @@ from server_fixtures import (  # noqa: F401 - fixtures
 )
 
 from specdec.engine import Engine, EngineConfig
+from specdec.models import isa
 from specdec.serving.metrics import METRIC_NAMES
 from specdec.types import FinishReason, GenerationRequest
 from specdec.v1 import specdec_pb2 as pb
@@ -237,6 +239,9 @@ def test_model_info(server):
     assert info.target.endswith("target") and info.draft.endswith("draft_other")
     assert info.target_dtype == "float32" and info.device == "cpu"
     assert info.max_queue == 64 and info.max_running == 8
+    # Memory now, as the OS reports it (psutil), and the CPU kernels' instruction-set path.
+    assert abs(info.resident_bytes - psutil.Process().memory_info().rss) < 256 << 20
+    assert info.kernel_isa == (isa.ISA or "torch")
 
 
 # ---- deadlines, cancellation, admission, errors ------------------------------------------------

@@ -43,6 +43,8 @@ def _add_serve(sub) -> None:
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
     m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",
                    help="acceptance/sampling kernels: cpu (C++) or tt (tt-metal device kernels, not yet run on hardware)")  # fmt: skip
+    m.add_argument("--draft-vocab", type=int, default=None,
+                   help="the draft scores only the N most frequent token ids (0: all; default: the engine's)")
     m.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill a longer prompt this many tokens per step, so running requests keep streaming "
                         "(default 256; 0: the whole prompt in one forward)")  # fmt: skip
@@ -284,7 +286,8 @@ def _loader(args: argparse.Namespace):
             method = Method.NGRAM
         if method != Method.DRAFT:
             draft = None  # no need to hold a draft model the server will not use
-        config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk)
+        config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk,
+                              **({} if args.draft_vocab is None else {"draft_vocab": args.draft_vocab}))  # fmt: skip
         return Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
                            threads=args.threads, config=config, kernels=args.kernel_backend)  # fmt: skip
 

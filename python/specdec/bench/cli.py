@@ -12,6 +12,7 @@ from specdec.bench.prompts import builtin_prompts, read_prompts
 from specdec.bench.report import plot, to_json, to_markdown
 from specdec.bench.runners import run_benchmark
 from specdec.engine import Engine, EngineConfig
+from specdec.engine.core import DEFAULT_DRAFT_VOCAB
 from specdec.models.fetch import default_pair
 from specdec.types import PRECISIONS, Method, SamplingParams
 
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or as --dtype")  # fmt: skip
     m.add_argument("--hf-draft-dtype", default=None,
                    help="dtype of the draft given to transformers' assisted generation (default: --dtype)")  # fmt: skip
+    m.add_argument("--draft-vocab", type=int, default=None,
+                   help="the draft scores only the N most frequent token ids (0: all; default: the engine's)")  # fmt: skip
     m.add_argument("--device", default="auto")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     s = parser.add_argument_group("speculation")
@@ -110,7 +113,8 @@ def run_cli(args: argparse.Namespace) -> int:
     elif draft is None:
         print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)
         return 2
-    config = EngineConfig(method=options.method, gamma=options.gamma, gamma_max=options.gamma_max or 8)
+    config = EngineConfig(method=options.method, gamma=options.gamma, gamma_max=options.gamma_max or 8,
+                          draft_vocab=DEFAULT_DRAFT_VOCAB if args.draft_vocab is None else args.draft_vocab)  # fmt: skip
     print(f"loading target {target} ({args.dtype})" + (f" and draft {draft} ({args.draft_dtype})" if draft else ""), file=sys.stderr)
     engine = Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
                          threads=args.threads, config=config)  # fmt: skip

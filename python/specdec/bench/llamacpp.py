@@ -3,6 +3,10 @@
 It runs through llama-cpp-python, an optional extra (``pip install 'specdec[llamacpp]'``; it builds llama.cpp from
 source), in the benchmark's own process: the same prompt ids, the same number of new tokens, the same sampling
 (greedy: top-1 with no repetition penalty) and the same thread count, interleaved with specdec's runs.
+
+Build it without OpenMP (``CMAKE_ARGS="-DGGML_OPENMP=OFF"``): specdec makes OpenMP threads sleep when idle
+(``specdec.openmp``), and an OpenMP llama.cpp in the same process inherits that and loses a quarter of its decode
+speed, which would flatter specdec. The report records which build ran (``llamacpp_openmp``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ class LlamaCpp:
             raise ValueError("--compare-llamacpp needs llama-cpp-python: pip install 'specdec[llamacpp]'") from e
         self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=context, verbose=False)
         self.version = _version()
+        import llama_cpp
+
+        self.system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+        self.openmp = "OPENMP = 1" in self.system_info
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams, seed: int,
             check: Callable[[], None]) -> tuple[list[int], float, float]:  # fmt: skip

@@ -210,7 +210,8 @@ def to_markdown(report: dict) -> str:
         L.append(f"| transformers peer | `generate(assistant_model=draft)`, draft in {c['hf_draft_dtype'] or 'prompt lookup'} |")
     L += ["", "## Summary (medians over the measured prompts)", ""]
     if lcp:
-        L.append(f"| llama.cpp peer | llama-cpp-python {c.get('llamacpp_version', '?')}, target-only on the same GGUF file, same threads |")
+        openmp = "OpenMP build: its threads sleep when idle, as specdec's do (slower)" if c.get("llamacpp_openmp") else "own thread pool"
+        L.append(f"| llama.cpp peer | llama-cpp-python {c.get('llamacpp_version', '?')} ({openmp}), target-only on the same GGUF file, same threads |")
     peers = [(name, x) for name, x in (("HF assisted", hf), ("HF target-only", hft), ("llama.cpp target-only", lcp)) if x]
     L += ["| | baseline (target only) | speculative |" + "".join(f" {name} |" for name, _ in peers),
           "|---|---|---|" + "---|" * len(peers)]  # fmt: skip

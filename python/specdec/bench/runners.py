@@ -301,6 +301,8 @@ def run_benchmark(
         "compare_hf": options.compare_hf,
         "compare_llamacpp": options.compare_llamacpp,
         "llamacpp_version": peer.version if peer else "",
+        "llamacpp_openmp": peer.openmp if peer else None,
+        "llamacpp_system_info": peer.system_info if peer else "",
         "order": "interleaved, rotating per prompt",
         **run_environment(t_start, load_start),
     }

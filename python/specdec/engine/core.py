@@ -39,10 +39,15 @@ PADDING_LOGIT = -1e30
 PACK_TOKENS = 2048
 # Draft forward ÷ target forward assumed for a seeded sampled request's γ, which must not depend on timing: about
 # the c that `specdec bench` reports for the default pair on a CPU.
-REPRODUCIBLE_COST_RATIO = 0.14
+REPRODUCIBLE_COST_RATIO = 0.35
 # The α at which "could speculation pay in this batch at all?" is asked: about the best a good draft reaches.
 # When even this α gives γ = 0 (a compute-bound batch), γ = 0 is about cost and no probes are made.
 GOOD_ALPHA = 0.9
+
+
+# The draft vocabulary that `specdec bench --draft-vocab N` picks on the default pair: the fewest ids that keep the
+# acceptance rate of the whole vocabulary while cutting the draft step (docs/benchmarks.md lists the sweep).
+DEFAULT_DRAFT_VOCAB = 65536
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,13 @@ class EngineConfig:
     # A prompt longer than this is prefilled in chunks of this many tokens, one chunk per step, so that the requests
     # already running keep emitting between them instead of waiting for the whole prompt. 0: one forward.
     prefill_chunk: int = 256
+    # The draft's LM head scores only this many of the most frequent token ids (0: all of them): exact, since the
+    # target decides every token; a cheaper draft step against a lower acceptance rate (`specdec bench --draft-vocab`).
+    draft_vocab: int = DEFAULT_DRAFT_VOCAB
 
     def __post_init__(self) -> None:
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt in one forward), got {self.prefill_chunk}")
 
@@ -104,7 +114,7 @@ class Engine:
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(
-                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear
+                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear, draft_vocab=config.draft_vocab
             )
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}

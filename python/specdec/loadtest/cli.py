@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> dict:
     serve_args = ["--max-message-bytes", str(args.max_message_bytes), "--grace", str(args.grace), *args.serve_arg]
     say(f"starting specdec serve ({workdir / 'serve.log'})")
     server = spawn_server(args.target, args.draft, serve_args, workdir)
-    summary: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}}
+    summary: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "startup_s": server.startup_s,
+                     "rss_bytes_serving": rss_bytes(server.proc.pid)}  # fmt: skip
     try:
         with grpc.insecure_channel(server.address) as ch:
             info = pb_grpc.SpecDecodeStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
@@ -163,6 +164,7 @@ def format_summary(s: dict) -> str:
         f"hostile: {hs['unread_streams']} unread streams, {hs['oversized_prompts']} oversized prompts (longest stall "
         f"of a running stream {hs['longest_stall_s']:.2f} s), {hs['benchmarks']} Benchmark calls, {hs['probes']} "
         f"probes; {hs['bad']} bad; idle afterwards: {s['idle_after_hostile']}",
+        f"start: SERVING after {s['startup_s']:.1f} s with {s['rss_bytes_serving'] / 2**20:.1f} MiB resident; "
         f"RSS: {rss['after_warmup'] / 2**20:.1f} MiB after warm-up, {rss['end'] / 2**20:.1f} MiB at the end "
         f"({rss['growth']:+.1%})",
         f"SIGTERM with {term['in_flight_at_signal']}/{term['streams']} streams in flight: {term['outcomes']}, "

@@ -28,6 +28,7 @@ class ServerProcess:
     address: str
     metrics_url: str
     log_path: Path
+    startup_s: float  # from the process's start to its first SERVING health answer (models loaded)
 
 
 def spawn_server(target: str | None, draft: str | None, extra: list[str], workdir: Path,
@@ -39,8 +40,9 @@ def spawn_server(target: str | None, draft: str | None, extra: list[str], workdi
     cmd += ["--target", target] if target else []
     cmd += ["--draft", draft] if draft else []
     # Files, not pipes: a full pipe would block the server.
+    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=out.open("w"), stderr=log.open("w"), cwd=workdir)
-    end = time.monotonic() + timeout_s
+    end = t0 + timeout_s
     while not (port_file.exists() and "metrics on" in out.read_text()):
         if proc.poll() is not None or time.monotonic() > end:
             proc.kill()
@@ -53,7 +55,7 @@ def spawn_server(target: str | None, draft: str | None, extra: list[str], workdi
             proc.kill()
             raise RuntimeError(f"specdec serve never became SERVING: {log.read_text()[-2000:]}")
         time.sleep(0.1)
-    return ServerProcess(proc, address, f"http://127.0.0.1:{metrics_port}/metrics", log)
+    return ServerProcess(proc, address, f"http://127.0.0.1:{metrics_port}/metrics", log, time.monotonic() - t0)
 
 
 def health(address: str) -> str:

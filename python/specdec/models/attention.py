@@ -46,8 +46,7 @@ def grouped_sdpa(
         rows = []
         for i in range(q):
             end = kv - q + i + 1  # this query's own position: it sees the keys up to it, as a decode step would
-            # One sequence has no padding, so its causal frontier is its whole mask (a decode step passes none).
-            mask = None if attention_mask is None or query.shape[0] == 1 else attention_mask[:, :, i : i + 1, :end]
+            mask = None if attention_mask is None else attention_mask[:, :, i : i + 1, :end]
             rows.append(F.scaled_dot_product_attention(
                 query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], attn_mask=mask, dropout_p=dropout,
                 scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))  # fmt: skip

@@ -11,7 +11,10 @@ differently; this computes the same function (tested against transformers' logit
 - one KV cache per sequence, preallocated, grown by doubling and cropped by moving its length;
 - ragged rows without padding: the linear layers take every row's new tokens at once, and attention runs per
   row on that row's cache;
-- float32 activations, the small-M kernel's input and output type.
+- float32 activations, the small-M kernel's input and output type;
+- optionally a reduced vocabulary (``vocab``, as FR-Spec and EAGLE-3 do): the LM head scores only those ids and every
+  other id gets probability 0. The target decides every token, so the output is unchanged; only the
+  acceptance rate can drop, while the head, a large share of a small draft's bytes, shrinks.
 
 It serves Llama-family decoders (``supports``): RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 """
@@ -140,7 +143,8 @@ class _Layer:
 class DraftDecoder:
     """``forward(rows)`` over ``ragged.Row``s whose caches are ``KVCache``s (None: a new sequence)."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, vocab: torch.Tensor | None = None) -> None:
+        """``vocab``: the sorted ids the head scores (None: all)."""
         c = model.config
         if not supports(model):
             raise ValueError(f"the lean draft forward does not serve model_type {c.model_type!r} on {model.device}")
@@ -161,6 +165,11 @@ class DraftDecoder:
         ]
         self.norm = model.model.norm.weight.detach().to(torch.float32)
         self.head = _Linear.of(model.get_output_embeddings())
+        self.vocab = vocab
+        if vocab is not None:
+            w = self.head.weight
+            rows = w.rows(vocab) if isinstance(w, quant.QuantWeight) else w[vocab].contiguous()
+            self.head = _Linear(rows, None if self.head.bias is None else self.head.bias[vocab])
         rotary = model.model.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -189,7 +198,14 @@ class DraftDecoder:
         for r, cache in zip(rows, caches):
             cache.length = r.cached + len(r.new)
         want = torch.tensor([a + j for (a, _), r in zip(spans, rows) for j in r.want], dtype=torch.long)
-        logits = self.head(self._rms(x[want], self.norm))[:, :vocab_size]
+        logits = self.head(self._rms(x[want], self.norm))
+        if self.vocab is not None:
+            # The lowest finite float, not −inf (the sampling kernels refuse non-finite logits): its probability is
+            # exactly 0 at any temperature, as exp underflows.
+            full = logits.new_full((logits.shape[0], max(vocab_size, int(self.vocab[-1]) + 1)), torch.finfo(logits.dtype).min)
+            full[:, self.vocab] = logits
+            logits = full
+        logits = logits[:, :vocab_size]
         return caches, list(logits.split([len(r.want) for r in rows]))
 
     def _attention(self, layer: int, qkv, cos, sin, rows, caches, spans, masks) -> torch.Tensor:
@@ -225,6 +241,15 @@ class DraftDecoder:
             angles = torch.cat([freqs, freqs], dim=-1)
             self.cos, self.sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
         return self.cos[positions, None], self.sin[positions, None]
+
+
+def frequent_ids(tokenizer, size: int) -> torch.Tensor:
+    """The ids a reduced draft vocabulary keeps: the ``size`` lowest ids (a byte-level BPE vocabulary lists its bytes
+    first and then its merges in the order they were learned, most frequent first) and every special or added token
+    (chat markers, end of text). Sorted, int64."""
+    keep = set(range(min(size, len(tokenizer))))
+    keep |= set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return torch.tensor(sorted(keep), dtype=torch.long)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

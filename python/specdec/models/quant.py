@@ -35,7 +35,7 @@ from specdec.models import isa as isa_mod
 CHUNK = 128  # columns per activation scale; the kernel needs K to be a multiple of it
 # Rows per kernel call for inputs of many rows (a prefill): each call streams the weights once and multiplies them
 # into these rows from cache; fewer calls stream less, more rows per call keep more activations in cache
-# (`python bench/quant_rows.py --rows 64,128,256,512` prints the prefill time per slice size).
+# (`python bench/linear_rows.py --rows 64,128,256,512` prints the time per row count).
 SLICE_ROWS = 128
 
 

@@ -31,7 +31,9 @@ from jinja2 import TemplateError
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from specdec import bench
+from specdec.bench.environment import rss_bytes
 from specdec.engine.scheduler import Closed, Handle, JobCancelled, JobOverLimit, QueueFull, Scheduler
+from specdec.models import isa
 from specdec.serving.metrics import Metrics
 from specdec.serving.security import TokenAuthInterceptor, server_credentials
 from specdec.serving.wire import (
@@ -215,7 +217,8 @@ class SpecDecServer:
         if not cfg.expose_model_paths:
             info.update(target=_model_name(info["target"]), draft=_model_name(info["draft"]))
         self._info = model_info_to_proto(
-            info, max_queue=self.config.max_queue, max_running=self.config.max_running, version=version()
+            info, max_queue=self.config.max_queue, max_running=self.config.max_running, version=version(),
+            kernel_isa=(isa.ISA or "torch") if str(info.get("device", "")).startswith("cpu") else "",
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -400,7 +403,10 @@ class SpecDecServer:
 
     async def model_info(self, request, context) -> pb.GetModelInfoResponse:
         await self._check_serving(context)
-        return self._info
+        info = pb.GetModelInfoResponse()
+        info.CopyFrom(self._info)
+        info.resident_bytes = rss_bytes()  # now, not at start: it grows with the KV caches of running requests
+        return info
 
     async def benchmark(self, request: pb.BenchmarkRequest, context):
         self._active_calls += 1

@@ -274,7 +274,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("target", "draft", "target_dtype", "draft_dtype", "device", "vocab_size", "context_length", "method", "gamma_policy", "gamma", "gamma_max", "max_queue", "max_running", "version")
+    __slots__ = ("target", "draft", "target_dtype", "draft_dtype", "device", "vocab_size", "context_length", "method", "gamma_policy", "gamma", "gamma_max", "max_queue", "max_running", "version", "resident_bytes", "kernel_isa")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     TARGET_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ISA_FIELD_NUMBER: _ClassVar[int]
     target: str
     draft: str
     target_dtype: str
@@ -303,4 +305,6 @@ class GetModelInfoResponse(_message.Message):
     max_queue: int
     max_running: int
     version: str
-    def __init__(self, target: _Optional[str] = ..., draft: _Optional[str] = ..., target_dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., gamma_policy: _Optional[str] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_running: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    resident_bytes: int
+    kernel_isa: str
+    def __init__(self, target: _Optional[str] = ..., draft: _Optional[str] = ..., target_dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., gamma_policy: _Optional[str] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_running: _Optional[int] = ..., version: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., kernel_isa: _Optional[str] = ...) -> None: ...

@@ -44,13 +44,18 @@ class DraftModelDrafter(Drafter):
     runs_model = True
 
     def __init__(
-        self, draft: LoadedModel, vocab_size: int, costs: StepCosts, kernels: KernelBackend, *, lean: bool = True
-    ) -> None:
+        self, draft: LoadedModel, vocab_size: int, costs: StepCosts, kernels: KernelBackend, *, lean: bool = True,
+        draft_vocab: int = 0,
+    ) -> None:  # fmt: skip
+        """``draft_vocab``: score only this many of the most frequent ids in the lean forward (0: all)."""
         self.model = draft.model
         self.vocab_size = vocab_size
         self.costs = costs
         self.kernels = kernels
-        self.decoder = draft_decoder.DraftDecoder(draft.model) if lean and draft_decoder.supports(draft.model) else None
+        self.decoder = None
+        if lean and draft_decoder.supports(draft.model):
+            vocab = draft_decoder.frequent_ids(draft.tokenizer, draft_vocab) if 0 < draft_vocab < vocab_size else None
+            self.decoder = draft_decoder.DraftDecoder(draft.model, vocab)
 
     @staticmethod
     def _state(seq: Sequence) -> DraftCache:
