@@ -3,11 +3,13 @@ rollbacks, for Llama (no biases, tied or not) and Qwen2 (q/k/v biases), in float
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from tiny import llama
+from tiny import bpe_tokenizer, llama
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
+from specdec.kernels import sampling
 from specdec.models import draft_decoder, ragged
 from specdec.models import linear as fast_linear
 from specdec.models import quant
@@ -145,3 +147,25 @@ def test_the_cache_grows_past_its_first_capacity_and_keeps_what_it_held():
     cache.reserve(9)
     assert cache.keys.shape[2] == 16
     assert torch.equal(cache.keys[0, 0, :3], torch.tensor([[1.0, 2], [3, 4], [5, 6]]))
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.7, 1.0])
+def test_a_reduced_vocabulary_keeps_its_logits_and_gives_the_rest_no_probability(temperature):
+    """Past three of the sampling kernels' 4096-id chunks, so whole chunks hold only excluded ids (whose logit must
+    stay finite once divided by the temperature, or a chunk's sum turns NaN and every draft is rejected)."""
+    model = llama(12000, seed=11)
+    vocab = torch.arange(0, 3000)
+    row = lambda: ragged.Row(None, 0, [1, 2, 3], [2])  # noqa: E731
+    _, [cut] = DraftDecoder(model, vocab).forward([row()], 12000)
+    _, [full] = DraftDecoder(model).forward([row()], 12000)
+    assert torch.equal(cut[0, :3000], full[0, :3000])  # the same head rows, the same bits
+    assert (cut[0, 3000:] == draft_decoder.EXCLUDED_LOGIT).all()
+    tokens, probs = sampling.sample(cut.numpy(), temperature=temperature, seed=3, return_probs=True)
+    assert np.isfinite(probs).all() and probs[0, 3000:].sum() < 1e-30 and abs(probs[0].sum() - 1) < 1e-4
+    assert tokens[0] < 3000
+
+
+def test_frequent_ids_keep_the_lowest_ids_and_every_special_token():
+    tok = bpe_tokenizer()
+    ids = draft_decoder.frequent_ids(tok, 10).tolist()
+    assert ids == sorted(set(range(10)) | set(tok.all_special_ids))

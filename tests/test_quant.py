@@ -174,3 +174,19 @@ def generate(engine: Engine, ids: list[int], n: int, **spec) -> list[int]:
     while not seq.finished:
         engine.step_batch([seq])
     return seq.output_ids
+
+
+def test_a_request_in_a_batch_gets_the_tokens_it_gets_alone(quant_gguf, tmp_path, monkeypatch):
+    """int8 activations turn the smallest difference into another token, so every sequence's bits must not depend on
+    its neighbours: different prompt lengths (padding), packed prefills, verifies beside decode steps."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    path, tok = quant_gguf
+    engine = Engine(load_model(str(path)), load_model(str(path), dtype="q4", draft=True), EngineConfig(method=Method.DRAFT))
+    prompts = [tok.encode(t) for t in ["def add(a, b):", "Café 🚀 and the rest of it, " * 3, "x"]]
+    for method in (Method.NONE, Method.DRAFT):
+        alone = [generate(engine, ids, 16, method=method) for ids in prompts]
+        seqs = [engine.start(GenerationRequest(prompt_ids=ids, max_new_tokens=16, ignore_eos=True,
+                                               speculation=SpeculationParams(method=method))) for ids in prompts]  # fmt: skip
+        while any(not s.finished for s in seqs):
+            engine.step_batch([s for s in seqs if not s.finished])
+        assert [s.output_ids for s in seqs] == alone, method

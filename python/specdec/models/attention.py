@@ -7,11 +7,15 @@ step: ``copy_`` went from 0.3 to 6.9 ms per forward at k = 5 with a 128-token co
 context. torch's CPU kernel takes the mask and the groups together. (On CUDA a mask with ``enable_gqa`` falls back
 to the math kernel, so there transformers' choice stands.)
 
-A few new tokens on a CPU (a verify, up to ``ROW_WISE_MAX``) attend one query at a time, each over the keys up to its
-own position: torch's kernel blocks its reduction by the query length, so a query in a verify of k tokens would
-otherwise get other bits than the same query decoded alone, and with int8-quantised activations downstream
-(``specdec.models.quant``) such a difference can flip a greedy token. Row by row, a verify equals decode steps bit
-for bit (``python bench/verify_cost.py`` checks it and times the cost).
+On a CPU every sequence attends on its own, over exactly its own keys, so that its bits do not depend on what
+else is in the batch: torch's kernel blocks its reductions by the query and key lengths, so a query in a verify of
+k tokens, or beside a padded neighbour, or packed with another prompt, would otherwise get other bits than the
+same query alone, and with int8-quantised activations downstream (``specdec.models.quant``) such a difference can
+flip a greedy token. Per sequence, the queries split into runs that share their first key (one prompt of a packed
+prefill, or the new tokens of one row): a run of more than ``ROW_WISE_MAX`` queries with no cached keys before it (a
+prefill) attends in one causal call, as a prompt alone does; any other run one query at a time, each over the keys
+up to its own position, as decode steps do. So a verify equals decode steps, and a request's tokens do not depend
+on its neighbours (``python bench/verify_cost.py`` and ``specdec loadtest`` check both).
 """
 
 from __future__ import annotations
@@ -41,21 +45,49 @@ def grouped_sdpa(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    q, kv = query.shape[2], key.shape[-2]
-    if query.device.type == "cpu" and 1 < q <= ROW_WISE_MAX and kv >= q and (is_causal or attention_mask is not None):
-        rows = []
-        for i in range(q):
-            end = kv - q + i + 1  # this query's own position: it sees the keys up to it, as a decode step would
-            mask = None if attention_mask is None else attention_mask[:, :, i : i + 1, :end]
-            rows.append(F.scaled_dot_product_attention(
-                query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], attn_mask=mask, dropout_p=dropout,
-                scale=scaling, enable_gqa=key.shape[1] != query.shape[1]))  # fmt: skip
-        return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
+    if query.device.type == "cpu" and (attention_mask is not None or is_causal):
+        return _per_sequence(query, key, value, attention_mask, dropout, scaling), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
         enable_gqa=key.shape[1] != query.shape[1],
     )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
+
+
+def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal attention of each sequence over its own keys (see the module docstring) → [B, q, H, D]."""
+    b_size, heads, q, _ = query.shape
+    kv = key.shape[-2]
+    if mask is None:  # causal with the new tokens last: query i sees keys [0, kv - q + i]
+        spans = torch.stack([torch.zeros(q, dtype=torch.long), torch.arange(kv - q + 1, kv + 1)], 1).expand(b_size, q, 2)
+    else:
+        allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]  # [B, q, kv]
+        first = torch.where(allowed.any(-1), allowed.int().argmax(-1), 0)
+        last = kv - allowed.flip(-1).int().argmax(-1)
+        spans = torch.stack([first, torch.where(allowed.any(-1), last, 0)], -1)  # [B, q, 2]: keys [start, end)
+    out = query.new_zeros(b_size, heads, q, query.shape[-1])
+    gqa = key.shape[1] != heads
+    attend = lambda b, i0, i1, k0, k1, causal: F.scaled_dot_product_attention(  # noqa: E731
+        query[b : b + 1, :, i0:i1], key[b : b + 1, :, k0:k1], value[b : b + 1, :, k0:k1], dropout_p=dropout,
+        scale=scaling, is_causal=causal, enable_gqa=gqa)  # fmt: skip
+    for b in range(b_size):
+        rows = spans[b].tolist()
+        i = 0
+        while i < q:
+            start, end = rows[i]
+            j = i + 1
+            while j < q and rows[j][0] == start and rows[j][1] == rows[j - 1][1] + 1:
+                j += 1
+            if end <= start:  # a padding query: it attends to nothing
+                i = j
+                continue
+            if j - i > ROW_WISE_MAX and end - start == 1:  # a prompt from its first token: one causal call
+                out[b : b + 1, :, i:j] = attend(b, i, j, start, rows[j - 1][1], True)
+            else:
+                for r in range(i, j):
+                    out[b : b + 1, :, r : r + 1] = attend(b, r, r + 1, start, rows[r][1], False)
+            i = j
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(NAME, grouped_sdpa)

@@ -32,6 +32,10 @@ from specdec.models import quant
 from specdec.models import ragged
 
 ARCHITECTURES = frozenset({"llama", "qwen2"})
+# The logit of an id outside a reduced draft vocabulary: no probability at any temperature, yet finite, since the
+# sampling kernels refuse non-finite logits, and finite still once divided by any temperature above 1e-8 (the
+# lowest float would overflow to −inf there and poison a chunk's sum).
+EXCLUDED_LOGIT = -1e30
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -200,9 +204,7 @@ class DraftDecoder:
         want = torch.tensor([a + j for (a, _), r in zip(spans, rows) for j in r.want], dtype=torch.long)
         logits = self.head(self._rms(x[want], self.norm))
         if self.vocab is not None:
-            # The lowest finite float, not −inf (the sampling kernels refuse non-finite logits): its probability is
-            # exactly 0 at any temperature, as exp underflows.
-            full = logits.new_full((logits.shape[0], max(vocab_size, int(self.vocab[-1]) + 1)), torch.finfo(logits.dtype).min)
+            full = logits.new_full((logits.shape[0], max(vocab_size, int(self.vocab[-1]) + 1)), EXCLUDED_LOGIT)
             full[:, self.vocab] = logits
             logits = full
         logits = logits[:, :vocab_size]

@@ -9,6 +9,7 @@ quantised at load ("int8", "q4": ``specdec.models.quant``). A draft and a target
 from __future__ import annotations
 
 import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,9 @@ class LoadedModel:
 
 
 def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them): after quantising a float model, the replaced
-    weights otherwise stay resident (the server's RSS, in `specdec loadtest`, shows the difference)."""
+    """Hand freed heap pages back to the OS (glibc keeps them): after repacking a GGUF file or quantising a float
+    model, the intermediates and replaced weights otherwise stay resident (`specdec loadtest` reports the server's
+    RSS)."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -140,6 +142,8 @@ def load_model(source: str, *, dtype: str | torch.dtype = "auto", device: str = 
     attention.install(model)
     if weight_only in ("int8", "q4"):
         quant.quantize_model(model, weight_only)
+    if weight_only:
+        gc.collect()  # the GGUF reader's cycles hold the file's mapping, whose touched pages count as resident
         _return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(model))
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)
