@@ -86,11 +86,7 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
         qw, dense = _weight(weight)
         if order is not None:
             index = torch.from_numpy(order)
-            if qw is not None:
-                qw = quant.QuantWeight(qw.codes[index], qw.scales[index], None if qw.mins is None else qw.mins[index],
-                                       qw.bits, qw.group, qw.kind)  # fmt: skip
-            else:
-                dense = dense[index]
+            qw, dense = (qw.rows(index), None) if qw is not None else (None, dense[index])
         if mod == "model.embed_tokens":
             _set(model, mod, quant.QuantEmbedding(qw) if qw is not None else torch.nn.Embedding.from_pretrained(dense, freeze=True))
             if config.tie_word_embeddings:
