@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from specdec.models import quant
+from specdec.models import isa, quant
 from specdec.models import ragged
 from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
@@ -151,9 +151,11 @@ def test_max_new_tokens_never_exceeded(engines, max_new):
     assert m.completion_tokens == max_new
 
 
-def test_the_default_draft_of_a_float_model_on_a_cpu_is_int8(tiny_dirs, tmp_path):
+def test_the_default_draft_of_a_float_model_on_a_cpu_is_int8(tiny_dirs, tmp_path, caplog):
     draft = save(llama(len(bpe_tokenizer()), seed=2, hidden=128, layers=1), bpe_tokenizer(), tmp_path / "draft")
-    engine = Engine.load(tiny_dirs["target"], draft, device="cpu")
+    with caplog.at_level("INFO", logger="specdec.engine"):
+        engine = Engine.load(tiny_dirs["target"], draft, device="cpu")
+    assert f"small-M kernels: {isa.ISA} path" in caplog.text  # the log at start names the kernel path
     info = engine.info()
     assert (info["target_dtype"], info["draft_dtype"]) == ("float32", "int8")
     assert engine.draft.dtype == torch.bfloat16  # activations; the linear layers hold int8 codes and scales

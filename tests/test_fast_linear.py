@@ -83,6 +83,9 @@ def test_specdec_isa_forces_the_path_of_the_process():
                             env={**os.environ, "SPECDEC_ISA": "portable"}).stdout.split()  # fmt: skip
     assert forced[0] == "portable"
     assert forced[1] == forced[3] and forced[2] == forced[4]
+    said = subprocess.run([sys.executable, "-c", "from specdec.models import isa; print(isa.describe())"], capture_output=True,
+                          text=True, check=True, env={**os.environ, "SPECDEC_ISA": "portable"}).stdout  # fmt: skip
+    assert said.startswith("small-M kernels: portable path (forced by SPECDEC_ISA); this CPU runs")
     bad = subprocess.run([sys.executable, "-c", "import specdec.models.isa"], capture_output=True, text=True,
                          env={**os.environ, "SPECDEC_ISA": "sse9"})  # fmt: skip
     assert bad.returncode != 0 and "SPECDEC_ISA must be auto or one of" in bad.stderr

@@ -13,6 +13,7 @@ The last emitted token is not yet in either cache: it is the first input of the 
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
 from specdec.kernels import CpuBackend, KernelBackend
-from specdec.models import linear, ragged
-from specdec.models.loading import LoadedModel, check_pair, load_model, set_threads
+from specdec.models import isa, linear, ragged
+from specdec.models.loading import LoadedModel, check_pair, load_model, resolve_device, set_threads
 from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
@@ -133,6 +134,8 @@ class Engine:
         kernels: KernelBackend | None = None,
     ) -> Engine:
         set_threads(threads)
+        if resolve_device(device).type == "cpu":  # which kernel path serves, or that none does (torch's GEMM)
+            logging.getLogger("specdec.engine").log(logging.INFO if isa.ISA else logging.WARNING, isa.describe())
         t = load_model(target, dtype=dtype, device=device)
         d = load_model(draft, dtype=draft_dtype, device=device, draft=True) if draft else None
         if d is None and config.method == Method.DRAFT:
