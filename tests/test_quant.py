@@ -3,6 +3,8 @@ stored (specdec.models.quant, specdec.models.gguf_load)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import gguf.quants
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from gguf_files import random_blocks, write_gguf
 from specdec.models import isa, quant
+from specdec.models.gguf_tensors import read_tensors
 from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
 from specdec.types import GenerationRequest, Method, SpeculationParams
@@ -190,3 +193,16 @@ def test_a_request_in_a_batch_gets_the_tokens_it_gets_alone(quant_gguf, tmp_path
         while any(not s.finished for s in seqs):
             engine.step_batch([s for s in seqs if not s.finished])
         assert [s.output_ids for s in seqs] == alone, method
+
+
+def test_the_tensor_index_matches_gguf_py(quant_gguf):
+    """gguf_tensors walks past the metadata values; what it finds must be gguf-py's reader's tensors exactly."""
+    path, _ = quant_gguf
+    arch, tensors = read_tensors(path)
+    reference = gguf.GGUFReader(path)
+    assert arch == "llama" and len(tensors) == len(reference.tensors)
+    for mine, theirs in zip(tensors, reference.tensors):
+        assert (mine.name, mine.tensor_type, mine.shape) == (theirs.name, theirs.tensor_type, tuple(int(x) for x in theirs.shape))
+        assert mine.data.shape == theirs.data.shape and np.array_equal(mine.data, theirs.data)
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        read_tensors(Path(__file__))

@@ -1,7 +1,8 @@
 """Load a GGUF file as stored: its quantised tensors become ``QuantLinear``/``QuantEmbedding`` modules directly.
 
 No float copy of the model is made, on disk or in memory: the config and tokenizer come from the cache
-(``gguf_convert.ensure_metadata``), the model is built on the meta device, and each GGUF tensor is repacked into
+(``gguf_convert.ensure_metadata``), the tensor index from the file (``gguf_tensors``), the model is built on the
+meta device, and each GGUF tensor is repacked into
 the kernel's layout (``quant.from_gguf``, exact) or, for float tensors (norms, biases), copied. A tensor the kernel
 does not hold (a type such as Q3_K or IQ4_XS, or a width that is not a multiple of 128) is dequantised to float32,
 exactly, with a warning naming it and its type. It serves the
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from specdec.models import quant
 from specdec.models.gguf_convert import ensure_metadata
+from specdec.models.gguf_tensors import read_tensors
 
 _LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -58,9 +59,8 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
     holding its tokenizer."""
     meta = ensure_metadata(path)
     config = AutoConfig.from_pretrained(meta)
-    reader = GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    tensors = {t.name: t for t in reader.tensors}
+    arch, stored = read_tensors(path)
+    tensors = {t.name: t for t in stored}
     config.tie_word_embeddings = "output.weight" not in tensors
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -70,7 +70,7 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
         rows = {"self_attn.q_proj": _llama_rows(config.num_attention_heads * hd, config.num_attention_heads),
                 "self_attn.k_proj": _llama_rows(config.num_key_value_heads * hd, config.num_key_value_heads)}  # fmt: skip
     params: dict[str, dict[str, tuple]] = {}
-    for t in reader.tensors:
+    for t in stored:
         mod, param = module_name(t.name)
         params.setdefault(mod, {})[param] = t
     for mod, entries in params.items():
@@ -93,7 +93,7 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
                 _set(model, "lm_head", quant.QuantLinear(qw) if qw is not None else _dense_linear(dense, None))
         else:
             _set(model, mod, quant.QuantLinear(qw, bias) if qw is not None else _dense_linear(dense, bias))
-    del reader, tensors, params  # unmaps the file
+    del stored, tensors, params  # unmaps the file
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config, device="cpu")
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
