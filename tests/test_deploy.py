@@ -149,8 +149,8 @@ def problems(docs: list[dict], dockerfile: str) -> list[str]:
             p.append("the model volume is not the PersistentVolumeClaim")
     res = c.get("resources", {})
     req, lim = _bytes(res.get("requests", {}).get("memory")), _bytes(res.get("limits", {}).get("memory"))
-    if not req or not lim or req > lim or req < 3_254_067 * 1024:  # measured RSS of the default pair under load
-        p.append(f"memory request {req} must be >= the measured 3.1 GiB RSS and <= the limit {lim}")
+    if not req or not lim or req > lim or req < 3_159_757 * 1024:  # measured RSS of the default pair under load
+        p.append(f"memory request {req} must be >= the measured 3.0 GiB RSS and <= the limit {lim}")
     if spec.get("terminationGracePeriodSeconds", 30) <= args.grace:
         p.append("terminationGracePeriodSeconds must exceed --grace so draining can finish")
 
