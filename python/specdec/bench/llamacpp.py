@@ -24,13 +24,12 @@ class LlamaCpp:
         if not str(path).endswith(".gguf"):
             raise ValueError(f"--compare-llamacpp needs a .gguf target, got {path!r}")
         try:
-            from llama_cpp import Llama
+            import llama_cpp
         except ImportError as e:
             raise ValueError("--compare-llamacpp needs llama-cpp-python: pip install 'specdec[llamacpp]'") from e
-        self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=context, verbose=False)
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=context,
+                                   verbose=False)  # fmt: skip
         self.version = _version()
-        import llama_cpp
-
         self.system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
         self.openmp = "OPENMP = 1" in self.system_info
 

@@ -60,8 +60,7 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
     meta = ensure_metadata(path)
     config = AutoConfig.from_pretrained(meta)
     arch, stored = read_tensors(path)
-    tensors = {t.name: t for t in stored}
-    config.tie_word_embeddings = "output.weight" not in tensors
+    config.tie_word_embeddings = all(t.name != "output.weight" for t in stored)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rows: dict[str, np.ndarray] = {}
@@ -93,7 +92,7 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
                 _set(model, "lm_head", quant.QuantLinear(qw) if qw is not None else _dense_linear(dense, None))
         else:
             _set(model, mod, quant.QuantLinear(qw, bias) if qw is not None else _dense_linear(dense, bias))
-    del stored, tensors, params  # unmaps the file
+    del stored, params  # unmaps the file
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config, device="cpu")
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
