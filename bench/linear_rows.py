@@ -2,7 +2,8 @@
 
 The target's MLP shapes (8960 × 1536 and 1536 × 8960), five copies of each cycled so that no matrix is still in
 the last-level cache when it comes round again (as in a forward over a whole model), as float32 weights, and in
-the quantised kernel's 4-bit layout (Q4_K, Q4_0, ``q4``) and 8-bit layout (Q8_0, Q5_0, ``int8``). Each line prints
+the quantised kernel's layouts: 4-bit codes with two-level scales and mins (Q4_K), 8-bit codes with two-level
+scales per 16 (Q6_K), and 8-bit codes with a float scale per 32 (Q8_0, Q5_0, ``int8``). Each line prints
 the kernel's ms per matrix, its ratio to its own time at the first row count, and kernel ÷ torch's float32 GEMM
 at the same rows. This is where specdec.models.linear.MAX_ROWS and specdec.models.quant.SLICE_ROWS come from
 (``--rows 64,128,256`` for prefill-sized inputs).
@@ -13,6 +14,7 @@ at the same rows. This is where specdec.models.linear.MAX_ROWS and specdec.model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -30,7 +32,21 @@ from specdec.models import isa, linear, quant
 
 SHAPES = [(8960, 1536), (1536, 8960)]
 COPIES = 5  # 5 × 55 MB of float32 per shape: past a 300 MB last-level cache
-QUANTISED = {"4-bit (Q4_K)": "q4", "8-bit (Q8_0)": "int8"}
+QUANTISED = {"Q4_K": ("q4", 32, True), "Q6_K": ("int8", 16, True), "Q8_0": ("int8", 32, False)}  # kind, group, two-level
+
+
+def quantised(dense: torch.Tensor, kind: str, group: int, two_level: bool) -> quant.QuantWeight:
+    """``dense`` quantised as ``kind``, re-laid out as the GGUF type's layout: the same bytes streamed and the same
+    work, for timing (two-level scales get random sub-scales, so the values are not ``dense``'s)."""
+    w = quant.quantize(dense, kind)
+    if not two_level:
+        return w
+    n, k = w.shape
+    gen = torch.Generator().manual_seed(0)
+    sub = lambda: torch.randint(1, 64, (n, k // group), dtype=torch.int8, generator=gen)  # noqa: E731
+    top = lambda t: None if t is None else t[:, :: quant.BLOCK // 32].contiguous() / 32  # noqa: E731
+    return dataclasses.replace(w, group=group, scales=top(w.scales), mins=top(w.mins), sub_scales=sub(),
+                               sub_mins=None if w.mins is None else sub())  # fmt: skip
 
 
 def median_ms(fn, weights: list, xs: dict[int, torch.Tensor], repeats: int) -> float:
@@ -54,8 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     dense = [(torch.randn(n, k) * 0.02, k) for n, k in SHAPES for _ in range(COPIES)]
     layouts = {"float32": (dense, linear.linear)}
-    for name, kind in QUANTISED.items():
-        layouts[name] = ([(quant.quantize(w, kind), k) for w, k in dense], quant.linear)
+    for name, spec in QUANTISED.items():
+        layouts[name] = ([(quantised(w, *spec), k) for w, k in dense], quant.linear)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"ms per matrix, median of {args.repeats}, {torch.get_num_threads()} threads; torch = float32 weights")
     results = []

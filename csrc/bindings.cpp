@@ -115,22 +115,25 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::call_guard<py::gil_scoped_release>());
 
-  // y[m, n] = x[m, k] · w[n, k]^T (+ bias) over quantised weights (csrc/linear/quant.hpp: codes, scales, mins, bits,
-  // group); x is quantised once, before the columns are split (python/specdec/models/quant.py checks the arguments).
+  // y[m, n] = x[m, k] · w[n, k]^T (+ bias) over quantised weights (csrc/linear/quant.hpp: codes, scales, mins,
+  // sub-scales, sub-mins, bits, group, block); x is quantised once, before the columns are split (python/specdec/models/quant.py checks the arguments).
   m.def(
       "linear_quant",
-      [=](uintptr_t x, uintptr_t codes, uintptr_t scales, uintptr_t mins, int bits, int group, uintptr_t bias,
-          uintptr_t y, int64_t rows, int64_t n, int64_t k, int isa) {
+      [=](uintptr_t x, uintptr_t codes, uintptr_t scales, uintptr_t mins, uintptr_t sub_scales, uintptr_t sub_mins,
+          int bits, int group, int block, uintptr_t bias, uintptr_t y, int64_t rows, int64_t n, int64_t k, int isa) {
         if (!((bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32))))
           throw std::invalid_argument("bits/group must be 4/32, 8/16 or 8/32");
         if (k % specdec::kQuantChunk != 0) throw std::invalid_argument("k must be a multiple of 128");
+        if (sub_scales ? (block != 256 || k % block != 0 || (mins != 0) != (sub_mins != 0)) : block != group)
+          throw std::invalid_argument("two-level scales need block 256 dividing k (and sub-mins with mins); else block == group");
         const auto path = checked_isa(isa);
         std::vector<uint8_t> q(rows * k);
         std::vector<float> a(rows * (k / specdec::kQuantChunk)), gsum(mins ? rows * (k / group) : 0);
-        specdec::quantize_activations(P<const float>(x), rows, k, group, specdec::quant_offset(path), q.data(), a.data(),
+        specdec::quantize_activations(P<const float>(x), rows, k, group, specdec::quant_offset(path, bits), q.data(), a.data(),
                                       mins ? gsum.data() : nullptr);
         const specdec::QuantRows xq{q.data(), a.data(), mins ? gsum.data() : nullptr, rows, k};
-        const specdec::QuantMatrix wq{P<const uint8_t>(codes), P<const float>(scales), P<const float>(mins), bits, group, n, k};
+        const specdec::QuantMatrix wq{P<const uint8_t>(codes), P<const float>(scales), P<const float>(mins),
+                                      P<const int8_t>(sub_scales), P<const int8_t>(sub_mins), bits, group, block, n, k};
         specdec::parallel_run(column_tasks(n), [&](int64_t t, int) {
           const auto [begin, end] = columns(t, n);
           specdec::linear_quant(xq, wq, P<const float>(bias), P<float>(y), begin, end, path);

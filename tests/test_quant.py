@@ -3,6 +3,7 @@ stored (specdec.models.quant, specdec.models.gguf_load)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -39,10 +40,11 @@ def test_an_unsupported_type_or_width_names_the_tensor():
 
 
 def layouts() -> dict[str, quant.QuantWeight]:
-    """One weight per kernel layout: 4-bit with mins, 8-bit in groups of 32 and of 16."""
+    """One weight per kernel layout: 4-bit with mins, 8-bit in groups of 32 and of 16, with two-level scales or not."""
     rng = np.random.default_rng(2)
     return {
         "Q4_K": quant.from_gguf("a", "Q4_K", random_blocks("Q4_K", 40, 768, rng), 768),
+        "Q5_K": quant.from_gguf("d", "Q5_K", random_blocks("Q5_K", 40, 768, rng), 768),
         "Q8_0": quant.from_gguf("b", "Q8_0", random_blocks("Q8_0", 40, 768, rng), 768),
         "Q6_K": quant.from_gguf("c", "Q6_K", random_blocks("Q6_K", 40, 768, rng), 768),
         "q4": quant.quantize(torch.randn(40, 768), "q4"),
@@ -60,7 +62,7 @@ def activation_reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("layout", ["Q4_K", "Q8_0", "Q6_K", "q4"])
+@pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q8_0", "Q6_K", "q4"])
 def test_kernel_equals_the_quantised_activation_reference(path, layout):
     w = layouts()[layout]
     dense = w.dequantize()
@@ -72,8 +74,25 @@ def test_kernel_equals_the_quantised_activation_reference(path, layout):
     assert (y - bias.double() - ref).abs().max() <= 1e-5 * scale  # float32 rounding only
     assert ((y - bias.double() - x.double() @ dense.double().T).abs() <= bound + 1e-5 * scale).all()
     # The control: a weight whose scales are off by 1% is caught by the same check.
-    wrong = quant.QuantWeight(w.codes, w.scales * 1.01, w.mins, w.bits, w.group, w.kind)
+    wrong = dataclasses.replace(w, scales=w.scales * 1.01)
     assert (quant.linear(x, wrong, bias, isa=path).double() - bias.double() - ref).abs().max() > 1e-5 * scale
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q6_K"])
+def test_two_level_scales_give_the_bits_of_the_same_scales_per_group(path, layout):
+    """The K-quants stream an int8 sub-scale per group and a float per 256 weights; the kernel must give exactly
+    what the same values give as one float32 scale (and min) per group, in fewer bytes."""
+    w = layouts()[layout]
+    scales, mins = w.group_scales()
+    flat = dataclasses.replace(w, scales=scales, mins=mins, sub_scales=None, sub_mins=None)
+    assert w.block == 256 and flat.block == w.group and w.nbytes < flat.nbytes
+    x = torch.randn(9, 768, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(quant.linear(x, w, isa=path), quant.linear(x, flat, isa=path))
+    # The control: one sub-scale one step off changes the output.
+    sub = w.sub_scales.clone()
+    sub[3, 0] += -1 if sub[3, 0] > 0 else 1
+    assert not torch.equal(quant.linear(x, dataclasses.replace(w, sub_scales=sub), isa=path), quant.linear(x, flat, isa=path))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -95,7 +114,7 @@ def test_a_forced_path_the_cpu_lacks_is_refused():
 def test_requantised_weights_stay_close_and_stack():
     w = layouts()["Q8_0"]
     q4 = quant.requantize(w, "q4", rows_per_slice=16)
-    assert q4.layout() == (4, 32, True) and q4.shape == w.shape
+    assert q4.layout() == (4, 32, 32, True) and q4.shape == w.shape
     # 4 bits over each group's range: at most half a step (range / 30) from the 8-bit value.
     groups = w.dequantize().view(40, -1, 32)
     half_step = (groups.amax(-1) - groups.amin(-1)) / 30

@@ -7,8 +7,9 @@
 // (a vector lane). The weights stream from memory once for all rows of a block, so up to kRowsPerPass rows cost
 // about one row's memory traffic; every output is reduced in one order whatever m is (batch-invariant).
 //
-// Paths: AVX-512 VNNI multiplies 64 byte pairs per vpdpbusd, unsigned (the activations, offset by +128) by signed
-// (the codes), and removes the offset with 128·Σcode, which each weight chunk computes once for all rows. AVX2 has
+// Paths: AVX-512 VNNI multiplies 64 byte pairs per vpdpbusd, unsigned by signed: 4-bit codes (unsigned) by the
+// activations; signed 8-bit codes by the activations offset by +128, removing the offset with 128·Σcode, which each
+// weight chunk computes once for all rows. AVX2 has
 // no such instruction: vpmaddubsw multiplies unsigned by signed bytes into int16 pairs, so signed codes pass their
 // sign to the activations first (|c| · sign(q, c)), which keeps every pair sum below 2^15. The portable path sums
 // the same integers in plain C++.
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "linear/small_m.hpp"
 
@@ -38,10 +40,9 @@ int code_at(const QuantMatrix& w, const uint8_t* row, int64_t i) {
   return b < 64 ? byte & 15 : byte >> 4;
 }
 
-float dot_portable(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r) {
+float dot_portable(const QuantRows& x, const QuantMatrix& w, int64_t j, const float* scales, int64_t r) {
   const int64_t k = x.k, groups_per_chunk = CHUNK / w.group;
   const uint8_t* codes = w.codes + j * code_bytes_per_row(w);
-  const float* scales = w.scales + j * (k / w.group);
   const int8_t* q = reinterpret_cast<const int8_t*>(x.q + r * k);
   float acc = 0.0f;
   for (int64_t c = 0; c < k / CHUNK; ++c) {
@@ -77,11 +78,11 @@ SPECDEC_AVX512 inline __m512i scale_index(int half) {
 
 // Rows [r0, r0 + MB) of x against weight row j: out[r] = Σ_c a[r, c] · Σ_lanes scale · (Σ q·c), without the min term.
 template <int BITS, int G, int MB>
-SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r0, float* out) {
+SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64_t j, const float* scales, int64_t r0,
+                                 float* out) {
   const int64_t k = x.k, chunks = k / CHUNK;
   constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
   const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
-  const float* scales = w.scales + j * (k / G);
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80)), nibble = _mm512_set1_epi8(0x0F);
   const __m512i idx0 = scale_index<G>(0), idx1 = scale_index<G>(1);
   __m512 acc[MB];
@@ -100,17 +101,21 @@ SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64
       v0 = _mm512_loadu_si512(cc);
       v1 = _mm512_loadu_si512(cc + 64);
     }
-    // Σ (q + 128)·c − 128·Σ c = Σ q·c: start each row's sum at −128·Σ c.
-    const __m512i n0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v0));
-    const __m512i n1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v1));
+    // 8-bit: Σ (q + 128)·c − 128·Σ c = Σ q·c, so each row's sum starts at −128·Σ c.
+    __m512i n0 = _mm512_setzero_si512(), n1 = n0;
+    if constexpr (BITS == 8) {
+      n0 = _mm512_sub_epi32(n0, _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v0));
+      n1 = _mm512_sub_epi32(n1, _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v1));
+    }
     const __m512 s = G == 32 ? _mm512_castps128_ps512(_mm_loadu_ps(scales + c * 4))
                              : _mm512_castps256_ps512(_mm256_loadu_ps(scales + c * 8));
     const __m512 ws0 = _mm512_permutexvar_ps(idx0, s), ws1 = _mm512_permutexvar_ps(idx1, s);
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const uint8_t* xr = x.q + (r0 + r) * k + c * CHUNK;
-      const __m512i d0 = _mm512_dpbusd_epi32(n0, _mm512_loadu_si512(xr), v0);
-      const __m512i d1 = _mm512_dpbusd_epi32(n1, _mm512_loadu_si512(xr + 64), v1);
+      const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+      const __m512i d0 = BITS == 4 ? _mm512_dpbusd_epi32(n0, v0, x0) : _mm512_dpbusd_epi32(n0, x0, v0);
+      const __m512i d1 = BITS == 4 ? _mm512_dpbusd_epi32(n1, v1, x1) : _mm512_dpbusd_epi32(n1, x1, v1);
       const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), ws1, _mm512_mul_ps(_mm512_cvtepi32_ps(d0), ws0));
       acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
     }
@@ -128,6 +133,28 @@ SPECDEC_AVX512 float min_term_avx512(const float* mins, const float* gsum, int64
   return _mm512_reduce_add_ps(t);
 }
 
+// out[g] = super[g / PER] · sub[g], sixteen groups per vector (two blocks of 8, or one of 16).
+template <int PER>
+SPECDEC_AVX512 void expand_avx512(const float* super, const int8_t* sub, int64_t groups, float* out) {
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);  // groups is a multiple of 8
+    const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, sub + g)));
+    __m512 top;
+    if constexpr (PER == 16) {
+      top = _mm512_set1_ps(super[g / 16]);
+    } else {
+      const int64_t b = g / 8;
+      top = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(super[b]), _mm512_set1_ps(mask == 0xFFFF ? super[b + 1] : 0.0f));
+    }
+    _mm512_mask_storeu_ps(out + g, mask, _mm512_mul_ps(s, top));
+  }
+}
+
+SPECDEC_AVX512 void expand_avx512(const float* super, const int8_t* sub, int64_t groups, int64_t per, float* out) {
+  if (per == 16) return expand_avx512<16>(super, sub, groups, out);
+  expand_avx512<8>(super, sub, groups, out);
+}
+
 // ---- AVX2 + FMA -------------------------------------------------------------------------------------------------
 
 #define SPECDEC_AVX2 __attribute__((target("avx2,fma")))
@@ -142,11 +169,11 @@ SPECDEC_AVX2 inline float reduce_avx2(__m256 v) {
 // As block_avx512, in four 32-weight vectors per chunk. At most 4 rows per call: more accumulators than that
 // spill out of the 16 vector registers, and the weight chunk is still in L1 for the next call.
 template <int BITS, int G, int MB>
-SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j, int64_t r0, float* out) {
+SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j, const float* scales, int64_t r0,
+                             float* out) {
   const int64_t k = x.k, chunks = k / CHUNK;
   constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
   const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
-  const float* scales = w.scales + j * (k / G);
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[MB];
 #pragma GCC unroll 4
@@ -197,6 +224,17 @@ SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j
   for (int r = 0; r < MB; ++r) out[r] = reduce_avx2(acc[r]);
 }
 
+// out[g] = super[g / per] · sub[g] for per = block / group in {8, 16}, eight groups per vector.
+SPECDEC_AVX2 void expand_avx2(const float* super, const int8_t* sub, int64_t groups, int64_t per, float* out) {
+  for (int64_t b = 0; b < groups / per; ++b) {
+    const __m256 top = _mm256_set1_ps(super[b]);
+    for (int64_t g = b * per; g < (b + 1) * per; g += 8) {
+      const __m256i s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + g)));
+      _mm256_storeu_ps(out + g, _mm256_mul_ps(_mm256_cvtepi32_ps(s), top));
+    }
+  }
+}
+
 SPECDEC_AVX2 float min_term_avx2(const float* mins, const float* gsum, int64_t groups) {
   __m256 t = _mm256_setzero_ps();
   int64_t g = 0;
@@ -208,7 +246,7 @@ SPECDEC_AVX2 float min_term_avx2(const float* mins, const float* gsum, int64_t g
 
 // ---- dispatch ---------------------------------------------------------------------------------------------------
 
-using BlockFn = void (*)(const QuantRows&, const QuantMatrix&, int64_t, int64_t, float*);
+using BlockFn = void (*)(const QuantRows&, const QuantMatrix&, int64_t, const float*, int64_t, float*);
 
 #define SPECDEC_BLOCK_TABLE(NAME, FN)                                                                        \
   template <int BITS, int G>                                                                                  \
@@ -227,17 +265,22 @@ BlockFn avx2_block(int64_t rows) {
   return table[rows - 1];
 }
 
+void expand_portable(const float* super, const int8_t* sub, int64_t groups, int64_t per, float* out) {
+  for (int64_t g = 0; g < groups; ++g) out[g] = super[g / per] * static_cast<float>(sub[g]);
+}
+
 struct Path {
   BlockFn (*block)(int64_t rows);  // null: the portable loop
   int64_t rows_per_call;
   float (*min_term)(const float*, const float*, int64_t);
+  void (*expand)(const float*, const int8_t*, int64_t, int64_t, float*);  // two-level scales → one float per group
 };
 
 template <int BITS, int G>
 Path path_for(Isa isa) {
-  if (isa == Isa::kAvx512) return {avx512_block<BITS, G>, ROWS, min_term_avx512};
-  if (isa == Isa::kAvx2) return {avx2_block<BITS, G>, 4, min_term_avx2};
-  return {nullptr, ROWS, min_term_portable};
+  if (isa == Isa::kAvx512) return {avx512_block<BITS, G>, ROWS, min_term_avx512, expand_avx512};
+  if (isa == Isa::kAvx2) return {avx2_block<BITS, G>, 4, min_term_avx2, expand_avx2};
+  return {nullptr, ROWS, min_term_portable, expand_portable};
 }
 
 Path path_for(const QuantMatrix& w, Isa isa) {
@@ -248,7 +291,7 @@ Path path_for(const QuantMatrix& w, Isa isa) {
 
 }  // namespace
 
-bool quant_offset(Isa isa) { return isa == Isa::kAvx512; }
+bool quant_offset(Isa isa, int bits) { return isa == Isa::kAvx512 && bits == 8; }
 
 void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool offset, uint8_t* q, float* a,
                           float* gsum) {
@@ -279,20 +322,36 @@ void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool 
 void linear_quant(const QuantRows& x, const QuantMatrix& w, const float* bias, float* y, int64_t n_begin, int64_t n_end,
                   Isa isa) {
   const Path path = path_for(w, isa);
-  const int64_t groups = w.k / w.group;
+  const int64_t groups = w.k / w.group, blocks = w.k / w.block, per = w.block / w.group;
+  // One weight row's scales and mins expanded from the two-level layout, shared by every row of x.
+  std::vector<float> expanded(w.sub_scales ? (w.mins ? 2 : 1) * groups : 0);
   float out[ROWS];
   for (int64_t j = n_begin; j < n_end; ++j) {
     const float b = bias ? bias[j] : 0.0f;
+    const float* scales = w.scales + j * groups;
+    const float* mins = w.mins ? w.mins + j * groups : nullptr;
+    if (w.sub_scales) {
+      for (int64_t off = 0; off < groups; off += 64) {  // the next row's sub-scales: small streams the prefetchers miss
+        _mm_prefetch(reinterpret_cast<const char*>(w.sub_scales + (j + 1) * groups + off), _MM_HINT_T0);
+        if (w.mins) _mm_prefetch(reinterpret_cast<const char*>(w.sub_mins + (j + 1) * groups + off), _MM_HINT_T0);
+      }
+      path.expand(w.scales + j * blocks, w.sub_scales + j * groups, groups, per, expanded.data());
+      scales = expanded.data();
+      if (w.mins) {
+        path.expand(w.mins + j * blocks, w.sub_mins + j * groups, groups, per, expanded.data() + groups);
+        mins = expanded.data() + groups;
+      }
+    }
     for (int64_t r0 = 0; r0 < x.m; r0 += path.rows_per_call) {
       const int64_t rows = std::min(path.rows_per_call, x.m - r0);
       if (path.block) {
-        path.block(rows)(x, w, j, r0, out);
+        path.block(rows)(x, w, j, scales, r0, out);
       } else {
-        for (int64_t r = 0; r < rows; ++r) out[r] = dot_portable(x, w, j, r0 + r);
+        for (int64_t r = 0; r < rows; ++r) out[r] = dot_portable(x, w, j, scales, r0 + r);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float v = out[r];
-        if (w.mins) v -= path.min_term(w.mins + j * groups, x.gsum + (r0 + r) * groups, groups);
+        if (mins) v -= path.min_term(mins, x.gsum + (r0 + r) * groups, groups);
         y[(r0 + r) * w.n + j] = v + b;
       }
     }

@@ -17,12 +17,20 @@ inline constexpr int64_t kQuantChunk = 128;
 //   bits 4: codes uint8 [n, k / 2], c in [0, 15]; group 32. Within each chunk of 128 weights, byte b (0..63) holds
 //           weight b in its low nibble and weight 64 + b in its high nibble.
 // scales, mins: float32 [n, k / group]; mins may be null (no min term).
+// Two-level scales (the K-quants' layout, which streams 2 bytes per group instead of 8): where sub_scales is set,
+// scale[j, g] = scales[j, g · group / block] · sub_scales[j, g], and likewise min[j, g] from mins and sub_mins;
+// scales and mins are then float32 [n, k / block] and the sub-scales int8 [n, k / group]. Each product is an int8
+// times a float16 value, exact in float32, so both layouts of the same values give the same bits. Without
+// sub-scales, block == group.
 struct QuantMatrix {
   const uint8_t* codes;
   const float* scales;
   const float* mins;
+  const int8_t* sub_scales;
+  const int8_t* sub_mins;
   int bits;
   int group;
+  int block;
   int64_t n, k;
 };
 
@@ -36,8 +44,8 @@ struct QuantRows {
   int64_t m, k;
 };
 
-// The activation layout `isa` multiplies: whether q carries the +128 offset.
-bool quant_offset(Isa isa);
+// The activation layout `isa` multiplies into codes of `bits`: whether q carries the +128 offset.
+bool quant_offset(Isa isa, int bits);
 
 // Quantise x[m, k] (float32 row-major) into q[m, k], a[m, k / kQuantChunk] and, if gsum is not null, gsum[m, k / group].
 void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool offset, uint8_t* q, float* a,

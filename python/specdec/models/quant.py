@@ -1,17 +1,18 @@
 """Quantised weights that hold a GGUF file's values exactly, and the linear layer that multiplies them as stored.
 
 A ``QuantWeight`` is the small-M kernel's format (csrc/linear/quant.hpp): a code per weight (4 or 8 bits) and a
-float32 scale, and optionally a float32 min, per group of 16 or 32 weights of a row: w = scale · code − min.
-Every GGUF type served here is such a code and such a group, so ``from_gguf`` repacks the stored blocks without
-changing one value:
+scale, and optionally a min, per group of 16 or 32 weights of a row: w = scale · code − min. The scales are float32
+per group, or, for the K-quants, two-level as stored: an int8 sub-scale per group times a float32 scale per block of
+256 (2 bytes per group streamed instead of 8). Every GGUF type served here is such a code and such a group, so
+``from_gguf`` repacks the stored blocks without changing one value:
 
     GGUF   bits group  codes        scale          min
     Q4_0    4    32    q            d              8·d
     Q5_0    8    32    q − 16       d              -
     Q8_0    8    32    q            d              -
-    Q4_K    4    32    q            d·sc           dmin·m
-    Q5_K    8    32    q            d·sc           dmin·m
-    Q6_K    8    16    q − 32       d·sc           -
+    Q4_K    4    32    q            d · sc         dmin · m      (two-level)
+    Q5_K    8    32    q            d · sc         dmin · m      (two-level)
+    Q6_K    8    16    q − 32       d · sc         -             (two-level)
 
 (d, dmin float16; sc, m the 6-bit or 8-bit sub-block integers: each product is exact in float32.) Other types
 (Q2_K, Q3_K, the IQ types, ...) raise ``UnsupportedTensor`` naming the tensor and its type. ``quantize`` makes
@@ -43,37 +44,60 @@ class UnsupportedTensor(ValueError):
     """A GGUF tensor whose type the quantised kernel does not hold."""
 
 
+BLOCK = 256  # weights per float scale in the two-level layout (a K-quant super-block)
+TENSORS = ("codes", "scales", "mins", "sub_scales", "sub_mins")  # a QuantWeight's tensors, all indexed by row
+
+
 @dataclass
 class QuantWeight:
-    """w[N, K] = scales[:, g] · code − mins[:, g] for the group g of each column (see the module docstring)."""
+    """w[N, K] = scale[:, g] · code − min[:, g] for the group g of each column (see the module docstring)."""
 
     codes: torch.Tensor  # uint8 [N, K · bits / 8] (8-bit codes are int8 values viewed as uint8)
-    scales: torch.Tensor  # float32 [N, K / group]
-    mins: torch.Tensor | None  # float32 [N, K / group]
+    scales: torch.Tensor  # float32 [N, K / group], or [N, K / BLOCK] where sub_scales is set
+    mins: torch.Tensor | None  # float32, shaped as scales
     bits: int
     group: int
     kind: str  # the GGUF type it came from, or "int8" / "q4" where quantised at load
+    sub_scales: torch.Tensor | None = None  # int8 [N, K / group]: scale[:, g] = scales[:, g·group // BLOCK] · this
+    sub_mins: torch.Tensor | None = None  # int8 [N, K / group], where mins is set: min likewise
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+    def block(self) -> int:
+        """Weights per float scale: BLOCK in the two-level layout, else the group."""
+        return self.group if self.sub_scales is None else BLOCK
 
-    def layout(self) -> tuple[int, int, bool]:
-        """What two weights need in common to be stacked into one: bits, group, and whether they have mins."""
-        return self.bits, self.group, self.mins is not None
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(getattr(self, name) for name in TENSORS)
+
+    def layout(self) -> tuple[int, int, int, bool]:
+        """What two weights need in common to be stacked into one: bits, group, block, and whether they have mins."""
+        return self.bits, self.group, self.block, self.mins is not None
 
     def rows(self, index: torch.Tensor | slice) -> QuantWeight:
         """The weight's rows ``index`` (a slice gives views)."""
-        mins = None if self.mins is None else self.mins[index]
-        return QuantWeight(self.codes[index], self.scales[index], mins, self.bits, self.group, self.kind)
+        return _with_tensors(self, [None if t is None else t[index] for t in self.tensors()])
+
+    def group_scales(self, rows: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 scale and min per group [len(rows), K / group] (exact: an int8 times a float16 value)."""
+        return self._per_group(self.scales, self.sub_scales, rows), self._per_group(self.mins, self.sub_mins, rows)
+
+    def _per_group(self, top: torch.Tensor | None, sub: torch.Tensor | None, rows) -> torch.Tensor | None:
+        if top is None or sub is None:
+            return None if top is None else top[rows]
+        return top[rows].repeat_interleave(BLOCK // self.group, dim=1) * sub[rows].to(torch.float32)
 
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """float32 [len(rows), K]: the stored values, exactly."""
-        codes, scales = self.codes[rows], self.scales[rows]
+        codes = self.codes[rows]
+        scales, mins = self.group_scales(rows)
         n = codes.shape[0]
         if self.bits == 4:
             packed = codes.view(n, -1, CHUNK // 2)
@@ -81,35 +105,44 @@ class QuantWeight:
         else:
             c = codes.view(torch.int8).to(torch.float32)
         w = c.view(n, -1, self.group) * scales[..., None]
-        if self.mins is not None:
-            w = w - self.mins[rows][..., None]
+        if mins is not None:
+            w = w - mins[..., None]
         return w.reshape(n, -1)
 
 
+def _with_tensors(like: QuantWeight, tensors: list[torch.Tensor | None], kind: str | None = None) -> QuantWeight:
+    """``like`` with its tensors (in TENSORS order) replaced."""
+    return QuantWeight(*tensors[:3], like.bits, like.group, kind or like.kind, *tensors[3:])
+
+
 def stack(parts: list[QuantWeight]) -> QuantWeight:
-    """One weight whose rows are ``parts``' rows in order; every part must share bits, group and mins."""
+    """One weight whose rows are ``parts``' rows in order; every part must share its layout."""
     if len({p.layout() for p in parts}) != 1:
         raise ValueError(f"cannot stack quantised weights of different layouts: {[p.kind for p in parts]}")
-    mins = torch.cat([p.mins for p in parts]) if parts[0].mins is not None else None
     kinds = "+".join(dict.fromkeys(p.kind for p in parts))
-    return QuantWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins,
-                       parts[0].bits, parts[0].group, kinds)  # fmt: skip
+    columns = zip(*(p.tensors() for p in parts))
+    return _with_tensors(parts[0], [None if c[0] is None else torch.cat(c) for c in columns], kinds)
 
 
 # ---- packing --------------------------------------------------------------------------------------------------
 
 
-def _pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int, kind: str) -> QuantWeight:
-    """codes [N, K] (uint8 0..15 for 4 bits, int8 for 8), scales/mins [N, K / group] → QuantWeight."""
+def _pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int, kind: str,
+          sub_scales: np.ndarray | None = None, sub_mins: np.ndarray | None = None) -> QuantWeight:  # fmt: skip
+    """codes [N, K] (uint8 0..15 for 4 bits, int8 for 8), scales/mins [N, K / group] (or [N, K / BLOCK] with the
+    int8 sub_scales/sub_mins [N, K / group]) → QuantWeight."""
     n, k = codes.shape
     if bits == 4:
         chunks = codes.astype(np.uint8).reshape(n, k // CHUNK, CHUNK)
         packed = (chunks[:, :, : CHUNK // 2] | (chunks[:, :, CHUNK // 2 :] << 4)).reshape(n, k // 2)
     else:
         packed = np.ascontiguousarray(codes.astype(np.int8)).view(np.uint8)
-    to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // group))  # noqa: E731
-    return QuantWeight(torch.from_numpy(np.ascontiguousarray(packed)), to_tensor(scales),
-                       None if mins is None else to_tensor(mins), bits, group, kind)  # fmt: skip
+
+    def tensor(a: np.ndarray | None, dtype: type) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(n, -1))
+
+    return QuantWeight(torch.from_numpy(np.ascontiguousarray(packed)), tensor(scales, np.float32), tensor(mins, np.float32),
+                       bits, group, kind, tensor(sub_scales, np.int8), tensor(sub_mins, np.int8))  # fmt: skip
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -131,32 +164,35 @@ def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """GGUF blocks [B, block_bytes] → codes [B, weights per block], scales and mins [B, groups per block]."""
+Arrays = tuple[np.ndarray, ...]
+
+
+def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Arrays]:
+    """GGUF blocks [B, block_bytes] → codes [B, weights per block], scales and mins per block, and for the K-quants
+    the int8 sub-scales (and sub-mins) [B, groups per block] (see _pack)."""
     if kind == "Q8_0":
-        return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2])[:, None], None
+        return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2])[:, None], None, ()
     if kind == "Q4_0":
         d = _f16(blocks[:, :2])[:, None]
-        return _nibbles(blocks[:, 2:], 16), d, 8 * d
+        return _nibbles(blocks[:, 2:], 16), d, 8 * d, ()
     if kind == "Q5_0":
         high = (np.ascontiguousarray(blocks[:, 2:6]).view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
         q = _nibbles(blocks[:, 6:], 16) | (high.astype(np.uint8) << 4)
-        return q.astype(np.int8) - 16, _f16(blocks[:, :2])[:, None], None
+        return q.astype(np.int8) - 16, _f16(blocks[:, :2])[:, None], None, ()
     if kind in ("Q4_K", "Q5_K"):
         d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
-        sc, mn = _k_scales(blocks[:, 4:16])
+        sc, mn = _k_scales(blocks[:, 4:16])  # 6-bit, so int8 holds them
         if kind == "Q4_K":
             q = _nibbles(blocks[:, 16:], 32)
         else:
             high = (blocks[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [B, 8, 32]
             q = _nibbles(blocks[:, 48:], 32) | (high.reshape(len(blocks), 256) << 4)
-        return q, d * sc, dmin * mn
+        return q, d, dmin, (sc, mn)
     if kind == "Q6_K":
         low = _nibbles(blocks[:, :128], 64)  # [B, 256]: two halves of 128, each 64 low then 64 high nibbles
         qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
         q = low | ((qh & 3).reshape(-1, 256) << 4)
-        sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        return q.astype(np.int8) - 32, _f16(blocks[:, 208:210])[:, None] * sc, None
+        return q.astype(np.int8) - 32, _f16(blocks[:, 208:210])[:, None], None, (blocks[:, 192:208].view(np.int8),)
     raise AssertionError(kind)
 
 
@@ -177,10 +213,10 @@ def from_gguf(name: str, kind: str, raw: np.ndarray, k: int, rows_per_slice: int
     parts = []
     for r in range(0, n, rows_per_slice):  # in slices: the decoded int16/float intermediates of a whole LM head are GBs
         blocks = np.asarray(raw[r : r + rows_per_slice]).reshape(-1, block_bytes)
-        codes, scales, mins = _decode(kind, blocks)
+        codes, scales, mins, subs = _decode(kind, blocks)
         rows = min(rows_per_slice, n - r)
-        parts.append(_pack(codes.reshape(rows, k), scales.reshape(rows, -1), None if mins is None else mins.reshape(rows, -1),
-                           bits, group, kind))  # fmt: skip
+        shaped = [None if a is None else a.reshape(rows, -1) for a in (scales, mins, *subs)]
+        parts.append(_pack(codes.reshape(rows, k), *shaped[:2], bits, group, kind, *shaped[2:]))
     return parts[0] if len(parts) == 1 else stack(parts)
 
 
@@ -225,11 +261,11 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    mins = 0 if weight.mins is None else weight.mins.data_ptr()
+    pointers = [0 if t is None else t.data_ptr() for t in weight.tensors()]
     for r in range(0, x2.shape[0], SLICE_ROWS):
         rows = min(SLICE_ROWS, x2.shape[0] - r)
         _kernels.linear_quant(
-            x2[r].data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(), mins, weight.bits, weight.group,
+            x2[r].data_ptr(), *pointers, weight.bits, weight.group, weight.block,
             0 if b is None else b.data_ptr(), y[r].data_ptr(), rows, n, k, path,
         )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
@@ -240,18 +276,18 @@ class _Quantised(torch.nn.Module):
 
     def __init__(self, weight: QuantWeight) -> None:
         super().__init__()
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("mins", weight.mins)
+        for name, tensor in zip(TENSORS, weight.tensors()):
+            self.register_buffer(name, tensor)
         self.bits, self.group, self.kind = weight.bits, weight.group, weight.kind
 
     @property
     def weight_q(self) -> QuantWeight:
-        return QuantWeight(self.codes, self.scales, self.mins, self.bits, self.group, self.kind)
+        return _with_tensors(self, [getattr(self, name) for name in TENSORS])
 
     @weight_q.setter
     def weight_q(self, weight: QuantWeight) -> None:
-        self.codes, self.scales, self.mins = weight.codes, weight.scales, weight.mins
+        for name, tensor in zip(TENSORS, weight.tensors()):
+            setattr(self, name, tensor)
 
 
 class QuantLinear(_Quantised):
