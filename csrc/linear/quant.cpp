@@ -3,9 +3,14 @@
 //
 // Every GGUF type this serves is a code per weight and a float scale (and min) per group of 16 or 32 weights
 // (quant.hpp), so one kernel per code width covers them all. Activations are quantised to int8 per chunk of 128
-// columns; each group's dot product is an exact int32 sum, and the float work is one scale per 4 weights per row
-// (a vector lane). The weights stream from memory once for all rows of a block, so up to kRowsPerPass rows cost
-// about one row's memory traffic; every output is reduced in one order whatever m is (batch-invariant).
+// columns; each group's dot product is an exact int32 sum. The weights stream from memory once for all rows of a
+// block, so up to kRowsPerPass rows cost about one row's memory traffic; every output is reduced in one order
+// whatever m is (batch-invariant).
+//
+// With more than one row the kernel is bound by its per-row work, so each chunk is stored interleaved
+// (chunk_position): every 4-byte lane of every 32-byte vector of the chunk holds weights of the same group, the
+// integer products of all the chunk's vectors sum into one int32 vector, and the float work per row is one
+// conversion, one scale and one accumulate per 128 weights. Activations are stored in the same order.
 //
 // Paths: AVX-512 VNNI multiplies 64 byte pairs per vpdpbusd, unsigned by signed: 4-bit codes (unsigned) by the
 // activations; signed 8-bit codes by the activations offset by +128, removing the offset with 128·Σcode, which each
@@ -18,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -31,12 +37,16 @@ constexpr int64_t CHUNK = kQuantChunk;
 
 int64_t code_bytes_per_row(const QuantMatrix& w) { return w.k * w.bits / 8; }
 
+// The group of the chunk whose weight is stored at position p (chunk_position): lane (p % 32) / 4 of a 32-byte
+// vector holds group lane / (group / 16).
+inline int64_t position_group(int64_t p, int64_t group) { return (p % 32) / (group / 4); }
+
 // ---- portable ---------------------------------------------------------------------------------------------------
 
-int code_at(const QuantMatrix& w, const uint8_t* row, int64_t i) {
-  if (w.bits == 8) return static_cast<int8_t>(row[i]);
-  const int64_t b = i % CHUNK;
-  const uint8_t byte = row[(i / CHUNK) * (CHUNK / 2) + (b & 63)];
+int code_at(const QuantMatrix& w, const uint8_t* row, int64_t p) {
+  if (w.bits == 8) return static_cast<int8_t>(row[p]);
+  const int64_t b = p % CHUNK;
+  const uint8_t byte = row[(p / CHUNK) * (CHUNK / 2) + (b & 63)];
   return b < 64 ? byte & 15 : byte >> 4;
 }
 
@@ -46,12 +56,11 @@ float dot_portable(const QuantRows& x, const QuantMatrix& w, int64_t j, const fl
   const int8_t* q = reinterpret_cast<const int8_t*>(x.q + r * k);
   float acc = 0.0f;
   for (int64_t c = 0; c < k / CHUNK; ++c) {
+    int32_t d[CHUNK / 16] = {};
+    for (int64_t p = c * CHUNK; p < (c + 1) * CHUNK; ++p)
+      d[position_group(p, w.group)] += int32_t(q[p]) * code_at(w, codes, p);
     float chunk = 0.0f;
-    for (int64_t g = c * groups_per_chunk; g < (c + 1) * groups_per_chunk; ++g) {
-      int32_t d = 0;
-      for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) d += int32_t(q[i]) * code_at(w, codes, i);
-      chunk += scales[g] * static_cast<float>(d);
-    }
+    for (int64_t g = 0; g < groups_per_chunk; ++g) chunk += scales[c * groups_per_chunk + g] * static_cast<float>(d[g]);
     acc += chunk * x.a[r * (k / CHUNK) + c];
   }
   return acc;
@@ -67,16 +76,8 @@ float min_term_portable(const float* mins, const float* gsum, int64_t groups) {
 
 #define SPECDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-// Lane l of a product vector holds 4 consecutive weights; which scale of the chunk applies to it.
-template <int G>
-SPECDEC_AVX512 inline __m512i scale_index(int half) {
-  if (G == 32) return half ? _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)
-                           : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  return half ? _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)
-              : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-}
-
 // Rows [r0, r0 + MB) of x against weight row j: out[r] = Σ_c a[r, c] · Σ_lanes scale · (Σ q·c), without the min term.
+// Lane L of the chunk's int32 sum holds group (L % 8) / (G / 16) (position_group).
 template <int BITS, int G, int MB>
 SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64_t j, const float* scales, int64_t r0,
                                  float* out) {
@@ -84,7 +85,8 @@ SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64
   constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
   const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80)), nibble = _mm512_set1_epi8(0x0F);
-  const __m512i idx0 = scale_index<G>(0), idx1 = scale_index<G>(1);
+  const __m512i idx = G == 32 ? _mm512_set_epi32(3, 3, 2, 2, 1, 1, 0, 0, 3, 3, 2, 2, 1, 1, 0, 0)
+                              : _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0);
   __m512 acc[MB];
 #pragma GCC unroll 8
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
@@ -102,22 +104,18 @@ SPECDEC_AVX512 void block_avx512(const QuantRows& x, const QuantMatrix& w, int64
       v1 = _mm512_loadu_si512(cc + 64);
     }
     // 8-bit: Σ (q + 128)·c − 128·Σ c = Σ q·c, so each row's sum starts at −128·Σ c.
-    __m512i n0 = _mm512_setzero_si512(), n1 = n0;
-    if constexpr (BITS == 8) {
-      n0 = _mm512_sub_epi32(n0, _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v0));
-      n1 = _mm512_sub_epi32(n1, _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, v1));
-    }
+    __m512i n = _mm512_setzero_si512();
+    if constexpr (BITS == 8) n = _mm512_sub_epi32(n, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(n, offset, v0), offset, v1));
     const __m512 s = G == 32 ? _mm512_castps128_ps512(_mm_loadu_ps(scales + c * 4))
                              : _mm512_castps256_ps512(_mm256_loadu_ps(scales + c * 8));
-    const __m512 ws0 = _mm512_permutexvar_ps(idx0, s), ws1 = _mm512_permutexvar_ps(idx1, s);
+    const __m512 ws = _mm512_permutexvar_ps(idx, s);
 #pragma GCC unroll 8
     for (int r = 0; r < MB; ++r) {
       const uint8_t* xr = x.q + (r0 + r) * k + c * CHUNK;
       const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
-      const __m512i d0 = BITS == 4 ? _mm512_dpbusd_epi32(n0, v0, x0) : _mm512_dpbusd_epi32(n0, x0, v0);
-      const __m512i d1 = BITS == 4 ? _mm512_dpbusd_epi32(n1, v1, x1) : _mm512_dpbusd_epi32(n1, x1, v1);
-      const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), ws1, _mm512_mul_ps(_mm512_cvtepi32_ps(d0), ws0));
-      acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
+      const __m512i d = BITS == 4 ? _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(n, v0, x0), v1, x1)
+                                  : _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(n, x0, v0), x1, v1);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), ws), _mm512_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
     }
   }
 #pragma GCC unroll 8
@@ -166,8 +164,10 @@ SPECDEC_AVX2 inline float reduce_avx2(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
-// As block_avx512, in four 32-weight vectors per chunk. At most 4 rows per call: more accumulators than that
-// spill out of the 16 vector registers, and the weight chunk is still in L1 for the next call.
+// As block_avx512, in four 32-weight vectors per chunk; lane l of each holds group l / (G / 16). The 4-bit products
+// sum in int16 across the four vectors (at most 4 · 2 · 15 · 127 < 2^15) before one widening; the 8-bit ones
+// widen first. At most 4 rows per call: more accumulators than that spill out of the 16 vector registers, and the
+// weight chunk is still in L1 for the next call.
 template <int BITS, int G, int MB>
 SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j, const float* scales, int64_t r0,
                              float* out) {
@@ -175,13 +175,14 @@ SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j
   constexpr int64_t chunk_bytes = CHUNK * BITS / 8;
   const uint8_t* codes = w.codes + j * chunks * chunk_bytes;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
   __m256 acc[MB];
 #pragma GCC unroll 4
   for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* cc = codes + c * chunk_bytes;
     _mm_prefetch(reinterpret_cast<const char*>(cc + kPrefetchBytes), _MM_HINT_T1);
-    __m256i v[4], mag[4];  // codes of weights [32i, 32i + 32) of the chunk; mag: |codes| for the signed ones
+    __m256i v[4], mag[4];  // the chunk's four 32-byte vectors of codes; mag: |codes| for the signed ones
     if constexpr (BITS == 4) {
       const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cc));
       const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cc + 32));
@@ -197,27 +198,26 @@ SPECDEC_AVX2 void block_avx2(const QuantRows& x, const QuantMatrix& w, int64_t j
         mag[i] = _mm256_abs_epi8(v[i]);
       }
     }
-    __m256 ws[4];
-    if constexpr (G == 32) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) ws[i] = _mm256_broadcast_ss(scales + c * 4 + i);
-    } else {
-      const __m256 s = _mm256_loadu_ps(scales + c * 8);
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i)
-        ws[i] = _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1));
-    }
+    const __m256 ws = G == 32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(scales + c * 4)), idx)
+                              : _mm256_loadu_ps(scales + c * 8);
 #pragma GCC unroll 4
     for (int r = 0; r < MB; ++r) {
       const uint8_t* xr = x.q + (r0 + r) * k + c * CHUNK;
-      __m256 f = _mm256_setzero_ps();
+      __m256i xq[4];
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
-        const __m256i p = BITS == 4 ? _mm256_maddubs_epi16(v[i], xq) : _mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(xq, v[i]));
-        f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), ws[i], f);
+      for (int i = 0; i < 4; ++i) xq[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32 * i));
+      __m256i d;
+      if constexpr (BITS == 4) {
+        const __m256i p = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(v[0], xq[0]), _mm256_maddubs_epi16(v[1], xq[1])),
+                                           _mm256_add_epi16(_mm256_maddubs_epi16(v[2], xq[2]), _mm256_maddubs_epi16(v[3], xq[3])));
+        d = _mm256_madd_epi16(p, ones);
+      } else {
+        __m256i part[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) part[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(mag[i], _mm256_sign_epi8(xq[i], v[i])), ones);
+        d = _mm256_add_epi32(_mm256_add_epi32(part[0], part[1]), _mm256_add_epi32(part[2], part[3]));
       }
-      acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), ws), _mm256_set1_ps(x.a[(r0 + r) * chunks + c]), acc[r]);
     }
   }
 #pragma GCC unroll 4
@@ -289,25 +289,64 @@ Path path_for(const QuantMatrix& w, Isa isa) {
   return path_for<8, 32>(isa);
 }
 
+// ---- activations ------------------------------------------------------------------------------------------------
+
+// qc[i] = round(x[i] / s), s = max|x| / 127 over a chunk; returns s.
+float round_chunk(const float* x, int8_t* qc) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  for (int64_t i = 0; i < CHUNK; ++i) qc[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / s))));
+  return s;
+}
+
+// round_chunk eight lanes at a time: the same division and round-to-nearest-even, so the same bits.
+SPECDEC_AVX2 float round_chunk_avx2(const float* x, int8_t* qc) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < CHUNK; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  for (int64_t i = 0; i < CHUNK; i += 8) {
+    const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v))));
+    for (int j = 0; j < 8; ++j) qc[i + j] = static_cast<int8_t>(t[j]);
+  }
+  return s;
+}
+
+// chunk_position(p, G) for every p, computed once.
+template <int G>
+const uint8_t* chunk_positions() {
+  static const auto table = [] {
+    std::array<uint8_t, CHUNK> t{};
+    for (int64_t p = 0; p < CHUNK; ++p) t[p] = static_cast<uint8_t>(chunk_position(p, G));
+    return t;
+  }();
+  return table.data();
+}
+
 }  // namespace
 
 bool quant_offset(Isa isa, int bits) { return isa == Isa::kAvx512 && bits == 8; }
 
 void quantize_activations(const float* x, int64_t m, int64_t k, int group, bool offset, uint8_t* q, float* a,
                           float* gsum) {
+  static const bool vector = cpu_supports(Isa::kAvx2);  // the same bits as the scalar loop, faster
+  const auto position = group == 16 ? chunk_positions<16>() : chunk_positions<32>();
+  const uint8_t flip = offset ? 0x80 : 0x00;
   const int64_t chunks = k / CHUNK;
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t c = 0; c < chunks; ++c) {
-      const float* xc = x + r * k + c * CHUNK;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < CHUNK; ++i) amax = std::max(amax, std::fabs(xc[i]));
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-      a[r * chunks + c] = s;
       int8_t qc[CHUNK];
-      for (int64_t i = 0; i < CHUNK; ++i)
-        qc[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(xc[i] / s))));
+      const float s = vector ? round_chunk_avx2(x + r * k + c * CHUNK, qc) : round_chunk(x + r * k + c * CHUNK, qc);
+      a[r * chunks + c] = s;
       uint8_t* out = q + r * k + c * CHUNK;
-      for (int64_t i = 0; i < CHUNK; ++i) out[i] = static_cast<uint8_t>(qc[i]) ^ (offset ? 0x80 : 0x00);
+      for (int64_t p = 0; p < CHUNK; ++p) out[p] = static_cast<uint8_t>(qc[position[p]]) ^ flip;
       if (gsum) {
         for (int64_t g = 0; g < CHUNK / group; ++g) {
           int32_t sum = 0;

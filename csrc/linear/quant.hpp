@@ -13,9 +13,11 @@ inline constexpr int64_t kQuantChunk = 128;
 // A weight matrix w[n, k] (k a multiple of kQuantChunk) stored as unsigned or signed codes with one float32 scale
 // (and optionally one float32 min) per `group` consecutive weights of a row:  w[j, i] = scale[j, g] · c[j, i] − min[j, g],
 // g = i / group.
-//   bits 8: codes int8 [n, k], c = codes[j, i]; group 16 or 32.
-//   bits 4: codes uint8 [n, k / 2], c in [0, 15]; group 32. Within each chunk of 128 weights, byte b (0..63) holds
-//           weight b in its low nibble and weight 64 + b in its high nibble.
+// Within each chunk of 128 weights the codes are stored interleaved: position p holds weight chunk_position(p, group)
+// of the chunk, so that every 4-byte lane of every 32-byte vector holds one group's weights.
+//   bits 8: codes int8 [n, k], c = codes[j, position]; group 16 or 32.
+//   bits 4: codes uint8 [n, k / 2], c in [0, 15]; group 32. Within each chunk, byte b (0..63) holds position b in
+//           its low nibble and position 64 + b in its high nibble.
 // scales, mins: float32 [n, k / group]; mins may be null (no min term).
 // Two-level scales (the K-quants' layout, which streams 2 bytes per group instead of 8): where sub_scales is set,
 // scale[j, g] = scales[j, g · group / block] · sub_scales[j, g], and likewise min[j, g] from mins and sub_mins;
@@ -34,7 +36,14 @@ struct QuantMatrix {
   int64_t n, k;
 };
 
-// Activations x[m, k] quantised per chunk: q[r, i] = round(x[r, i] / a[r, c]), a[r, c] = max|x[r, chunk c]| / 127,
+// Which weight of a chunk (0..127) is stored at position p: with w = group / 4 bytes of each group per 32-byte
+// vector, position p = 32·v + t holds weight group · (t / w) + w · v + t % w.
+constexpr int64_t chunk_position(int64_t p, int64_t group) {
+  const int64_t w = group / 4, t = p % 32;
+  return group * (t / w) + w * (p / 32) + t % w;
+}
+
+// Activations x[m, k] quantised per chunk (and stored in the codes' interleaved order): q[r, i] = round(x[r, i] / a[r, c]), a[r, c] = max|x[r, chunk c]| / 127,
 // stored as int8, or as uint8 q + 128 where `offset` is set (what the AVX-512 VNNI path multiplies).
 // gsum[r, g] = a[r, c(g)] · Σ_{i in group g} q[r, i], the input of the min term (only where the weights have mins).
 struct QuantRows {

@@ -45,6 +45,14 @@ class UnsupportedTensor(ValueError):
 
 
 BLOCK = 256  # weights per float scale in the two-level layout (a K-quant super-block)
+
+
+def chunk_order(group: int) -> np.ndarray:
+    """Which weight of a 128-column chunk the kernel stores at each position (chunk_position in
+    csrc/linear/quant.hpp): interleaved so that every 4-byte lane of every 32-byte vector holds one group."""
+    p = np.arange(CHUNK)
+    w, t = group // 4, p % 32
+    return group * (t // w) + w * (p // 32) + t % w
 TENSORS = ("codes", "scales", "mins", "sub_scales", "sub_mins")  # a QuantWeight's tensors, all indexed by row
 
 
@@ -101,10 +109,11 @@ class QuantWeight:
         n = codes.shape[0]
         if self.bits == 4:
             packed = codes.view(n, -1, CHUNK // 2)
-            c = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, -1).to(torch.float32)
+            c = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32)
         else:
-            c = codes.view(torch.int8).to(torch.float32)
-        w = c.view(n, -1, self.group) * scales[..., None]
+            c = codes.view(torch.int8).view(n, -1, CHUNK).to(torch.float32)
+        c = c[:, :, torch.from_numpy(np.argsort(chunk_order(self.group)))]  # stored positions → weight order
+        w = c.reshape(n, -1, self.group) * scales[..., None]
         if mins is not None:
             w = w - mins[..., None]
         return w.reshape(n, -1)
@@ -132,11 +141,12 @@ def _pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: 
     """codes [N, K] (uint8 0..15 for 4 bits, int8 for 8), scales/mins [N, K / group] (or [N, K / BLOCK] with the
     int8 sub_scales/sub_mins [N, K / group]) → QuantWeight."""
     n, k = codes.shape
+    stored = codes.reshape(n, k // CHUNK, CHUNK)[:, :, chunk_order(group)]  # weight order → stored positions
     if bits == 4:
-        chunks = codes.astype(np.uint8).reshape(n, k // CHUNK, CHUNK)
+        chunks = stored.astype(np.uint8)
         packed = (chunks[:, :, : CHUNK // 2] | (chunks[:, :, CHUNK // 2 :] << 4)).reshape(n, k // 2)
     else:
-        packed = np.ascontiguousarray(codes.astype(np.int8)).view(np.uint8)
+        packed = np.ascontiguousarray(stored.astype(np.int8)).reshape(n, k).view(np.uint8)
 
     def tensor(a: np.ndarray | None, dtype: type) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(n, -1))
