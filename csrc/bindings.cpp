@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "attention/rows.hpp"
 #include "kernels/acceptance.hpp"
 #include "kernels/rng.hpp"
 #include "kernels/sampling.hpp"
@@ -138,6 +139,19 @@ PYBIND11_MODULE(_kernels, m) {
           const auto [begin, end] = columns(t, n);
           specdec::linear_quant(xq, wq, P<const float>(bias), P<float>(y), begin, end, path);
         });
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // out[r, h, :] = attention of query row r, head h over keys [begin[r], end[r]) (csrc/attention/rows.hpp); strides
+  // in elements (python/specdec/models/attention.py checks the arguments).
+  m.def(
+      "attend_rows",
+      [](uintptr_t q, int64_t q_head, int64_t q_row, uintptr_t k, int64_t k_head, int64_t k_row, uintptr_t v,
+         int64_t v_head, int64_t v_row, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, uintptr_t begin,
+         uintptr_t end, float scale, uintptr_t out, int64_t o_head, int64_t o_row, int isa) {
+        if (kv_heads <= 0 || heads % kv_heads != 0) throw std::invalid_argument("heads must be a multiple of kv_heads");
+        specdec::attend_rows({P<const float>(q), q_head, q_row}, {P<const float>(k), k_head, k_row},
+                             {P<const float>(v), v_head, v_row}, rows, heads, kv_heads, dim, P<const int64_t>(begin),
+                             P<const int64_t>(end), scale, P<float>(out), o_head, o_row, checked_isa(isa));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("cpu_supports", [](int isa) { return specdec::cpu_supports(checked_isa(isa, false)); });

@@ -7,7 +7,7 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 from tiny import llama
 
-from specdec.models import attention, ragged
+from specdec.models import attention, isa, ragged
 
 VOCAB = 50
 
@@ -47,3 +47,32 @@ def test_a_model_on_another_attention_is_left_alone():
     model.set_attn_implementation("eager")
     assert not attention.install(model)
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("path", isa.supported())
+def test_attend_rows_matches_sdpa_and_each_row_alone(path, monkeypatch):
+    """The per-row kernel: each row over its own span of keys (grouped heads) as torch's attention computes it, and
+    bit for bit what the same row gets alone, whatever rows are beside it (a verify equals decode steps)."""
+    monkeypatch.setattr(isa, "ISA", path)
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, length = 6, 2, 40, 23  # 40: a vector tail on every path
+    q = torch.randn(9, heads, dim, generator=g).transpose(0, 1)  # [heads, rows, dim], strided like a model's view
+    k, v = torch.randn(kv_heads, length, dim, generator=g), torch.randn(kv_heads, length, dim, generator=g)
+    begin = torch.tensor([0, 0, 3, 5, 0, 0, 7, 2, 4])
+    end = torch.tensor([1, 23, 9, 5, 12, 13, 8, 20, 23])  # row 3 attends to nothing
+    out = attention.attend_rows(q, k, v, begin, end, None, torch.full((heads, 9, dim), float("nan")))
+    for r in range(9):
+        b, e = int(begin[r]), int(end[r])
+        if e > b:
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q[None, :, r : r + 1], k[None, :, b:e], v[None, :, b:e], enable_gqa=True)[0, :, 0]  # fmt: skip
+        else:
+            want = torch.zeros(heads, dim)
+        torch.testing.assert_close(out[:, r], want, rtol=1e-5, atol=1e-5)
+        alone = attention.attend_rows(q[:, r : r + 1], k, v, begin[r : r + 1], end[r : r + 1], None, torch.empty(heads, 1, dim))
+        assert torch.equal(alone[:, 0], out[:, r]), r
+    # The control: a span one key short is caught by the same comparison.
+    short = attention.attend_rows(q[:, 1:2], k, v, begin[1:2], end[1:2] - 1, None, torch.empty(heads, 1, dim))
+    assert not torch.allclose(short[:, 0], out[:, 1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention.attend_rows(q, k[:1].expand(4, -1, -1), v, begin, end, None, torch.empty(heads, 9, dim))

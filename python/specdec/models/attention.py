@@ -13,9 +13,10 @@ k tokens, or beside a padded neighbour, or packed with another prompt, would oth
 same query alone, and with int8-quantised activations downstream (``specdec.models.quant``) such a difference can
 flip a greedy token. Per sequence, the queries split into runs that share their first key (one prompt of a packed
 prefill, or the new tokens of one row): a run of more than ``ROW_WISE_MAX`` queries with no cached keys before it (a
-prefill) attends in one causal call, as a prompt alone does; any other run one query at a time, each over the keys
-up to its own position, as decode steps do. So a verify equals decode steps, and a request's tokens do not depend
-on its neighbours (``python bench/verify_cost.py`` and ``specdec loadtest`` check both).
+prefill) attends in one causal call, as a prompt alone does; any other run, a decode step's one query included,
+through ``attend_rows``: each query alone over the keys up to its own position, in one kernel call for the run. So
+a verify equals decode steps, and a request's tokens do not depend on its neighbours (``python
+bench/verify_cost.py`` and ``specdec loadtest`` check both).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from specdec import _kernels
+from specdec.models import isa
 
 NAME = "specdec_sdpa"
 ROW_WISE_MAX = 32  # the small-M kernel's row limit: a verify or a short prefill chunk
@@ -45,7 +49,7 @@ def grouped_sdpa(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    if query.device.type == "cpu" and (attention_mask is not None or is_causal):
+    if query.device.type == "cpu" and (attention_mask is not None or is_causal or query.shape[2] == 1):
         return _per_sequence(query, key, value, attention_mask, dropout, scaling), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
@@ -67,6 +71,7 @@ def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None
         spans = torch.stack([first, torch.where(allowed.any(-1), last, 0)], -1)  # [B, q, 2]: keys [start, end)
     out = query.new_zeros(b_size, heads, q, query.shape[-1])
     gqa = key.shape[1] != heads
+    kernel = dropout == 0.0 and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
     attend = lambda b, i0, i1, k0, k1, causal: F.scaled_dot_product_attention(  # noqa: E731
         query[b : b + 1, :, i0:i1], key[b : b + 1, :, k0:k1], value[b : b + 1, :, k0:k1], dropout_p=dropout,
         scale=scaling, is_causal=causal, enable_gqa=gqa)  # fmt: skip
@@ -83,11 +88,34 @@ def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None
                 continue
             if j - i > ROW_WISE_MAX and end - start == 1:  # a prompt from its first token: one causal call
                 out[b : b + 1, :, i:j] = attend(b, i, j, start, rows[j - 1][1], True)
+            elif kernel:
+                ends = torch.tensor([end for _, end in rows[i:j]])
+                attend_rows(query[b, :, i:j], key[b], value[b], torch.full_like(ends, start), ends, scaling, out[b, :, i:j])
             else:
                 for r in range(i, j):
                     out[b : b + 1, :, r : r + 1] = attend(b, r, r + 1, start, rows[r][1], False)
             i = j
     return out.transpose(1, 2).contiguous()
+
+
+def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, begin: torch.Tensor, end: torch.Tensor,
+                scale: float | None, out: torch.Tensor) -> torch.Tensor:
+    """Each query row alone over its own keys (csrc/attention/rows.hpp), on this process's kernel path.
+
+    query, out [H, n, D] and key, value [H_kv, L, D]: float32 with contiguous last dims (strided views allowed);
+    begin, end [n] int64: row r attends keys [begin[r], end[r]). Writes and returns ``out``.
+    """
+    heads, n, dim = query.shape
+    if key.shape[0] == 0 or heads % key.shape[0] or out.shape != query.shape:
+        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and out {tuple(out.shape)} do not fit")
+    begin, end = begin.contiguous(), end.contiguous()
+    _kernels.attend_rows(
+        query.data_ptr(), query.stride(0), query.stride(1), key.data_ptr(), key.stride(0), key.stride(1),
+        value.data_ptr(), value.stride(0), value.stride(1), n, heads, key.shape[0], dim, begin.data_ptr(),
+        end.data_ptr(), dim**-0.5 if scale is None else scale, out.data_ptr(), out.stride(0), out.stride(1),
+        isa.code(isa.ISA or "portable"),
+    )  # fmt: skip
+    return out
 
 
 AttentionInterface.register(NAME, grouped_sdpa)

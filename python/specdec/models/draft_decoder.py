@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from specdec.models import linear
+from specdec.models import attention, linear
 from specdec.models import quant
 from specdec.models import ragged
 
@@ -221,6 +221,12 @@ class DraftDecoder:
             end = r.cached + len(r.new)
             cache.keys[layer, :, r.cached : end] = qk[a:b, h:].transpose(0, 1)
             cache.values[layer, :, r.cached : end] = qkv[a:b, h + kv :].transpose(0, 1)
+            if mask is None:  # one new token: the per-row kernel costs less than the fused kernel's set-up
+                o = qk.new_empty(h, 1, d)
+                at = torch.tensor([end])
+                attention.attend_rows(qk[a : a + 1, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], at - end, at, None, o)
+                out.append(o.view(1, h * d))
+                continue
             o = F.scaled_dot_product_attention(
                 qk[a:b, :h].transpose(0, 1)[None],
                 cache.keys[layer : layer + 1, :, :end],
