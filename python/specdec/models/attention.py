@@ -13,10 +13,12 @@ k tokens, or beside a padded neighbour, or packed with another prompt, would oth
 same query alone, and with int8-quantised activations downstream (``specdec.models.quant``) such a difference can
 flip a greedy token. Per sequence, the queries split into runs that share their first key (one prompt of a packed
 prefill, or the new tokens of one row): a run of more than ``ROW_WISE_MAX`` queries with no cached keys before it (a
-prefill) attends in one causal call, as a prompt alone does; any other run, a decode step's one query included,
-through ``attend_rows``: each query alone over the keys up to its own position, in one kernel call for the run. So
-a verify equals decode steps, and a request's tokens do not depend on its neighbours (``python
-bench/verify_cost.py`` and ``specdec loadtest`` check both).
+prefill) attends in one causal call, as a prompt alone does; any other run one query at a time, each over the keys
+up to its own position: a decode step's query or a verify's (at most ``ATTEND_ROWS_MAX``) through ``attend_rows``,
+in one kernel call for the run, and a longer run (a later chunk of a chunked prefill) through torch's kernel a
+query at a time, which reads each key once per query rather than once per head. So a verify equals decode steps,
+and a request's tokens do not depend on its neighbours (``python bench/verify_cost.py`` and ``specdec loadtest``
+check both).
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from specdec import _kernels
 from specdec.models import isa
+from specdec.types import GAMMA_LIMIT
 
 NAME = "specdec_sdpa"
 ROW_WISE_MAX = 32  # the small-M kernel's row limit: a verify or a short prefill chunk
+# The longest run attend_rows takes: every verify (γ + 1 tokens). Its scalar softmax and per-head reads cost more
+# than torch's kernel over a long prefill chunk's thousands of keys (`python bench/long_prompt.py` times it).
+ATTEND_ROWS_MAX = GAMMA_LIMIT + 1
 
 
 def grouped_sdpa(
@@ -88,7 +94,7 @@ def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None
                 continue
             if j - i > ROW_WISE_MAX and end - start == 1:  # a prompt from its first token: one causal call
                 out[b : b + 1, :, i:j] = attend(b, i, j, start, rows[j - 1][1], True)
-            elif kernel:
+            elif kernel and j - i <= ATTEND_ROWS_MAX:
                 ends = torch.tensor([end for _, end in rows[i:j]])
                 attend_rows(query[b, :, i:j], key[b], value[b], torch.full_like(ends, start), ends, scaling, out[b, :, i:j])
             else:
