@@ -16,9 +16,8 @@ prefill, or the new tokens of one row): a run of more than ``ROW_WISE_MAX`` quer
 prefill) attends in one causal call, as a prompt alone does; any other run one query at a time, each over the keys
 up to its own position: a decode step's query or a verify's (at most ``ATTEND_ROWS_MAX``) through ``attend_rows``,
 in one kernel call for the run, and a longer run (a later chunk of a chunked prefill) through torch's kernel a
-query at a time, which reads each key once per query rather than once per head. So a verify equals decode steps,
-and a request's tokens do not depend on its neighbours (``python bench/verify_cost.py`` and ``specdec loadtest``
-check both).
+query at a time. So a verify equals decode steps, and a request's tokens do not depend on its neighbours
+(``python bench/verify_cost.py`` and ``specdec loadtest`` check both).
 """
 
 from __future__ import annotations
