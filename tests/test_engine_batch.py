@@ -26,16 +26,23 @@ def engines(tiny_dirs):
     return {
         "same": Engine(target, load_model(tiny_dirs["draft_same"]), EngineConfig(method=Method.DRAFT)),
         "other": Engine(target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT)),
-        # The draft through transformers' forward and ragged.forward's padded batches, not draft_decoder.
+        # Both models through transformers' forward and ragged.forward's padded batches, not models/decoder.py.
         "other-transformers": Engine(
             target, load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.DRAFT, small_m_linear=False)
         ),
     }
 
 
-def test_the_draft_runs_the_lean_forward_unless_the_kernel_is_off(engines):
+def test_both_models_run_the_lean_forward_unless_the_kernel_is_off(engines):
     assert engines["other"]._drafters[Method.DRAFT].decoder is not None
+    assert engines["other"]._target_decoder is not None
     assert engines["other-transformers"]._drafters[Method.DRAFT].decoder is None
+    assert engines["other-transformers"]._target_decoder is None
+
+
+def cache_length(cache) -> int:
+    """Positions a target cache holds: the lean forward's KVCache or transformers' DynamicCache."""
+    return cache.length if hasattr(cache, "length") else cache.get_seq_length()
 
 
 def requests(engine, sampling=None, spec=None):
@@ -152,7 +159,7 @@ def test_recover_after_a_failed_step_keeps_the_output_exact(engines, monkeypatch
     assert [len(s.all_ids) for s in seqs] == lengths  # nothing emitted by the failed step
     # Between healthy steps both counts are len(all_ids) - 1; the failure must have broken that to mean anything.
     valid = [len(s.all_ids) - 1 for s in seqs]
-    dirty = [s.target_cache.get_seq_length() != v or s.target_len != v or s.draft_state.length > v for s, v in zip(seqs, valid)]
+    dirty = [cache_length(s.target_cache) != v or s.target_len != v or s.draft_state.length > v for s, v in zip(seqs, valid)]
     assert all(dirty)
     for s in seqs:
         engine.recover(s)

@@ -129,18 +129,18 @@ def test_rollback_equals_fresh_prefill(engines, target):
     ids = seq.all_ids
     assert seq.target_len == len(ids) - 1
 
-    def next_logits(model, cache, cached_len):
-        out = model(input_ids=torch.tensor([ids[cached_len:]]), past_key_values=copy.deepcopy(cache), use_cache=True)
-        return out.logits[0, -1]
+    def next_logits(decoder, cache, cached_len):  # the lean forward's caches (KVCache), as the engine keeps them
+        row = ragged.Row(copy.deepcopy(cache), cached_len, ids[cached_len:], [len(ids) - cached_len - 1])
+        return decoder.forward([row], engine.vocab_size)[1][0][0]
 
     with torch.inference_mode():
         fresh_t = target.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        torch.testing.assert_close(next_logits(target.model, seq.target_cache, seq.target_len), fresh_t, rtol=1e-5, atol=1e-5)
-        assert seq.draft_state.cache.length == seq.draft_state.length <= len(ids) - 1  # the lean draft forward's cache
+        assert seq.target_cache.length == seq.target_len
+        torch.testing.assert_close(next_logits(engine._target_decoder, seq.target_cache, seq.target_len), fresh_t, rtol=1e-5, atol=1e-5)
+        assert seq.draft_state.cache.length == seq.draft_state.length <= len(ids) - 1
         fresh_d = engine.draft.model(input_ids=torch.tensor([ids])).logits[0, -1]
-        row = ragged.Row(copy.deepcopy(seq.draft_state.cache), seq.draft_state.length, ids[seq.draft_state.length :], [len(ids) - seq.draft_state.length - 1])
-        _, logits = engine._drafters[Method.DRAFT].decoder.forward([row], engine.vocab_size)
-        torch.testing.assert_close(logits[0][0], fresh_d, rtol=1e-5, atol=1e-5)
+        decoder = engine._drafters[Method.DRAFT].decoder
+        torch.testing.assert_close(next_logits(decoder, seq.draft_state.cache, seq.draft_state.length), fresh_d, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 9, 17])

@@ -29,7 +29,7 @@ from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
 from specdec.kernels import CpuBackend, KernelBackend
-from specdec.models import isa, linear, ragged
+from specdec.models import decoder, isa, linear, ragged
 from specdec.models.loading import LoadedModel, check_pair, load_model, resolve_device, set_threads
 from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
 
@@ -58,8 +58,8 @@ class EngineConfig:
     gamma_max: int = 8
     ngram_min: int = 1
     ngram_max: int = 4
-    # Few-row linears (decode, verify) through the batch-invariant C++ kernel, and the draft through the lean
-    # forward built on it (draft_decoder).
+    # Few-row linears (decode, verify) through the batch-invariant C++ kernels, and both models through the lean
+    # forward built on them (models/decoder.py) where it serves the model.
     small_m_linear: bool = True
     # A prompt longer than this is prefilled in chunks of this many tokens, one chunk per step, so that the requests
     # already running keep emitting between them instead of waiting for the whole prompt. 0: one forward.
@@ -95,6 +95,8 @@ class Engine:
             for m in (target, draft):
                 if m is not None and m.device.type == "cpu":
                     linear.install(m.model)
+        lean = config.small_m_linear and decoder.supports(target.model)
+        self._target_decoder = decoder.Decoder(target.model) if lean else None
         self.tokenizer = target.tokenizer
         rows = [target.vocab_size] + ([draft.vocab_size] if draft is not None else [])
         self.vocab_size = min(rows)  # the ids both models can score
@@ -338,7 +340,7 @@ class Engine:
         for s, p in zip(seqs, proposals):
             new = s.all_ids[s.target_len :] + p.tokens
             rows.append(ragged.Row(s.target_cache, s.target_len, new, list(range(len(new) - len(p.tokens) - 1, len(new)))))
-        caches, logits = ragged.forward(self.target.model, rows, self.vocab_size)
+        caches, logits = self._forward_target(rows)
         t_target = time.perf_counter() - t0
         if not prefill:
             self.costs.record_target(sum(len(r.new) for r in rows), t_target, len(rows))
@@ -381,10 +383,15 @@ class Engine:
         """Feed the target the next ``chunk`` prompt tokens; no logits, nothing emitted."""
         t0 = time.perf_counter()
         row = ragged.Row(seq.target_cache, seq.target_len, seq.all_ids[seq.target_len : seq.target_len + chunk], [])
-        caches, _ = ragged.forward(self.target.model, [row], self.vocab_size)
+        caches, _ = self._forward_target([row])
         seq.target_cache, seq.target_len = caches[0], seq.target_len + chunk
         seq.metrics.prefill_s += time.perf_counter() - t0
         return StepOutput([], "", None)
+
+    def _forward_target(self, rows: list[ragged.Row]) -> tuple[list, list[torch.Tensor]]:
+        if self._target_decoder is not None:
+            return self._target_decoder.forward(rows, self.vocab_size)
+        return ragged.forward(self.target.model, rows, self.vocab_size)
 
     def _propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
         """Each drafter proposes for its own sequences, all of them in one batched call."""

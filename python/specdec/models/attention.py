@@ -75,11 +75,6 @@ def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None
         last = kv - allowed.flip(-1).int().argmax(-1)
         spans = torch.stack([first, torch.where(allowed.any(-1), last, 0)], -1)  # [B, q, 2]: keys [start, end)
     out = query.new_zeros(b_size, heads, q, query.shape[-1])
-    gqa = key.shape[1] != heads
-    kernel = dropout == 0.0 and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
-    attend = lambda b, i0, i1, k0, k1, causal: F.scaled_dot_product_attention(  # noqa: E731
-        query[b : b + 1, :, i0:i1], key[b : b + 1, :, k0:k1], value[b : b + 1, :, k0:k1], dropout_p=dropout,
-        scale=scaling, is_causal=causal, enable_gqa=gqa)  # fmt: skip
     for b in range(b_size):
         rows = spans[b].tolist()
         i = 0
@@ -88,19 +83,33 @@ def _per_sequence(query, key, value, mask, dropout: float, scaling: float | None
             j = i + 1
             while j < q and rows[j][0] == start and rows[j][1] == rows[j - 1][1] + 1:
                 j += 1
-            if end <= start:  # a padding query: it attends to nothing
-                i = j
-                continue
-            if j - i > ROW_WISE_MAX and end - start == 1:  # a prompt from its first token: one causal call
-                out[b : b + 1, :, i:j] = attend(b, i, j, start, rows[j - 1][1], True)
-            elif kernel and j - i <= ATTEND_ROWS_MAX:
-                ends = torch.tensor([end for _, end in rows[i:j]])
-                attend_rows(query[b, :, i:j], key[b], value[b], torch.full_like(ends, start), ends, scaling, out[b, :, i:j])
-            else:
-                for r in range(i, j):
-                    out[b : b + 1, :, r : r + 1] = attend(b, r, r + 1, start, rows[r][1], False)
+            if end > start:  # else a padding query: it attends to nothing
+                attend_run(query[b, :, i:j], key[b], value[b], start, end, scaling, out[b, :, i:j], dropout)
             i = j
     return out.transpose(1, 2).contiguous()
+
+
+def attend_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int, first_end: int,
+               scale: float | None, out: torch.Tensor, dropout: float = 0.0) -> None:
+    """A run of consecutive queries of one sequence: query i attends keys [start, first_end + i), by the rule of the
+    module docstring, so that each query gets the bits it would get alone.
+
+    query, out [H, n, D] and key, value [H_kv, L, D] (L ≥ first_end + n - 1); writes ``out``.
+    """
+    n = query.shape[1]
+    gqa = key.shape[0] != query.shape[0]
+    attend = lambda i0, i1, k0, k1, causal: F.scaled_dot_product_attention(  # noqa: E731
+        query[None, :, i0:i1], key[None, :, k0:k1], value[None, :, k0:k1], dropout_p=dropout, scale=scale,
+        is_causal=causal, enable_gqa=gqa)[0]  # fmt: skip
+    kernel = dropout == 0.0 and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
+    if n > ROW_WISE_MAX and first_end - start == 1:  # a prompt from its first token: one causal call
+        out.copy_(attend(0, n, start, first_end + n - 1, True))
+    elif kernel and n <= ATTEND_ROWS_MAX:
+        ends = torch.arange(first_end, first_end + n)
+        attend_rows(query, key, value, torch.full_like(ends, start), ends, scale, out)
+    else:
+        for r in range(n):
+            out[:, r : r + 1] = attend(r, r + 1, start, first_end + r, False)
 
 
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, begin: torch.Tensor, end: torch.Tensor,

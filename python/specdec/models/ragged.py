@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 @dataclass
 class Row:
-    cache: DynamicCache | None  # None: nothing cached yet (draft_decoder's rows hold its KVCache instead)
+    cache: DynamicCache | None  # None: nothing cached yet (models/decoder.py's rows hold its KVCache instead)
     cached: int  # tokens in the cache
     new: list[int]  # tokens to feed
     want: list[int]  # indices into ``new`` whose next-token logits are needed

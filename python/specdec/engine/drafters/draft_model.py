@@ -13,7 +13,7 @@ from specdec.engine.drafters.base import Drafter, Proposal
 from specdec.engine.gamma import StepCosts
 from specdec.engine.sequence import Sequence
 from specdec.kernels import KernelBackend
-from specdec.models import draft_decoder, ragged
+from specdec.models import decoder, ragged
 from specdec.models.loading import LoadedModel
 from specdec.types import stack_filters
 
@@ -36,7 +36,7 @@ class DraftCache:
 class DraftModelDrafter(Drafter):
     """One batched draft forward per draft position.
 
-    With ``lean`` (and a model it serves) the forwards run ``draft_decoder.DraftDecoder``, else transformers'.
+    With ``lean`` (and a model it serves) the forwards run ``decoder.Decoder``, else transformers'.
     The drafter records the time of its forwards in ``costs``, the engine's model of a step's cost, which the
     γ policy reads beside the target's.
     """
@@ -53,9 +53,9 @@ class DraftModelDrafter(Drafter):
         self.costs = costs
         self.kernels = kernels
         self.decoder = None
-        if lean and draft_decoder.supports(draft.model):
-            vocab = draft_decoder.frequent_ids(draft.tokenizer, draft_vocab) if 0 < draft_vocab < vocab_size else None
-            self.decoder = draft_decoder.DraftDecoder(draft.model, vocab)
+        if lean and decoder.supports(draft.model):
+            vocab = decoder.frequent_ids(draft.tokenizer, draft_vocab) if 0 < draft_vocab < vocab_size else None
+            self.decoder = decoder.Decoder(draft.model, vocab)
 
     @staticmethod
     def _state(seq: Sequence) -> DraftCache:

@@ -1,22 +1,24 @@
-"""A lean forward for the draft model: the same function as transformers' forward, with less around it.
+"""A lean forward for Llama-family decoders on a CPU: transformers' function, with less around it.
 
-transformers' forward spends a fair share of a 0.5B draft step in Python and small torch ops, beside the time
-that streaming the weights takes (`specdec bench` reports the draft's cost ratio c either way). The draft's
-arithmetic never changes what the engine outputs, only how often its proposals are accepted, so it may compute
-differently; this computes the same function (tested against transformers' logits), with:
+transformers' forward spends a large share of a decode step in Python and small torch ops (masks, cache objects,
+module dispatch), beside the time that streaming the weights takes; on a 2-core CPU that is a third of the
+target's step (`python bench/verify_cost.py` times both forwards). ``Decoder`` serves the target and the draft:
 
 - q/k/v fused into one linear and gate/up into another where their layouts allow: one kernel call each, the
   activations quantised once.
   The model's own modules are re-pointed at views of the fused weights, so nothing is held twice;
 - one KV cache per sequence, preallocated, grown by doubling and cropped by moving its length;
-- ragged rows without padding: the linear layers take every row's new tokens at once, and attention runs per
-  row on that row's cache;
+- ragged rows without padding: the linear layers take every row's new tokens at once, and each row attends on its
+  own cache through ``attention.attend_run``, so a row's bits do not depend on its neighbours and a verify of k
+  tokens equals k decode steps (with the small-M kernels' batch invariance);
 - float32 activations, the small-M kernel's input and output type;
-- optionally a reduced vocabulary (``vocab``, as FR-Spec and EAGLE-3 do): the LM head scores only those ids and every
-  other id gets probability 0. The target decides every token, so the output is unchanged; only the
-  acceptance rate can drop, while the head, a large share of a small draft's bytes, shrinks.
+- optionally a reduced vocabulary (``vocab``, for a draft, as FR-Spec and EAGLE-3 do): the LM head scores only
+  those ids and every other id gets probability 0. The target decides every token, so the output is unchanged;
+  only the acceptance rate can drop, while the head, a large share of a small draft's bytes, shrinks.
 
-It serves Llama-family decoders (``supports``): RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+It computes the same function as transformers' forward (tested against its logits); a one-token step gives the
+same bits as transformers' forward with ``attention.install``. It serves Llama-family decoders (``supports``):
+RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ EXCLUDED_LOGIT = -1e30
 
 
 def supports(model: PreTrainedModel) -> bool:
-    """Whether ``DraftDecoder`` computes this model's forward: a CPU Llama-family decoder with full attention."""
+    """Whether ``Decoder`` computes this model's forward: a CPU Llama-family decoder with full attention."""
     c = model.config
     return (
         model.device.type == "cpu"
@@ -144,14 +146,14 @@ class _Layer:
     down: _Linear
 
 
-class DraftDecoder:
+class Decoder:
     """``forward(rows)`` over ``ragged.Row``s whose caches are ``KVCache``s (None: a new sequence)."""
 
     def __init__(self, model: PreTrainedModel, vocab: torch.Tensor | None = None) -> None:
         """``vocab``: the sorted ids the head scores (None: all)."""
         c = model.config
         if not supports(model):
-            raise ValueError(f"the lean draft forward does not serve model_type {c.model_type!r} on {model.device}")
+            raise ValueError(f"the lean forward does not serve model_type {c.model_type!r} on {model.device}")
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
@@ -193,10 +195,9 @@ class DraftDecoder:
         cos, sin = self._rotary(positions)
         x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32)  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
-        masks = [_causal_mask(r.cached, len(r.new)) for r in rows]
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms(x, layer.input_norm))
-            x = x + layer.o(self._attention(i, qkv, cos, sin, rows, caches, spans, masks))
+            x = x + layer.o(self._attention(i, qkv, cos, sin, rows, caches, spans))
             gate, up = layer.gate_up(self._rms(x, layer.post_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate).mul_(up))
         for r, cache in zip(rows, caches):
@@ -210,32 +211,20 @@ class DraftDecoder:
         logits = logits[:, :vocab_size]
         return caches, list(logits.split([len(r.want) for r in rows]))
 
-    def _attention(self, layer: int, qkv, cos, sin, rows, caches, spans, masks) -> torch.Tensor:
+    def _attention(self, layer: int, qkv, cos, sin, rows, caches, spans) -> torch.Tensor:
         """qkv [T, (heads + 2 kv_heads) · head_dim] → attention output [T, heads · head_dim]; writes the keys
         and values of the new tokens into each row's cache."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(-1, h + 2 * kv, d)
         qk = _rotate(qkv[:, : h + kv], cos, sin)  # q and k rotate by the same positions
-        out = []
-        for r, cache, (a, b), mask in zip(rows, caches, spans, masks):
+        out = qk.new_empty(h, qk.shape[0], d)
+        for r, cache, (a, b) in zip(rows, caches, spans):
             end = r.cached + len(r.new)
             cache.keys[layer, :, r.cached : end] = qk[a:b, h:].transpose(0, 1)
             cache.values[layer, :, r.cached : end] = qkv[a:b, h + kv :].transpose(0, 1)
-            if mask is None:  # one new token: the per-row kernel costs less than the fused kernel's set-up
-                o = qk.new_empty(h, 1, d)
-                at = torch.tensor([end])
-                attention.attend_rows(qk[a : a + 1, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], at - end, at, None, o)
-                out.append(o.view(1, h * d))
-                continue
-            o = F.scaled_dot_product_attention(
-                qk[a:b, :h].transpose(0, 1)[None],
-                cache.keys[layer : layer + 1, :, :end],
-                cache.values[layer : layer + 1, :, :end],
-                attn_mask=mask,
-                enable_gqa=True,
-            )
-            out.append(o[0].transpose(0, 1).reshape(b - a, h * d))
-        return torch.cat(out) if len(out) > 1 else out[0]
+            attention.attend_run(qk[a:b, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], 0, r.cached + 1,
+                                 None, out[:, a:b])  # fmt: skip
+        return out.transpose(0, 1).reshape(-1, h * d)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
@@ -264,12 +253,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """Rotary embedding, the half-split convention of Llama-family checkpoints: x [T, heads, head_dim]."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-def _causal_mask(cached: int, new: int) -> torch.Tensor | None:
-    """Which of the cached + new positions each new token may attend to, [new, cached + new]; None for one token
-    (it sees everything)."""
-    return None if new == 1 else torch.ones(new, cached + new, dtype=torch.bool).tril(cached)
 
 
 def _spans(lengths: list[int]) -> list[tuple[int, int]]:

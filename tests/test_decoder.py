@@ -1,4 +1,4 @@
-"""The lean draft forward computes transformers' function: over ragged rows with their own caches, after
+"""The lean forward computes transformers' function: over ragged rows with their own caches, after
 rollbacks, for Llama (no biases, tied or not) and Qwen2 (q/k/v biases), in float32 and quantised."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from tiny import bpe_tokenizer, llama
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from specdec.kernels import sampling
-from specdec.models import draft_decoder, ragged
+from specdec.models import decoder as lean, ragged
 from specdec.models import linear as fast_linear
 from specdec.models import quant
-from specdec.models.draft_decoder import DraftDecoder
+from specdec.models.decoder import Decoder
 
 VOCAB = 50
 
@@ -75,7 +75,7 @@ def run_ragged_script(model, decoder) -> list[tuple[torch.Tensor, torch.Tensor]]
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_the_lean_forward_matches_transformers_over_ragged_rows_and_rollbacks(name):
     model = MODELS[name]()
-    assert_matches(run_ragged_script(model, DraftDecoder(model)))
+    assert_matches(run_ragged_script(model, Decoder(model)))
 
 
 def assert_matches(pairs) -> None:
@@ -87,9 +87,9 @@ def assert_matches(pairs) -> None:
 def test_the_comparison_rejects_a_forward_without_positions(monkeypatch):
     """Negative control: the same script with rotary positions left out disagrees with transformers."""
     model = MODELS["llama"]()
-    monkeypatch.setattr(draft_decoder, "_rotate", lambda x, cos, sin: x)
+    monkeypatch.setattr(lean, "_rotate", lambda x, cos, sin: x)
     with pytest.raises(AssertionError):
-        assert_matches(run_ragged_script(model, DraftDecoder(model)))
+        assert_matches(run_ragged_script(model, Decoder(model)))
 
 
 def test_quantised_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_copy():
@@ -98,7 +98,7 @@ def test_quantised_fusion_keeps_the_models_own_forward_bit_for_bit_and_holds_no_
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
         before = model(ids).logits
-    decoder = DraftDecoder(model)
+    decoder = Decoder(model)
     with torch.inference_mode():
         after = model(ids).logits
     assert torch.equal(before, after)
@@ -117,7 +117,7 @@ def test_a_low_precision_lean_forward_agrees_with_the_model(precision):
         quant.quantize_model(model, precision)
     else:
         fast_linear.install(model)  # the kernel reads bfloat16 weights directly, as the engine sets it up
-    decoder = DraftDecoder(model)
+    decoder = Decoder(model)
     pairs = run_ragged_script(model, decoder)
     got, want = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     assert (got - want).abs().max() < 0.05 * want.abs().max()
@@ -126,14 +126,14 @@ def test_a_low_precision_lean_forward_agrees_with_the_model(precision):
 
 def test_an_unsupported_architecture_is_refused_by_name():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
-    assert not draft_decoder.supports(model)
+    assert not lean.supports(model)
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        DraftDecoder(model)
+        Decoder(model)
 
 
 def test_a_row_claiming_more_cached_tokens_than_its_cache_holds_is_refused():
     model = MODELS["llama"]()
-    decoder = DraftDecoder(model)
+    decoder = Decoder(model)
     with torch.inference_mode():
         caches, _ = decoder.forward([ragged.Row(None, 0, [1, 2, 3], [2])], VOCAB)
         with pytest.raises(ValueError, match="claims 5 cached tokens but its cache holds 3"):
@@ -141,7 +141,7 @@ def test_a_row_claiming_more_cached_tokens_than_its_cache_holds_is_refused():
 
 
 def test_the_cache_grows_past_its_first_capacity_and_keeps_what_it_held():
-    cache = draft_decoder.KVCache(layers=1, kv_heads=1, head_dim=2, capacity=4)
+    cache = lean.KVCache(layers=1, kv_heads=1, head_dim=2, capacity=4)
     cache.keys[0, 0, :3] = torch.tensor([[1.0, 2], [3, 4], [5, 6]])
     cache.length = 3
     cache.reserve(9)
@@ -156,10 +156,10 @@ def test_a_reduced_vocabulary_keeps_its_logits_and_gives_the_rest_no_probability
     model = llama(12000, seed=11)
     vocab = torch.arange(0, 3000)
     row = lambda: ragged.Row(None, 0, [1, 2, 3], [2])  # noqa: E731
-    _, [cut] = DraftDecoder(model, vocab).forward([row()], 12000)
-    _, [full] = DraftDecoder(model).forward([row()], 12000)
+    _, [cut] = Decoder(model, vocab).forward([row()], 12000)
+    _, [full] = Decoder(model).forward([row()], 12000)
     assert torch.equal(cut[0, :3000], full[0, :3000])  # the same head rows, the same bits
-    assert (cut[0, 3000:] == draft_decoder.EXCLUDED_LOGIT).all()
+    assert (cut[0, 3000:] == lean.EXCLUDED_LOGIT).all()
     tokens, probs = sampling.sample(cut.numpy(), temperature=temperature, seed=3, return_probs=True)
     assert np.isfinite(probs).all() and probs[0, 3000:].sum() < 1e-30 and abs(probs[0].sum() - 1) < 1e-4
     assert tokens[0] < 3000
@@ -167,5 +167,34 @@ def test_a_reduced_vocabulary_keeps_its_logits_and_gives_the_rest_no_probability
 
 def test_frequent_ids_keep_the_lowest_ids_and_every_special_token():
     tok = bpe_tokenizer()
-    ids = draft_decoder.frequent_ids(tok, 10).tolist()
+    ids = lean.frequent_ids(tok, 10).tolist()
     assert ids == sorted(set(range(10)) | set(tok.all_special_ids))
+
+
+def verify_and_steps(decoder, prompt: list[int], drafts: list[int], shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one verify over ``drafts`` (beside a decode row of another sequence) and of the same tokens fed one
+    step at a time; ``shift`` moves the verify's cached length (a control)."""
+    with torch.inference_mode():
+        caches, _ = decoder.forward([ragged.Row(None, 0, prompt, [0]), ragged.Row(None, 0, prompt[:7], [0])], VOCAB)
+        n = len(prompt)
+        rows = [ragged.Row(caches[0], n - shift, drafts, list(range(len(drafts)))), ragged.Row(caches[1], 7, [3], [0])]
+        _, [verify, _] = decoder.forward(rows, VOCAB)
+        steps = []
+        for i, t in enumerate(drafts):
+            _, [one] = decoder.forward([ragged.Row(caches[0], n + i, [t], [0])], VOCAB)
+            steps.append(one[0])
+    return verify, torch.stack(steps)
+
+
+@pytest.mark.parametrize("precision", ["int8", "q4"])
+def test_a_verify_equals_decode_steps_bit_for_bit(precision):
+    """The target's exactness rests on this: k tokens verified in one forward, beside another sequence, give the
+    bits that k one-token steps give, so speculative output equals target-only output."""
+    model = qwen2(10, hidden=128)
+    quant.quantize_model(model, precision)
+    decoder = Decoder(model)
+    prompt = list(range(3, 43))
+    verify, steps = verify_and_steps(decoder, prompt, [5, 9, 2, 7, 1])
+    assert torch.equal(verify, steps)
+    verify, steps = verify_and_steps(decoder, prompt, [5, 9, 2, 7, 1], shift=1)  # control: one cached key short
+    assert not torch.equal(verify, steps)
