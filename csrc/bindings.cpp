@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention/rows.hpp"
+#include "decoder/pointwise.hpp"
 #include "kernels/acceptance.hpp"
 #include "kernels/rng.hpp"
 #include "kernels/sampling.hpp"
@@ -152,6 +153,29 @@ PYBIND11_MODULE(_kernels, m) {
         specdec::attend_rows({P<const float>(q), q_head, q_row}, {P<const float>(k), k_head, k_row},
                              {P<const float>(v), v_head, v_row}, rows, heads, kv_heads, dim, P<const int64_t>(begin),
                              P<const int64_t>(end), scale, P<float>(out), o_head, o_row, checked_isa(isa));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // The lean decoder's pointwise steps (csrc/decoder/pointwise.hpp); python/specdec/models/decoder.py passes
+  // contiguous float32 tensors of the shapes given there.
+  m.def(
+      "rms_norm",
+      [](uintptr_t x, uintptr_t weight, uintptr_t out, int64_t rows, int64_t n, float eps) {
+        specdec::rms_norm(P<const float>(x), P<const float>(weight), P<float>(out), rows, n, eps);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "rope",
+      [](uintptr_t x, int64_t rows, int64_t heads, int64_t dim, int64_t row_stride, uintptr_t positions, uintptr_t cos,
+         uintptr_t sin) {
+        if (dim % 2 != 0) throw std::invalid_argument("dim must be even");
+        specdec::rope(P<float>(x), rows, heads, dim, row_stride, P<const int64_t>(positions), P<const float>(cos),
+                      P<const float>(sin));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "silu_mul",
+      [](uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t inter) {
+        specdec::silu_mul(P<const float>(gate_up), P<float>(out), rows, inter);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("cpu_supports", [](int isa) { return specdec::cpu_supports(checked_isa(isa, false)); });

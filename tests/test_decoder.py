@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import bpe_tokenizer, llama
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
@@ -87,7 +88,7 @@ def assert_matches(pairs) -> None:
 def test_the_comparison_rejects_a_forward_without_positions(monkeypatch):
     """Negative control: the same script with rotary positions left out disagrees with transformers."""
     model = MODELS["llama"]()
-    monkeypatch.setattr(lean, "_rotate", lambda x, cos, sin: x)
+    monkeypatch.setattr(lean, "_rope", lambda *args: None)
     with pytest.raises(AssertionError):
         assert_matches(run_ragged_script(model, Decoder(model)))
 
@@ -198,3 +199,23 @@ def test_a_verify_equals_decode_steps_bit_for_bit(precision):
     assert torch.equal(verify, steps)
     verify, steps = verify_and_steps(decoder, prompt, [5, 9, 2, 7, 1], shift=1)  # control: one cached key short
     assert not torch.equal(verify, steps)
+
+
+def test_the_pointwise_kernels_match_torch_and_keep_each_rows_bits():
+    """RMSNorm and SwiGLU's gate in C++ (csrc/decoder/pointwise.cpp): torch's values, finite at extreme gates, and a
+    row's bits do not depend on the rows beside it. The control: a wrong epsilon is caught."""
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(5, 2 * 70, generator=g) * 4  # 70: a vector tail
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -1e30, 0.0])
+    got = lean._silu_mul(gate_up)
+    torch.testing.assert_close(got, F.silu(gate_up[:, :70]) * gate_up[:, 70:], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(got).all()
+    assert all(torch.equal(lean._silu_mul(gate_up[r : r + 1])[0], got[r]) for r in range(5))
+    decoder = Decoder(MODELS["llama"]())
+    x, w = torch.randn(5, 300, generator=g), torch.randn(300, generator=g)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + decoder.eps) * w
+    normed = decoder._rms(x, w)
+    torch.testing.assert_close(normed, want, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(decoder._rms(x[r : r + 1], w)[0], normed[r]) for r in range(5))
+    decoder.eps = 1.0
+    assert not torch.allclose(decoder._rms(x, w), want, rtol=1e-5, atol=1e-6)

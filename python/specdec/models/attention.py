@@ -22,8 +22,10 @@ query at a time. So a verify equals decode steps, and a request's tokens do not 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -105,28 +107,28 @@ def attend_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, star
     if n > ROW_WISE_MAX and first_end - start == 1:  # a prompt from its first token: one causal call
         out.copy_(attend(0, n, start, first_end + n - 1, True))
     elif kernel and n <= ATTEND_ROWS_MAX:
-        ends = torch.arange(first_end, first_end + n)
-        attend_rows(query, key, value, torch.full_like(ends, start), ends, scale, out)
+        ends = np.arange(first_end, first_end + n, dtype=np.int64)
+        attend_rows(query, key, value, np.full_like(ends, start), ends, scale, out)
     else:
         for r in range(n):
             out[:, r : r + 1] = attend(r, r + 1, start, first_end + r, False)
 
 
-def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, begin: torch.Tensor, end: torch.Tensor,
+def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, begin: ArrayLike, end: ArrayLike,
                 scale: float | None, out: torch.Tensor) -> torch.Tensor:
     """Each query row alone over its own keys (csrc/attention/rows.hpp), on this process's kernel path.
 
     query, out [H, n, D] and key, value [H_kv, L, D]: float32 with contiguous last dims (strided views allowed);
-    begin, end [n] int64: row r attends keys [begin[r], end[r]). Writes and returns ``out``.
+    begin, end [n] integers (a tensor or an array): row r attends keys [begin[r], end[r]). Writes and returns ``out``.
     """
     heads, n, dim = query.shape
     if key.shape[0] == 0 or heads % key.shape[0] or out.shape != query.shape:
         raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)} and out {tuple(out.shape)} do not fit")
-    begin, end = begin.contiguous(), end.contiguous()
+    begin, end = np.ascontiguousarray(begin, dtype=np.int64), np.ascontiguousarray(end, dtype=np.int64)
     _kernels.attend_rows(
         query.data_ptr(), query.stride(0), query.stride(1), key.data_ptr(), key.stride(0), key.stride(1),
-        value.data_ptr(), value.stride(0), value.stride(1), n, heads, key.shape[0], dim, begin.data_ptr(),
-        end.data_ptr(), dim**-0.5 if scale is None else scale, out.data_ptr(), out.stride(0), out.stride(1),
+        value.data_ptr(), value.stride(0), value.stride(1), n, heads, key.shape[0], dim, begin.ctypes.data,
+        end.ctypes.data, dim**-0.5 if scale is None else scale, out.data_ptr(), out.stride(0), out.stride(1),
         isa.code(isa.ISA or "portable"),
     )  # fmt: skip
     return out

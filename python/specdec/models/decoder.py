@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from specdec import _kernels
 from specdec.models import attention, linear
 from specdec.models import quant
 from specdec.models import ragged
@@ -192,14 +193,14 @@ class Decoder:
             cache.crop(r.cached)
             cache.reserve(r.cached + len(r.new))
         positions = torch.cat([torch.arange(r.cached, r.cached + len(r.new)) for r in rows])
-        cos, sin = self._rotary(positions)
-        x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32)  # [T, hidden]
+        self._grow_rotary(int(positions.max()) + 1)
+        x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32).contiguous()  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms(x, layer.input_norm))
-            x = x + layer.o(self._attention(i, qkv, cos, sin, rows, caches, spans))
-            gate, up = layer.gate_up(self._rms(x, layer.post_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate).mul_(up))
+            _rope(qkv, self.heads + self.kv_heads, self.head_dim, positions, self.cos, self.sin)
+            x += layer.o(self._attention(i, qkv, rows, caches, spans))
+            x += layer.down(_silu_mul(layer.gate_up(self._rms(x, layer.post_norm))))
         for r, cache in zip(rows, caches):
             cache.length = r.cached + len(r.new)
         want = torch.tensor([a + j for (a, _), r in zip(spans, rows) for j in r.want], dtype=torch.long)
@@ -211,33 +212,34 @@ class Decoder:
         logits = logits[:, :vocab_size]
         return caches, list(logits.split([len(r.want) for r in rows]))
 
-    def _attention(self, layer: int, qkv, cos, sin, rows, caches, spans) -> torch.Tensor:
-        """qkv [T, (heads + 2 kv_heads) · head_dim] → attention output [T, heads · head_dim]; writes the keys
-        and values of the new tokens into each row's cache."""
+    def _attention(self, layer: int, qkv, rows, caches, spans) -> torch.Tensor:
+        """qkv [T, (heads + 2 kv_heads) · head_dim], q and k rotated → attention output [T, heads · head_dim];
+        writes the keys and values of the new tokens into each row's cache."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(-1, h + 2 * kv, d)
-        qk = _rotate(qkv[:, : h + kv], cos, sin)  # q and k rotate by the same positions
-        out = qk.new_empty(h, qk.shape[0], d)
+        out = qkv.new_empty(h, qkv.shape[0], d)
         for r, cache, (a, b) in zip(rows, caches, spans):
             end = r.cached + len(r.new)
-            cache.keys[layer, :, r.cached : end] = qk[a:b, h:].transpose(0, 1)
+            cache.keys[layer, :, r.cached : end] = qkv[a:b, h : h + kv].transpose(0, 1)
             cache.values[layer, :, r.cached : end] = qkv[a:b, h + kv :].transpose(0, 1)
-            attention.attend_run(qk[a:b, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], 0, r.cached + 1,
+            attention.attend_run(qkv[a:b, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], 0, r.cached + 1,
                                  None, out[:, a:b])  # fmt: skip
         return out.transpose(0, 1).reshape(-1, h * d)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        """RMSNorm of x [T, hidden] (contiguous float32) → a new [T, hidden]."""
+        out = torch.empty_like(x)
+        _kernels.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], self.eps)
+        return out
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim] for the positions, from a table grown by doubling."""
-        need = int(positions.max()) + 1
+    def _grow_rotary(self, need: int) -> None:
+        """cos, sin [≥ need, head_dim] (the rotary scaling included), grown by doubling."""
         if need > self.cos.shape[0]:
             size = max(need, 2 * self.cos.shape[0], 256)
             freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq)
             angles = torch.cat([freqs, freqs], dim=-1)
-            self.cos, self.sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
-        return self.cos[positions, None], self.sin[positions, None]
+            self.cos = (angles.cos() * self.rope_scale).contiguous()
+            self.sin = (angles.sin() * self.rope_scale).contiguous()
 
 
 def frequent_ids(tokenizer, size: int) -> torch.Tensor:
@@ -249,10 +251,17 @@ def frequent_ids(tokenizer, size: int) -> torch.Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, the half-split convention of Llama-family checkpoints: x [T, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+def _rope(qkv: torch.Tensor, heads: int, dim: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary positions, the half-split convention of Llama-family checkpoints, in place on the first ``heads``
+    heads of each row of qkv [T, ≥ heads · dim] (q and k rotate by the same positions)."""
+    _kernels.rope(qkv.data_ptr(), qkv.shape[0], heads, dim, qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: [T, 2 · inter] (gate, then up) → silu(gate) · up [T, inter]."""
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _kernels.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], out.shape[1])
+    return out
 
 
 def _spans(lengths: list[int]) -> list[tuple[int, int]]:

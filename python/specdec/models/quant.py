@@ -270,13 +270,13 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
     path = isa_mod.code(isa)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    b = None if bias is None else bias.to(torch.float32).contiguous()
+    b = 0 if bias is None else bias.to(torch.float32).contiguous().data_ptr()
     pointers = [0 if t is None else t.data_ptr() for t in weight.tensors()]
+    x_at, y_at = x2.data_ptr(), y.data_ptr()  # float32: 4 bytes per element
     for r in range(0, x2.shape[0], SLICE_ROWS):
         rows = min(SLICE_ROWS, x2.shape[0] - r)
         _kernels.linear_quant(
-            x2[r].data_ptr(), *pointers, weight.bits, weight.group, weight.block,
-            0 if b is None else b.data_ptr(), y[r].data_ptr(), rows, n, k, path,
+            x_at + 4 * r * k, *pointers, weight.bits, weight.group, weight.block, b, y_at + 4 * r * n, rows, n, k, path,
         )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
