@@ -225,3 +225,12 @@ def test_the_tensor_index_matches_gguf_py(quant_gguf):
         assert mine.data.shape == theirs.data.shape and np.array_equal(mine.data, theirs.data)
     with pytest.raises(ValueError, match="is not a GGUF file"):
         read_tensors(Path(__file__))
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_the_stored_order_is_the_kernels_chunk_position(group):
+    """The packing's transpose equals the gather by chunk_order (the kernel's chunk_position, in Python); the control,
+    the other group's order, differs."""
+    chunks = np.random.default_rng(group).integers(0, 256, (5, 3, quant.CHUNK), dtype=np.uint8)
+    assert np.array_equal(quant.to_stored_order(chunks, group), chunks[..., quant.chunk_order(group)])
+    assert not np.array_equal(quant.to_stored_order(chunks, group), chunks[..., quant.chunk_order(48 - group)])

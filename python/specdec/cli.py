@@ -37,8 +37,8 @@ def _add_serve(sub) -> None:
                    help="target precision: gguf = a .gguf file's quantised weights as stored; int8/q4 = linear layers "
                         "quantised at load; float32/bfloat16/float16; auto = gguf for a .gguf file on a CPU, else float32")  # fmt: skip
     m.add_argument("--draft-dtype", default="auto", choices=PRECISIONS,
-                   help="draft precision, as --dtype; auto = gguf for a .gguf file on a CPU, int8 for a float model on a "
-                        "CPU, bfloat16 on a GPU")  # fmt: skip
+                   help="draft precision, as --dtype; auto = q4 for a .gguf file on a CPU (requantised from the stored values), "
+                        "int8 for a float model on a CPU, bfloat16 on a GPU")  # fmt: skip
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
     m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",

@@ -53,6 +53,15 @@ def chunk_order(group: int) -> np.ndarray:
     p = np.arange(CHUNK)
     w, t = group // 4, p % 32
     return group * (t // w) + w * (p // 32) + t % w
+def to_stored_order(chunks: np.ndarray, group: int) -> np.ndarray:
+    """chunks [..., CHUNK] in weight order → the same in stored order, ``chunks[..., chunk_order(group)]``: weight
+    w·(4b + a) + c sits at position 32a + w·b + c (w = group / 4), a transpose of [32 / w, 4, w] that copies
+    memory in runs, several times faster than the gather it equals on a model's worth of codes."""
+    w = group // 4
+    swapped = chunks.reshape(*chunks.shape[:-1], 32 // w, 4, w).swapaxes(-3, -2)
+    return np.ascontiguousarray(swapped).reshape(chunks.shape)
+
+
 TENSORS = ("codes", "scales", "mins", "sub_scales", "sub_mins")  # a QuantWeight's tensors, all indexed by row
 
 
@@ -141,7 +150,7 @@ def _pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: 
     """codes [N, K] (uint8 0..15 for 4 bits, int8 for 8), scales/mins [N, K / group] (or [N, K / BLOCK] with the
     int8 sub_scales/sub_mins [N, K / group]) → QuantWeight."""
     n, k = codes.shape
-    stored = codes.reshape(n, k // CHUNK, CHUNK)[:, :, chunk_order(group)]  # weight order → stored positions
+    stored = to_stored_order(codes.reshape(n, k // CHUNK, CHUNK), group)
     if bits == 4:
         chunks = stored.astype(np.uint8)
         packed = (chunks[:, :, : CHUNK // 2] | (chunks[:, :, CHUNK // 2 :] << 4)).reshape(n, k // 2)
