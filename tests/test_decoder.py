@@ -219,3 +219,12 @@ def test_the_pointwise_kernels_match_torch_and_keep_each_rows_bits():
     assert all(torch.equal(decoder._rms(x[r : r + 1], w)[0], normed[r]) for r in range(5))
     decoder.eps = 1.0
     assert not torch.allclose(decoder._rms(x, w), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_without_a_kernel_path_keeps_transformers_forward(monkeypatch):
+    """No AVX2 or AVX-512 (an ARM host): the lean forward would call kernels that are not there, so it declines and
+    the model runs transformers' forward on torch's GEMM."""
+    model = MODELS["llama"]()
+    assert lean.supports(model)
+    monkeypatch.setattr(lean.isa, "ISA", None)
+    assert not lean.supports(model)

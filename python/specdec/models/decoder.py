@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specdec import _kernels
-from specdec.models import attention, linear
+from specdec.models import attention, isa, linear
 from specdec.models import quant
 from specdec.models import ragged
 
@@ -42,10 +42,12 @@ EXCLUDED_LOGIT = -1e30
 
 
 def supports(model: PreTrainedModel) -> bool:
-    """Whether ``Decoder`` computes this model's forward: a CPU Llama-family decoder with full attention."""
+    """Whether ``Decoder`` computes this model's forward: a CPU Llama-family decoder with full attention, on a CPU
+    with a small-M kernel path (elsewhere transformers' forward runs torch's GEMM)."""
     c = model.config
     return (
         model.device.type == "cpu"
+        and isa.ISA is not None
         and c.model_type in ARCHITECTURES
         and getattr(c, "hidden_act", "silu") == "silu"
         and not getattr(c, "use_sliding_window", False)
