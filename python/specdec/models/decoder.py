@@ -1,8 +1,8 @@
 """A lean forward for Llama-family decoders on a CPU: transformers' function, with less around it.
 
 transformers' forward spends a large share of a decode step in Python and small torch ops (masks, cache objects,
-module dispatch), beside the time that streaming the weights takes; on a 2-core CPU that is a third of the
-target's step (`python bench/verify_cost.py` times both forwards). ``Decoder`` serves the target and the draft:
+module dispatch), beside the time that streaming the weights takes; at the few rows of a decode step on a CPU
+that is a large share of the step (`python bench/verify_cost.py` times both forwards). ``Decoder`` serves the target and the draft:
 
 - q/k/v fused into one linear and gate/up into another where their layouts allow: one kernel call each, the
   activations quantised once.

@@ -121,7 +121,8 @@ class QuantWeight:
             c = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32)
         else:
             c = codes.view(torch.int8).view(n, -1, CHUNK).to(torch.float32)
-        c = c[:, :, torch.from_numpy(np.argsort(chunk_order(self.group)))]  # stored positions → weight order
+        w4 = self.group // 4  # stored positions → weight order: the transpose to_stored_order undoes
+        c = c.reshape(n, -1, 4, 32 // w4, w4).transpose(-3, -2).reshape(n, -1, CHUNK)
         w = c.reshape(n, -1, self.group) * scales[..., None]
         if mins is not None:
             w = w - mins[..., None]
