@@ -45,7 +45,8 @@ def _stored(name: str, t: np.ndarray, types: dict[str, str], rng: np.random.Gene
 
 def write_gguf(model, tok, path: Path, types: dict[str, str] | None = None) -> None:
     """A real llama GGUF with a byte-level BPE ('gpt2') tokenizer; the file says: no BOS. Tensors are float32, except
-    those whose name contains a key of ``types``, stored in that quantised type (e.g. {"ffn_down": "Q4_K"})."""
+    those whose name contains a key of ``types``, stored in that quantised type (e.g. {"ffn_down": "Q4_K"}). A model
+    with tied embeddings is written without output.weight, as llama.cpp writes one."""
     types = types or {}
     rng = np.random.default_rng(0)
     cfg = model.config
@@ -73,8 +74,10 @@ def write_gguf(model, tok, path: Path, types: dict[str, str] | None = None) -> N
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(False)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    for name, key in [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"),
-                      ("output.weight", "lm_head.weight")]:  # fmt: skip
+    top = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight")]
+    if not cfg.tie_word_embeddings:  # a tied file has no output.weight: the embedding is the head
+        top.append(("output.weight", "lm_head.weight"))
+    for name, key in top:
         w.add_tensor(name, *_with_options(_stored(name, sd[key], types, rng)))
     names = {
         "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -174,6 +174,26 @@ def test_a_type_the_kernel_lacks_runs_dequantised_with_a_warning(tmp_path, monke
     assert isinstance(loaded.model.model.layers[0].mlp.down_proj, quant.QuantLinear)
 
 
+def test_a_tied_quantised_embedding_stays_tied_when_requantised(tmp_path, monkeypatch):
+    """A tied GGUF file loaded as q4 (a cheaper draft) holds one table: the embedding looks its rows up in the
+    requantised head, not in a second copy of the stored one. As stored, both share the stored table."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    tok = bpe_tokenizer()
+    path = tmp_path / "tiny-tied.gguf"
+    write_gguf(llama(len(tok), seed=7, hidden=256, tied=True), tok, path, {"token_embd": "Q8_0", "ffn": "Q4_K"})
+    for dtype, kind in [("gguf", "Q8_0"), ("q4", "q4")]:
+        model = load_model(str(path), dtype=dtype, device="cpu", draft=True).model
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        assert isinstance(embedding, quant.QuantEmbedding) and embedding.kind == head.kind == kind, dtype
+        assert embedding.codes is head.codes, dtype
+        ids = torch.tensor([3, 17, 42])
+        assert torch.equal(embedding(ids), head.weight_q.dequantize(ids)), dtype
+    untied = llama(len(tok), seed=7, hidden=256)  # control: a file with its own head keeps two tables
+    write_gguf(untied, tok, tmp_path / "untied.gguf", {"token_embd": "Q8_0", "output.weight": "Q8_0"})
+    model = load_model(str(tmp_path / "untied.gguf"), dtype="q4", device="cpu", draft=True).model
+    assert model.get_input_embeddings().kind == "Q8_0" and model.get_output_embeddings().kind == "q4"
+
+
 @pytest.mark.parametrize("draft_vocab", [0, 100])
 def test_greedy_speculation_on_a_gguf_pair_equals_target_only(quant_gguf, tmp_path, monkeypatch, draft_vocab):
     """The quantised target as stored, a q4 draft requantised from the same file (with the draft's head cut to 100

@@ -30,7 +30,14 @@ from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
 from specdec.kernels import CpuBackend, KernelBackend
 from specdec.models import decoder, isa, linear, ragged
-from specdec.models.loading import LoadedModel, check_pair, load_model, resolve_device, set_threads
+from specdec.models.loading import (
+    LoadedModel,
+    check_pair,
+    load_model,
+    resolve_device,
+    return_freed_memory,
+    set_threads,
+)
 from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
@@ -121,6 +128,7 @@ class Engine:
             )
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
+        return_freed_memory()  # the lean forwards' fused weights replaced the models' own
 
     @classmethod
     def load(

@@ -100,10 +100,10 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them): after repacking a GGUF file or quantising a float
-    model, the intermediates and replaced weights otherwise stay resident (`specdec loadtest` reports the server's
-    RSS)."""
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them): after repacking a GGUF file, quantising a float
+    model or fusing linear layers, the intermediates and replaced weights otherwise stay resident (`specdec
+    loadtest` reports the server's RSS)."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -145,7 +145,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "auto", device: str = 
         quant.quantize_model(model, weight_only)
     if weight_only:
         gc.collect()  # the GGUF reader's cycles hold the file's mapping, whose touched pages count as resident
-        _return_freed_memory()
+        return_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(model))
     return LoadedModel(name=source, model=model, tokenizer=tokenizer, weight_only=weight_only)
 

@@ -354,8 +354,11 @@ def requantize(weight: QuantWeight, kind: str, rows_per_slice: int = 4096) -> Qu
 
 def quantize_model(model: torch.nn.Module, kind: str) -> int:
     """Quantise every linear layer of ``model`` as ``kind``: each nn.Linear whose width the kernel takes and each
-    QuantLinear (requantised) becomes a QuantLinear of ``kind``; return how many. A tied LM head gets its own
-    quantised copy and the input embedding keeps its weights."""
+    QuantLinear (requantised) becomes a QuantLinear of ``kind``; return how many. A float input embedding keeps its
+    weights (a tied LM head gets its own quantised copy); a quantised one tied to the head stays tied to it, now as
+    ``kind``, rather than holding a second copy of the table."""
+    embedding = model.get_input_embeddings()
+    tied = isinstance(embedding, QuantEmbedding) and embedding.codes is getattr(model.get_output_embeddings(), "codes", None)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, QuantLinear) or (isinstance(child, torch.nn.Linear) and child.in_features % CHUNK == 0)]  # fmt: skip
     for parent, name, child in targets:
@@ -365,4 +368,6 @@ def quantize_model(model: torch.nn.Module, kind: str) -> int:
         else:
             weight = quantize(child.weight.detach(), kind)
         setattr(parent, name, QuantLinear(weight, bias))
+    if tied:
+        model.set_input_embeddings(QuantEmbedding(model.get_output_embeddings().weight_q, embedding.dtype))
     return len(targets)
