@@ -17,6 +17,7 @@
 #include "kernels/rng.hpp"
 #include "kernels/sampling.hpp"
 #include "kernels/threadpool.hpp"
+#include "linear/pack.hpp"
 #include "linear/quant.hpp"
 #include "linear/small_m.hpp"
 
@@ -140,6 +141,38 @@ PYBIND11_MODULE(_kernels, m) {
           const auto [begin, end] = columns(t, n);
           specdec::linear_quant(xq, wq, P<const float>(bias), P<float>(y), begin, end, path);
         });
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Weights → the quantised kernel's arrays (csrc/linear/pack.hpp); python/specdec/models/quant.py allocates the
+  // outputs for the format and checks the shapes. type: the index in GGUF_REPACK_TYPES; kind: 0 int8, 1 q4.
+  m.attr("GGUF_REPACK_TYPES") = py::make_tuple("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K");
+  m.def(
+      "repack_gguf",
+      [](int type, uintptr_t raw, int64_t n, int64_t k, uintptr_t codes, uintptr_t scales, uintptr_t mins,
+         uintptr_t sub_scales, uintptr_t sub_mins) {
+        if (type < 0 || type > 5) throw std::invalid_argument("type must index GGUF_REPACK_TYPES (0..5)");
+        specdec::repack_gguf(static_cast<specdec::GgufType>(type), P<const uint8_t>(raw), n, k,
+                             {P<uint8_t>(codes), P<float>(scales), P<float>(mins), P<int8_t>(sub_scales), P<int8_t>(sub_mins)});
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "requantize_gguf",
+      [](int type, uintptr_t raw, int64_t n, int64_t k, int kind, uintptr_t codes, uintptr_t scales, uintptr_t mins) {
+        if (type < 0 || type > 5) throw std::invalid_argument("type must index GGUF_REPACK_TYPES (0..5)");
+        if (kind < 0 || kind > 1) throw std::invalid_argument("kind must be 0 (int8) or 1 (q4)");
+        if (k % specdec::kQuantChunk != 0) throw std::invalid_argument("k must be a multiple of 128");
+        specdec::requantize_gguf(static_cast<specdec::GgufType>(type), P<const uint8_t>(raw), n, k,
+                                 static_cast<specdec::QuantKind>(kind),
+                                 {P<uint8_t>(codes), P<float>(scales), P<float>(mins), nullptr, nullptr});
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "quantize_weights",
+      [](int kind, uintptr_t w, int64_t n, int64_t k, uintptr_t codes, uintptr_t scales, uintptr_t mins) {
+        if (kind < 0 || kind > 1) throw std::invalid_argument("kind must be 0 (int8) or 1 (q4)");
+        if (k % specdec::kQuantChunk != 0) throw std::invalid_argument("k must be a multiple of 128");
+        specdec::quantize_weights(static_cast<specdec::QuantKind>(kind), P<const float>(w), n, k,
+                                  {P<uint8_t>(codes), P<float>(scales), P<float>(mins), nullptr, nullptr});
       },
       py::call_guard<py::gil_scoped_release>());
   // out[r, h, :] = attention of query row r, head h over keys [begin[r], end[r]) (csrc/attention/rows.hpp); strides

@@ -32,11 +32,25 @@ def test_gguf_blocks_repack_to_the_same_values(kind):
     assert np.array_equal(w.dequantize().numpy(), expected)
 
 
+def test_every_float16_scale_converts_exactly():
+    """Scales of every class a float16 has (subnormal, negative, largest, zero) reach float32 unchanged."""
+    halves = [0x0001, 0x03FF, 0x8001, 0x0400, 0x7BFF, 0xFBFF, 0x0000, 0x8000, 0x3C00, 0x3555, 0xB4CD, 0x1234]
+    raw = random_blocks("Q8_0", len(halves), 32, np.random.default_rng(2))
+    raw[:, :2] = np.array(halves, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(len(halves), 32)
+    raw4 = np.repeat(raw, 4, axis=0).reshape(len(halves), 4 * 34)  # each block four times: the kernel's 128 columns
+    w = quant.from_gguf("t", "Q8_0", raw4, 128)
+    assert np.array_equal(w.dequantize().numpy(), np.tile(expected, 4))
+    assert np.array_equal(w.scales[:, 0].numpy(), np.array(halves, dtype=np.uint16).view(np.float16).astype(np.float32))
+
+
 def test_an_unsupported_type_or_width_names_the_tensor():
     with pytest.raises(quant.UnsupportedTensor, match=r"'blk\.3\.attn_q\.weight' has type Q3_K"):
         quant.from_gguf("blk.3.attn_q.weight", "Q3_K", np.zeros((2, 110), np.uint8), 256)
     with pytest.raises(quant.UnsupportedTensor, match=r"'output\.weight' has 96 columns, not a multiple of 128"):
         quant.from_gguf("output.weight", "Q8_0", np.zeros((2, 102), np.uint8), 96)
+    with pytest.raises(ValueError, match=r"'output\.weight': Q8_0 rows of 128 columns take 136 bytes"):
+        quant.from_gguf("output.weight", "Q8_0", np.zeros((2, 102), np.uint8), 128)
 
 
 def layouts() -> dict[str, quant.QuantWeight]:
@@ -111,14 +125,23 @@ def test_a_forced_path_the_cpu_lacks_is_refused():
         isa.resolve("sse9")
 
 
-def test_requantised_weights_stay_close_and_stack():
-    w = layouts()["Q8_0"]
-    q4 = quant.requantize(w, "q4", rows_per_slice=16)
-    assert q4.layout() == (4, 32, 32, True) and q4.shape == w.shape
-    # 4 bits over each group's range: at most half a step (range / 30) from the 8-bit value.
-    groups = w.dequantize().view(40, -1, 32)
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q4_K"])
+def test_requantised_gguf_weights_equal_quantising_their_values_and_stay_close(kind):
+    """Requantising a GGUF tensor as it is read gives the bits of quantising its dequantised values; 4 bits over
+    each group's range stay within half a step (range / 30) of the stored value."""
+    raw = random_blocks(kind, 40, 768, np.random.default_rng(6))
+    stored = quant.from_gguf("t", kind, raw, 768)
+    q4 = quant.from_gguf("t", kind, raw, 768, requantize_to="q4")
+    assert q4.layout() == (4, 32, 32, True) and q4.shape == stored.shape
+    assert torch.equal(q4.dequantize(), quant.quantize(stored.dequantize(), "q4").dequantize())
+    assert torch.equal(quant.from_gguf("t", kind, raw, 768, "int8").codes, quant.quantize(stored.dequantize(), "int8").codes)
+    groups = stored.dequantize().view(40, -1, 32)
     half_step = (groups.amax(-1) - groups.amin(-1)) / 30
     assert ((q4.dequantize().view(40, -1, 32) - groups).abs() <= half_step[..., None] * 1.001 + 1e-7).all()
+
+
+def test_quantised_weights_stack():
+    w, q4 = layouts()["Q8_0"], layouts()["q4"]
     both = quant.stack([w.rows(slice(0, 10)), w.rows(slice(10, 40))])
     assert torch.equal(both.dequantize(), w.dequantize())
     with pytest.raises(ValueError, match="cannot stack quantised weights of different layouts"):
@@ -247,10 +270,31 @@ def test_the_tensor_index_matches_gguf_py(quant_gguf):
         read_tensors(Path(__file__))
 
 
-@pytest.mark.parametrize("group", [16, 32])
-def test_the_stored_order_is_the_kernels_chunk_position(group):
-    """The packing's transpose equals the gather by chunk_order (the kernel's chunk_position, in Python); the control,
-    the other group's order, differs."""
-    chunks = np.random.default_rng(group).integers(0, 256, (5, 3, quant.CHUNK), dtype=np.uint8)
-    assert np.array_equal(quant.to_stored_order(chunks, group), chunks[..., quant.chunk_order(group)])
-    assert not np.array_equal(quant.to_stored_order(chunks, group), chunks[..., quant.chunk_order(48 - group)])
+def _reference_quantize(w: torch.Tensor, kind: str, rounding=torch.round) -> torch.Tensor:
+    """The values quantize(w, kind) must hold, by its docstring's formulas in torch."""
+    g = w.view(w.shape[0], -1, 32)
+    if kind == "int8":
+        s = g.abs().amax(-1, keepdim=True) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return (rounding(g / s).clamp(-127, 127) * s).view_as(w)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = (hi - lo) / 15
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (rounding((g - lo) / s).clamp(0, 15) * s - (-lo)).view_as(w)
+
+
+@pytest.mark.parametrize("kind", ["int8", "q4"])
+def test_quantize_holds_the_formulas_values_with_ties_to_even(kind):
+    """Float weights quantised in C++ hold exactly the values of the documented formulas (torch.round: ties to even),
+    including groups that are all zero and groups whose values fall exactly halfway between two codes; the control
+    rounds ties away from zero and must differ."""
+    w = torch.randn(70, 384, generator=torch.Generator().manual_seed(3)) * 0.02
+    w[5, :32] = 0.0
+    ties = torch.arange(32, dtype=torch.float32) % 16  # group range 0..15 or ±15: a step of exactly 1 (q4) ...
+    w[6, :32] = ties + 0.5 * (torch.arange(32) % 2 == 0) * (ties < 15)  # ... and codes exactly halfway
+    w[7, :32] = torch.linspace(-127, 127, 32).round() + 0.5 * (torch.arange(32) % 3 == 0)  # int8: step 1, halves
+    w[7, 0] = 127.0
+    q = quant.quantize(w, kind)
+    assert torch.equal(q.dequantize(), _reference_quantize(w, kind))
+    away = lambda t: torch.sign(t) * torch.floor(t.abs() + 0.5)  # noqa: E731
+    assert not torch.equal(q.dequantize(), _reference_quantize(w, kind, away))

@@ -33,15 +33,16 @@ def chars_per_token_bound(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_name: str) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_name: str, max_token_chars: int | None = -1) -> None:
+        """``max_token_chars``: the tokenizer's ``chars_per_token_bound`` where already known (-1: compute it)."""
         self.tokenizer = tokenizer
         self.model_name = model_name
         # A text longer than n times this cannot fit in n tokens, so it is refused without tokenizing it.
-        self.max_token_chars = chars_per_token_bound(tokenizer)
+        self.max_token_chars = chars_per_token_bound(tokenizer) if max_token_chars == -1 else max_token_chars
 
     def copy(self) -> PromptTokenizer:
-        """One for another thread: the same tokenizer, not shared."""
-        return PromptTokenizer(copy.deepcopy(self.tokenizer), self.model_name)
+        """One for another thread: the same tokenizer, not shared (its bound is not parsed out of it again)."""
+        return PromptTokenizer(copy.deepcopy(self.tokenizer), self.model_name, self.max_token_chars)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

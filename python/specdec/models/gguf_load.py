@@ -3,9 +3,10 @@
 No float copy of the model is made, on disk or in memory: the config and tokenizer come from the cache
 (``gguf_convert.ensure_metadata``), the tensor index from the file (``gguf_tensors``), the model is built on the
 meta device, and each GGUF tensor is repacked into
-the kernel's layout (``quant.from_gguf``, exact) or, for float tensors (norms, biases), copied. A tensor the kernel
-does not hold (a type such as Q3_K or IQ4_XS, or a width that is not a multiple of 128) is dequantised to float32,
-exactly, with a warning naming it and its type. It serves the
+the kernel's layout (``quant.from_gguf``, exact) or, for float tensors (norms, biases), copied. A cheaper draft is
+requantised (int8 or q4) from the stored values as each tensor is read. A tensor the kernel does not hold (a type
+such as Q3_K or IQ4_XS, or a width that is not a multiple of 128) is dequantised to float32, exactly, with a warning
+naming it and its type. It serves the
 Llama-family files transformers reads (llama, qwen2, mistral: q/k/v/o, gate/up/down, two RMSNorms), undoing
 llama.cpp's q/k row order for the ``llama`` architecture.
 """
@@ -54,9 +55,10 @@ def _set(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
+def load_quantised(path: Path, requantize_to: str | None = None) -> tuple[PreTrainedModel, Path]:
     """The GGUF file ``path`` as a CPU model with quantised linear layers and embedding; also the directory
-    holding its tokenizer."""
+    holding its tokenizer. ``requantize_to`` ("int8" or "q4"): every linear layer (and a tied embedding, which is
+    the LM head) in that format instead of as stored; an untied embedding stays as stored."""
     meta = ensure_metadata(path)
     config = AutoConfig.from_pretrained(meta)
     arch, stored = read_tensors(path)
@@ -82,7 +84,10 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
         if kind in _FLOAT and weight.data.ndim == 1:  # a norm
             model.get_submodule(mod).weight = torch.nn.Parameter(torch.from_numpy(np.array(weight.data, dtype=np.float32)), requires_grad=False)
             continue
-        qw, dense = _weight(weight)
+        requantize = None if mod == "model.embed_tokens" and not config.tie_word_embeddings else requantize_to
+        qw, dense = _weight(weight, requantize)
+        if requantize and dense is not None and dense.shape[1] % quant.CHUNK == 0:  # a float tensor in the file
+            qw, dense = quant.quantize(dense, requantize), None
         if order is not None:
             index = torch.from_numpy(order)
             qw, dense = (qw.rows(index), None) if qw is not None else (None, dense[index])
@@ -102,13 +107,13 @@ def load_quantised(path: Path) -> tuple[PreTrainedModel, Path]:
     return model, meta
 
 
-def _weight(tensor) -> tuple[quant.QuantWeight | None, torch.Tensor | None]:
-    """A 2-D GGUF tensor as a QuantWeight, or as float32 where the kernel does not hold it: a float tensor, or a
-    quantised one of a type or width it lacks, dequantised exactly (and said in the log)."""
+def _weight(tensor, requantize_to: str | None) -> tuple[quant.QuantWeight | None, torch.Tensor | None]:
+    """A 2-D GGUF tensor as a QuantWeight (as stored, or requantised), or as float32 where the kernel does not hold
+    it: a float tensor, or a quantised one of a type or width it lacks, dequantised exactly (and said in the log)."""
     kind = tensor.tensor_type.name
     if kind not in _FLOAT:
         try:
-            return quant.from_gguf(tensor.name, kind, tensor.data, int(tensor.shape[0])), None
+            return quant.from_gguf(tensor.name, kind, tensor.data, int(tensor.shape[0]), requantize_to), None
         except quant.UnsupportedTensor as e:
             log.warning("%s; it runs dequantised to float32", e)
         values = dequantize(tensor.data, tensor.tensor_type)

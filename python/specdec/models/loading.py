@@ -133,7 +133,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "auto", device: str = 
     if weight_only == "gguf" and not (gguf_file and cpu):
         raise ValueError(f"dtype 'gguf' needs a .gguf file on a CPU, got {source!r} on {resolve_device(device)}")
     if weight_only and gguf_file and cpu:  # as stored, or requantised from the stored values: no float copy
-        model, path = load_quantised(Path(source))
+        model, path = load_quantised(Path(source), requantize_to=weight_only if weight_only in ("int8", "q4") else None)
     else:
         path = str(ensure_converted(Path(source))) if str(source).endswith(".gguf") else source
         torch_dtype = WEIGHT_ONLY[weight_only] if weight_only else resolve_dtype(dtype)
@@ -141,7 +141,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "auto", device: str = 
         model.to(resolve_device(device)).eval()
         model.requires_grad_(False)
     attention.install(model)
-    if weight_only in ("int8", "q4"):
+    if weight_only in ("int8", "q4") and not gguf_file:
         quant.quantize_model(model, weight_only)
     if weight_only:
         gc.collect()  # the GGUF reader's cycles hold the file's mapping, whose touched pages count as resident

@@ -47,21 +47,6 @@ class UnsupportedTensor(ValueError):
 BLOCK = 256  # weights per float scale in the two-level layout (a K-quant super-block)
 
 
-def chunk_order(group: int) -> np.ndarray:
-    """Which weight of a 128-column chunk the kernel stores at each position (chunk_position in
-    csrc/linear/quant.hpp): interleaved so that every 4-byte lane of every 32-byte vector holds one group."""
-    p = np.arange(CHUNK)
-    w, t = group // 4, p % 32
-    return group * (t // w) + w * (p // 32) + t % w
-def to_stored_order(chunks: np.ndarray, group: int) -> np.ndarray:
-    """chunks [..., CHUNK] in weight order → the same in stored order, ``chunks[..., chunk_order(group)]``: weight
-    w·(4b + a) + c sits at position 32a + w·b + c (w = group / 4), a transpose of [32 / w, 4, w] that copies
-    memory in runs, several times faster than the gather it equals on a model's worth of codes."""
-    w = group // 4
-    swapped = chunks.reshape(*chunks.shape[:-1], 32 // w, 4, w).swapaxes(-3, -2)
-    return np.ascontiguousarray(swapped).reshape(chunks.shape)
-
-
 TENSORS = ("codes", "scales", "mins", "sub_scales", "sub_mins")  # a QuantWeight's tensors, all indexed by row
 
 
@@ -121,7 +106,7 @@ class QuantWeight:
             c = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32)
         else:
             c = codes.view(torch.int8).view(n, -1, CHUNK).to(torch.float32)
-        w4 = self.group // 4  # stored positions → weight order: the transpose to_stored_order undoes
+        w4 = self.group // 4  # stored positions → weight order: the inverse of the kernel's chunk_position
         c = c.reshape(n, -1, 4, 32 // w4, w4).transpose(-3, -2).reshape(n, -1, CHUNK)
         w = c.reshape(n, -1, self.group) * scales[..., None]
         if mins is not None:
@@ -143,126 +128,70 @@ def stack(parts: list[QuantWeight]) -> QuantWeight:
     return _with_tensors(parts[0], [None if c[0] is None else torch.cat(c) for c in columns], kinds)
 
 
-# ---- packing --------------------------------------------------------------------------------------------------
-
-
-def _pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int, kind: str,
-          sub_scales: np.ndarray | None = None, sub_mins: np.ndarray | None = None) -> QuantWeight:  # fmt: skip
-    """codes [N, K] (uint8 0..15 for 4 bits, int8 for 8), scales/mins [N, K / group] (or [N, K / BLOCK] with the
-    int8 sub_scales/sub_mins [N, K / group]) → QuantWeight."""
-    n, k = codes.shape
-    stored = to_stored_order(codes.reshape(n, k // CHUNK, CHUNK), group)
-    if bits == 4:
-        chunks = stored.astype(np.uint8)
-        packed = (chunks[:, :, : CHUNK // 2] | (chunks[:, :, CHUNK // 2 :] << 4)).reshape(n, k // 2)
-    else:
-        packed = np.ascontiguousarray(stored.astype(np.int8)).reshape(n, k).view(np.uint8)
-
-    def tensor(a: np.ndarray | None, dtype: type) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(n, -1))
-
-    return QuantWeight(torch.from_numpy(np.ascontiguousarray(packed)), tensor(scales, np.float32), tensor(mins, np.float32),
-                       bits, group, kind, tensor(sub_scales, np.int8), tensor(sub_mins, np.int8))  # fmt: skip
-
-
-def _f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
-
-
-def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
-    """Bytes [..., B] whose low nibbles are the first ``width`` values of each span of 2·width and the high nibbles
-    the next: [..., spans, width] bytes → [..., 2 · B] values, in order."""
-    spans = qs.reshape(*qs.shape[:-1], -1, width)
-    return np.stack([spans & 0x0F, spans >> 4], axis=-2).reshape(*qs.shape[:-1], -1)
-
-
-def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8 six-bit scales and mins of a Q4_K/Q5_K block from its 12 bytes [..., 12] → two [..., 8] uint8."""
-    d, m, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
-    sc = np.concatenate([d & 0x3F, (hi & 0x0F) | ((d >> 6) << 4)], axis=-1)
-    mn = np.concatenate([m & 0x3F, (hi >> 4) | ((m >> 6) << 4)], axis=-1)
-    return sc, mn
-
-
-Arrays = tuple[np.ndarray, ...]
-
-
-def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Arrays]:
-    """GGUF blocks [B, block_bytes] → codes [B, weights per block], scales and mins per block, and for the K-quants
-    the int8 sub-scales (and sub-mins) [B, groups per block] (see _pack)."""
-    if kind == "Q8_0":
-        return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2])[:, None], None, ()
-    if kind == "Q4_0":
-        d = _f16(blocks[:, :2])[:, None]
-        return _nibbles(blocks[:, 2:], 16), d, 8 * d, ()
-    if kind == "Q5_0":
-        high = (np.ascontiguousarray(blocks[:, 2:6]).view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
-        q = _nibbles(blocks[:, 6:], 16) | (high.astype(np.uint8) << 4)
-        return q.astype(np.int8) - 16, _f16(blocks[:, :2])[:, None], None, ()
-    if kind in ("Q4_K", "Q5_K"):
-        d, dmin = _f16(blocks[:, 0:2])[:, None], _f16(blocks[:, 2:4])[:, None]
-        sc, mn = _k_scales(blocks[:, 4:16])  # 6-bit, so int8 holds them
-        if kind == "Q4_K":
-            q = _nibbles(blocks[:, 16:], 32)
-        else:
-            high = (blocks[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [B, 8, 32]
-            q = _nibbles(blocks[:, 48:], 32) | (high.reshape(len(blocks), 256) << 4)
-        return q, d, dmin, (sc, mn)
-    if kind == "Q6_K":
-        low = _nibbles(blocks[:, :128], 64)  # [B, 256]: two halves of 128, each 64 low then 64 high nibbles
-        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-        q = low | ((qh & 3).reshape(-1, 256) << 4)
-        return q.astype(np.int8) - 32, _f16(blocks[:, 208:210])[:, None], None, (blocks[:, 192:208].view(np.int8),)
-    raise AssertionError(kind)
+# ---- packing ---------------------------------------------------------------------------------------------------
 
 
 # bits, group, weights per block, bytes per block
 GGUF_TYPES = {"Q4_0": (4, 32, 32, 18), "Q5_0": (8, 32, 32, 22), "Q8_0": (8, 32, 32, 34),
               "Q4_K": (4, 32, 256, 144), "Q5_K": (8, 32, 256, 176), "Q6_K": (8, 16, 256, 210)}  # fmt: skip
+_WITH_MINS = ("Q4_0", "Q4_K", "Q5_K")
 
 
-def from_gguf(name: str, kind: str, raw: np.ndarray, k: int, rows_per_slice: int = 4096) -> QuantWeight:
-    """Repack GGUF tensor ``name`` of type ``kind`` (its raw bytes [N, bytes per row]) of K = ``k`` columns."""
+def from_gguf(name: str, kind: str, raw: np.ndarray, k: int, requantize_to: str | None = None) -> QuantWeight:
+    """Repack GGUF tensor ``name`` of type ``kind`` (its raw bytes [N, bytes per row]) of K = ``k`` columns, in C++
+    (csrc/linear/pack.cpp) straight from the file's pages into the kernel's arrays; or, with ``requantize_to``
+    ("int8" or "q4"), quantise its stored values as ``quantize`` would, without a float copy (a cheaper draft)."""
     if kind not in GGUF_TYPES:
         raise UnsupportedTensor(f"GGUF tensor {name!r} has type {kind}; the quantised kernel holds {sorted(GGUF_TYPES)}"
                                 " (load with --dtype float32 to dequantise the file instead)")  # fmt: skip
     if k % CHUNK:
         raise UnsupportedTensor(f"GGUF tensor {name!r} has {k} columns, not a multiple of {CHUNK}; load with --dtype float32")
     bits, group, per_block, block_bytes = GGUF_TYPES[kind]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
     n = raw.shape[0]
-    parts = []
-    for r in range(0, n, rows_per_slice):  # in slices: the decoded int16/float intermediates of a whole LM head are GBs
-        blocks = np.asarray(raw[r : r + rows_per_slice]).reshape(-1, block_bytes)
-        codes, scales, mins, subs = _decode(kind, blocks)
-        rows = min(rows_per_slice, n - r)
-        shaped = [None if a is None else a.reshape(rows, -1) for a in (scales, mins, *subs)]
-        parts.append(_pack(codes.reshape(rows, k), *shaped[:2], bits, group, kind, *shaped[2:]))
-    return parts[0] if len(parts) == 1 else stack(parts)
+    if raw.shape[1:] != (k // per_block * block_bytes,):
+        raise ValueError(f"GGUF tensor {name!r}: {kind} rows of {k} columns take {k // per_block * block_bytes} bytes, got shape {raw.shape}")
+    type_index = _kernels.GGUF_REPACK_TYPES.index(kind)
+    if requantize_to is not None:
+        w = _empty(n, k, requantize_to)
+        _kernels.requantize_gguf(type_index, raw.ctypes.data, n, k, int(requantize_to == "q4"), *_pointers(w)[:3])
+        return w
+    two_level = per_block == BLOCK
+    scales = torch.empty(n, k // per_block)
+    mins = torch.empty(n, k // per_block) if kind in _WITH_MINS else None
+    sub_scales = torch.empty(n, k // group, dtype=torch.int8) if two_level else None
+    sub_mins = torch.empty(n, k // group, dtype=torch.int8) if two_level and mins is not None else None
+    w = QuantWeight(torch.empty(n, k * bits // 8, dtype=torch.uint8), scales, mins, bits, group, kind, sub_scales, sub_mins)
+    _kernels.repack_gguf(type_index, raw.ctypes.data, n, k, *_pointers(w))
+    return w
 
 
 def quantize(weight: torch.Tensor, kind: str) -> QuantWeight:
     """Quantise float weights [N, K] in groups of 32: "int8" symmetric (scale max|w| / 127), "q4" 4-bit with a min
-    (scale (max − min) / 15)."""
-    if kind not in ("int8", "q4"):
-        raise ValueError(f"kind must be 'int8' or 'q4', got {kind!r}")
+    (scale (max − min) / 15), in C++ (csrc/linear/pack.cpp)."""
     n, k = weight.shape
     if k % CHUNK:
         raise ValueError(f"weight has {k} columns; quantising needs a multiple of {CHUNK}")
-    parts = []
+    w = _empty(n, k, kind)
     for r in range(0, n, 4096):  # in slices: a float32 copy of a whole LM head is half a GiB
-        w = weight[r : r + 4096].to(torch.float32).reshape(-1, k // 32, 32)
-        if kind == "int8":
-            s = w.abs().amax(-1) / 127
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            codes = torch.round(w / s[..., None]).clamp_(-127, 127)
-            parts.append(_pack(codes.reshape(-1, k).numpy(), s.numpy(), None, 8, 32, kind))
-        else:
-            lo, hi = w.amin(-1), w.amax(-1)
-            s = (hi - lo) / 15
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            codes = torch.round((w - lo[..., None]) / s[..., None]).clamp_(0, 15)
-            parts.append(_pack(codes.reshape(-1, k).to(torch.uint8).numpy(), s.numpy(), (-lo).numpy(), 4, 32, kind))
-    return parts[0] if len(parts) == 1 else stack(parts)
+        rows = weight[r : r + 4096].to(torch.float32).contiguous()
+        part = w.rows(slice(r, r + rows.shape[0]))
+        _kernels.quantize_weights(int(kind == "q4"), rows.data_ptr(), rows.shape[0], k, *_pointers(part)[:3])
+    return w
+
+
+def _empty(n: int, k: int, kind: str) -> QuantWeight:
+    """An uninitialised weight [n, k] of a format quantised at load ("int8" or "q4"), for the C++ to fill."""
+    if kind not in ("int8", "q4"):
+        raise ValueError(f"kind must be 'int8' or 'q4', got {kind!r}")
+    bits = 4 if kind == "q4" else 8
+    mins = torch.empty(n, k // 32) if kind == "q4" else None
+    return QuantWeight(torch.empty(n, k * bits // 8, dtype=torch.uint8), torch.empty(n, k // 32), mins, bits, 32, kind)
+
+
+def _pointers(w: QuantWeight) -> list[int]:
+    """The addresses of ``w``'s tensors in TENSORS order (0 for an absent one)."""
+    return [0 if t is None else t.data_ptr() for t in w.tensors()]
 
 
 # ---- the linear layer -----------------------------------------------------------------------------------------
@@ -281,7 +210,7 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     b = 0 if bias is None else bias.to(torch.float32).contiguous().data_ptr()
-    pointers = [0 if t is None else t.data_ptr() for t in weight.tensors()]
+    pointers = _pointers(weight)
     x_at, y_at = x2.data_ptr(), y.data_ptr()  # float32: 4 bytes per element
     for r in range(0, x2.shape[0], SLICE_ROWS):
         rows = min(SLICE_ROWS, x2.shape[0] - r)
@@ -346,28 +275,13 @@ class QuantEmbedding(_Quantised):
         return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)
 
 
-def requantize(weight: QuantWeight, kind: str, rows_per_slice: int = 4096) -> QuantWeight:
-    """``weight``'s values quantised again as ``kind`` (a cheaper draft from a GGUF file), a slice of rows at a time."""
-    n = weight.shape[0]
-    return stack([quantize(weight.dequantize(slice(r, r + rows_per_slice)), kind) for r in range(0, n, rows_per_slice)])
-
-
 def quantize_model(model: torch.nn.Module, kind: str) -> int:
-    """Quantise every linear layer of ``model`` as ``kind``: each nn.Linear whose width the kernel takes and each
-    QuantLinear (requantised) becomes a QuantLinear of ``kind``; return how many. A float input embedding keeps its
-    weights (a tied LM head gets its own quantised copy); a quantised one tied to the head stays tied to it, now as
-    ``kind``, rather than holding a second copy of the table."""
-    embedding = model.get_input_embeddings()
-    tied = isinstance(embedding, QuantEmbedding) and embedding.codes is getattr(model.get_output_embeddings(), "codes", None)
+    """Quantise every nn.Linear of ``model`` whose width the kernel takes as ``kind``, in place; return how many. The
+    input embedding keeps its weights (a tied LM head gets its own quantised copy). A GGUF file is requantised as
+    it is read instead (``from_gguf``'s ``requantize_to``)."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, QuantLinear) or (isinstance(child, torch.nn.Linear) and child.in_features % CHUNK == 0)]  # fmt: skip
+               if isinstance(child, torch.nn.Linear) and child.in_features % CHUNK == 0]  # fmt: skip
     for parent, name, child in targets:
         bias = None if child.bias is None else child.bias.detach()
-        if isinstance(child, QuantLinear):
-            weight = requantize(child.weight_q, kind)
-        else:
-            weight = quantize(child.weight.detach(), kind)
-        setattr(parent, name, QuantLinear(weight, bias))
-    if tied:
-        model.set_input_embeddings(QuantEmbedding(model.get_output_embeddings().weight_q, embedding.dtype))
+        setattr(parent, name, QuantLinear(quantize(child.weight.detach(), kind), bias))
     return len(targets)
