@@ -106,12 +106,18 @@ def attend_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, star
     kernel = dropout == 0.0 and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value))
     if n > ROW_WISE_MAX and first_end - start == 1:  # a prompt from its first token: one causal call
         out.copy_(attend(0, n, start, first_end + n - 1, True))
-    elif kernel and n <= ATTEND_ROWS_MAX:
+    elif kernel and not prompt_run(n, first_end - start - 1):
         ends = np.arange(first_end, first_end + n, dtype=np.int64)
         attend_rows(query, key, value, np.full_like(ends, start), ends, scale, out)
     else:
         for r in range(n):
             out[:, r : r + 1] = attend(r, r + 1, start, first_end + r, False)
+
+
+def prompt_run(n: int, cached: int) -> bool:
+    """Whether a run of ``n`` queries after ``cached`` keys is past attend_rows: a prompt (one causal call) or
+    longer than ATTEND_ROWS_MAX (a query at a time)."""
+    return (n > ROW_WISE_MAX and cached == 0) or n > ATTEND_ROWS_MAX
 
 
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, begin: ArrayLike, end: ArrayLike,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -89,6 +90,9 @@ class _Linear:
     weight: torch.Tensor | quant.QuantWeight  # float [N, K], or quantised
     bias: torch.Tensor | None  # float32 [N]
 
+    def __post_init__(self) -> None:
+        self._quantised = quant.Bound(self.weight, self.bias) if isinstance(self.weight, quant.QuantWeight) else None
+
     @classmethod
     def of(cls, module: torch.nn.Module) -> _Linear:
         bias = None if module.bias is None else module.bias.detach().to(torch.float32)
@@ -98,8 +102,8 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] float32 → [T, N] float32."""
-        if isinstance(self.weight, quant.QuantWeight):
-            return quant.linear(x, self.weight, self.bias)
+        if self._quantised is not None:
+            return self._quantised(x)
         if x.shape[0] <= linear.MAX_ROWS:
             return linear.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
@@ -198,10 +202,16 @@ class Decoder:
         self._grow_rotary(int(positions.max()) + 1)
         x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32).contiguous()  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
+        # A decode or verify row's queries each attend to the keys up to their own position (attention.attend_run's
+        # rule, which attend_rows applies, with the key spans built once for all layers); the rest go through
+        # attend_run itself.
+        key_spans = [None if attention.prompt_run(len(r.new), r.cached)
+                     else (np.zeros(len(r.new), np.int64), np.arange(r.cached + 1, r.cached + 1 + len(r.new), dtype=np.int64))
+                     for r in rows]  # fmt: skip
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms(x, layer.input_norm))
             _rope(qkv, self.heads + self.kv_heads, self.head_dim, positions, self.cos, self.sin)
-            x += layer.o(self._attention(i, qkv, rows, caches, spans))
+            x += layer.o(self._attention(i, qkv, rows, caches, spans, key_spans))
             x += layer.down(_silu_mul(layer.gate_up(self._rms(x, layer.post_norm))))
         for r, cache in zip(rows, caches):
             cache.length = r.cached + len(r.new)
@@ -214,18 +224,22 @@ class Decoder:
         logits = logits[:, :vocab_size]
         return caches, list(logits.split([len(r.want) for r in rows]))
 
-    def _attention(self, layer: int, qkv, rows, caches, spans) -> torch.Tensor:
+    def _attention(self, layer: int, qkv, rows, caches, spans, key_spans) -> torch.Tensor:
         """qkv [T, (heads + 2 kv_heads) · head_dim], q and k rotated → attention output [T, heads · head_dim];
-        writes the keys and values of the new tokens into each row's cache."""
+        writes the keys and values of the new tokens into each row's cache. ``key_spans``: per row, None (a prompt
+        run for attend_run) or the (begin, end) key arrays attend_rows takes, the same for every layer."""
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(-1, h + 2 * kv, d)
         out = qkv.new_empty(h, qkv.shape[0], d)
-        for r, cache, (a, b) in zip(rows, caches, spans):
+        for r, cache, (a, b), keys in zip(rows, caches, spans, key_spans):
             end = r.cached + len(r.new)
             cache.keys[layer, :, r.cached : end] = qkv[a:b, h : h + kv].transpose(0, 1)
             cache.values[layer, :, r.cached : end] = qkv[a:b, h + kv :].transpose(0, 1)
-            attention.attend_run(qkv[a:b, :h].transpose(0, 1), cache.keys[layer], cache.values[layer], 0, r.cached + 1,
-                                 None, out[:, a:b])  # fmt: skip
+            query = qkv[a:b, :h].transpose(0, 1)
+            if keys is None:
+                attention.attend_run(query, cache.keys[layer], cache.values[layer], 0, r.cached + 1, None, out[:, a:b])
+            else:
+                attention.attend_rows(query, cache.keys[layer], cache.values[layer], *keys, None, out[:, a:b])
         return out.transpose(0, 1).reshape(-1, h * d)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -203,21 +203,34 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
     Each activation row is quantised to int8 per 128 columns (scale max|x| / 127); every group's sum is exact.
     ``isa`` forces a path (default: this process's, ``specdec.models.isa.ISA``).
     """
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must have {k} features to match weight [{n}, {k}], got shape {tuple(x.shape)}")
-    path = isa_mod.code(isa)
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    b = 0 if bias is None else bias.to(torch.float32).contiguous().data_ptr()
-    pointers = _pointers(weight)
-    x_at, y_at = x2.data_ptr(), y.data_ptr()  # float32: 4 bytes per element
-    for r in range(0, x2.shape[0], SLICE_ROWS):
-        rows = min(SLICE_ROWS, x2.shape[0] - r)
-        _kernels.linear_quant(
-            x_at + 4 * r * k, *pointers, weight.bits, weight.group, weight.block, b, y_at + 4 * r * n, rows, n, k, path,
-        )  # fmt: skip
-    return y.reshape(*x.shape[:-1], n)
+    return Bound(weight, bias)(x, isa=isa)
+
+
+class Bound:
+    """``linear`` with its weight and bias fixed and their addresses looked up once: a decode step makes a hundred
+    and more such calls, each of a few hundred microseconds, so the per-call Python counts (`python
+    bench/verify_cost.py`)."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+        self._args = (*_pointers(weight), weight.bits, weight.group, weight.block,
+                      0 if self.bias is None else self.bias.data_ptr())  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+        n, k = self.weight.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x must have {k} features to match weight [{n}, {k}], got shape {tuple(x.shape)}")
+        path = isa_mod.code(isa)
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        x_at, y_at = x2.data_ptr(), y.data_ptr()  # float32: 4 bytes per element
+        for r in range(0, x2.shape[0], SLICE_ROWS):
+            rows = min(SLICE_ROWS, x2.shape[0] - r)
+            _kernels.linear_quant(x_at + 4 * r * k, *self._args, y_at + 4 * r * n, rows, n, k, path)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 class _Quantised(torch.nn.Module):
