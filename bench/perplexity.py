@@ -2,8 +2,10 @@
 
 The text is fixed and committed (bench/data/perplexity.txt: prose and Python code, a snapshot of the project's own
 docs/ARCHITECTURE.md and engine/gamma.py). It is scored in non-overlapping windows of --window tokens, each token
-given the ones before it in its window; perplexity = exp(mean negative log-likelihood). The same forwards time
-the prefill: tokens scored per second, for each precision, in the same run.
+given the ones before it in its window; perplexity = exp(mean negative log-likelihood). Both run through the
+engine's forward (``models.decoder.Decoder``: a window is a prompt chunk, so the quantised linears take the
+dequantise-and-GEMM path, ``quant.Bound.gemm``), and the same forwards time the prefill: tokens scored per second,
+for each precision, in the same run (every position's logits, where a prompt needs only its last).
 
     python bench/perplexity.py [--target FILE.gguf] [--window 512] [--json out.json]
 """
@@ -24,6 +26,8 @@ passive_waits()  # before torch loads OpenMP
 import torch
 
 from specdec.bench.environment import host_info, rss_bytes
+from specdec.models import ragged
+from specdec.models.decoder import Decoder
 from specdec.models.fetch import default_pair
 from specdec.models.loading import load_model
 
@@ -33,16 +37,18 @@ TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 def score(model, ids: list[int], window: int) -> tuple[float, int, float]:
     """(total negative log-likelihood, tokens scored, seconds in forwards)."""
     nll, scored, seconds = 0.0, 0, 0.0
+    decoder = Decoder(model)
+    vocab = model.get_output_embeddings().out_features
     with torch.inference_mode():
         for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start : start + window]])
-            if chunk.shape[1] < 2:
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
                 break
             t0 = time.perf_counter()
-            logits = model(chunk).logits[0, :-1].double()
+            _, [logits] = decoder.forward([ragged.Row(None, 0, chunk, list(range(len(chunk) - 1)))], vocab)
             seconds += time.perf_counter() - t0
-            nll -= torch.log_softmax(logits, -1).gather(1, chunk[0, 1:, None]).sum().item()
-            scored += chunk.shape[1] - 1
+            nll -= torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(chunk[1:])[:, None]).sum().item()
+            scored += len(chunk) - 1
     return nll, scored, seconds
 
 

@@ -167,6 +167,19 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "dequantize_rows",
+      [](uintptr_t codes, uintptr_t scales, uintptr_t mins, uintptr_t sub_scales, uintptr_t sub_mins, int bits, int group,
+         int block, int64_t n, int64_t k, int64_t r0, int64_t r1, uintptr_t out, bool bf16) {
+        if (!((bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32))))
+          throw std::invalid_argument("bits/group must be 4/32, 8/16 or 8/32");
+        if (k % specdec::kQuantChunk != 0 || block % group != 0) throw std::invalid_argument("k must be a multiple of 128");
+        if (r0 < 0 || r1 > n || r0 > r1) throw std::invalid_argument("rows must lie in [0, n)");
+        const specdec::QuantMatrix w{P<const uint8_t>(codes), P<const float>(scales), P<const float>(mins),
+                                     P<const int8_t>(sub_scales), P<const int8_t>(sub_mins), bits, group, block, n, k};
+        specdec::dequantize_rows(w, r0, r1, P<void>(out), bf16);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "quantize_weights",
       [](int kind, uintptr_t w, int64_t n, int64_t k, uintptr_t codes, uintptr_t scales, uintptr_t mins) {
         if (kind < 0 || kind > 1) throw std::invalid_argument("kind must be 0 (int8) or 1 (q4)");

@@ -201,6 +201,34 @@ def test_a_verify_equals_decode_steps_bit_for_bit(precision):
     assert not torch.equal(verify, steps)
 
 
+@pytest.mark.parametrize("precision", ["int8", "q4"])
+def test_a_prompt_row_takes_the_gemm_and_its_batch_changes_no_rows_bits(precision):
+    """A row of GEMM_ROWS or more new tokens (a prompt chunk) runs its quantised linears through the GEMM, the others
+    through the kernel, whatever they are batched with: each row's logits equal its logits alone, bit for bit, and
+    the prompt's agree with the model's own forward. The control: the same prompt one token short of GEMM_ROWS runs
+    through the kernel and gives other bits."""
+    model = qwen2(11, hidden=128)
+    quant.quantize_model(model, precision)
+    decoder = Decoder(model)
+    long = [int(t) for t in torch.randint(3, VOCAB, (quant.GEMM_ROWS + 6,), generator=torch.Generator().manual_seed(2))]
+    wants = list(range(0, len(long), 7))
+    with torch.inference_mode():
+        _, [alone] = decoder.forward([ragged.Row(None, 0, long, wants)], VOCAB)
+        cache, _ = decoder.forward([ragged.Row(None, 0, long[:9], [0])], VOCAB)
+        _, [short_alone] = decoder.forward([ragged.Row(cache[0], 9, long[9:12], [0, 1, 2])], VOCAB)
+        cache, _ = decoder.forward([ragged.Row(None, 0, long[:9], [0])], VOCAB)
+        _, [together, short_together] = decoder.forward(
+            [ragged.Row(None, 0, long, wants), ragged.Row(cache[0], 9, long[9:12], [0, 1, 2])], VOCAB)  # fmt: skip
+        model_logits = model(torch.tensor([long])).logits[0, wants]
+        _, [kernel_only] = decoder.forward([ragged.Row(None, 0, long[: quant.GEMM_ROWS - 1], [quant.GEMM_ROWS - 2])], VOCAB)
+        _, [gemm] = decoder.forward([ragged.Row(None, 0, long[: quant.GEMM_ROWS], [quant.GEMM_ROWS - 2])], VOCAB)
+    assert torch.equal(together, alone) and torch.equal(short_together, short_alone)
+    assert (alone - model_logits).abs().max() < 0.05 * model_logits.abs().max()
+    assert (alone.argmax(-1) == model_logits.argmax(-1)).float().mean() >= 0.9
+    # The causal prefix of one more token does not change position GEMM_ROWS − 2's logits, but the path does.
+    assert not torch.equal(kernel_only, gemm)
+
+
 def test_the_pointwise_kernels_match_torch_and_keep_each_rows_bits():
     """RMSNorm and SwiGLU's gate in C++ (csrc/decoder/pointwise.cpp): torch's values, finite at extreme gates, and a
     row's bits do not depend on the rows beside it. The control: a wrong epsilon is caught."""

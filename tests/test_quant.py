@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gguf_files import random_blocks, write_gguf
+from specdec import _kernels
 from specdec.models import isa, quant
 from specdec.models.gguf_tensors import read_tensors
 from specdec.engine import Engine, EngineConfig
@@ -117,6 +118,29 @@ def test_kernel_rows_are_bit_identical_for_1_to_32_rows(path):
         for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 31]:
             assert torch.equal(quant.linear(x[:m], w, isa=path), full[:m]), (name, path, m)
         assert torch.equal(quant.linear(x[9:10], w, isa=path), full[9:10]), (name, path)
+
+
+@pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q8_0", "Q6_K", "q4"])
+def test_the_gemm_path_dequantises_exactly_and_multiplies_within_its_rounding(layout):
+    """Bound.gemm: each tile dequantised in C++ holds the weight's values exactly (rounded to nearest even where the
+    GEMM runs in bfloat16), and the product stays within that dtype's rounding of x and w; the control, a weight
+    with one scale changed, does not."""
+    w = layouts()[layout]
+    dtype = quant.gemm_dtype()
+    bound = quant.Bound(w, torch.randn(40))
+    out = torch.empty(40, 768, dtype=dtype)
+    _kernels.dequantize_rows(*bound._weight_args, 40, 768, 0, 40, out.data_ptr(), dtype == torch.bfloat16)
+    assert torch.equal(out, w.dequantize().to(dtype))
+    x = torch.randn(70, 768, generator=torch.Generator().manual_seed(8))
+    exact = x.double() @ w.dequantize().double().t() + bound.bias.double()
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23  # relative rounding of inputs and output
+    bound_err = 3 * eps * (x.double().abs() @ w.dequantize().double().abs().t()) + 1e-6
+    y = bound.gemm(x)
+    assert y.dtype == torch.float32 and y.is_contiguous() and ((y.double() - exact).abs() <= bound_err).all()
+    scales = w.scales.clone()
+    scales[5] *= 1.5
+    wrong = quant.Bound(dataclasses.replace(w, scales=scales), bound.bias)
+    assert not ((wrong.gemm(x).double() - exact).abs() <= bound_err).all()
 
 
 def test_a_forced_path_the_cpu_lacks_is_refused():

@@ -238,4 +238,61 @@ void requantize_gguf(GgufType type, const uint8_t* raw, int64_t n, int64_t k, Qu
   });
 }
 
+namespace {
+
+// Row j of w in weight order, the values QuantWeight.dequantize gives (code · scale − min, in float32).
+SD_CLONES void dequantize_row(const QuantMatrix& w, int64_t j, float* out) {
+  const int64_t groups = w.k / w.group, blocks = w.k / w.block, per = w.block / w.group, wl = w.group / 4;
+  const uint8_t* codes = w.codes + j * (w.k * w.bits / 8);
+  for (int64_t c = 0; c < w.k / kQuantChunk; ++c) {
+    int8_t stored[kQuantChunk];
+    if (w.bits == 4) {
+      const uint8_t* b = codes + c * kQuantChunk / 2;
+      for (int64_t i = 0; i < kQuantChunk / 2; ++i) {
+        stored[i] = static_cast<int8_t>(b[i] & 15);
+        stored[kQuantChunk / 2 + i] = static_cast<int8_t>(b[i] >> 4);
+      }
+    } else {
+      std::memcpy(stored, codes + c * kQuantChunk, kQuantChunk);
+    }
+    for (int64_t lane = 0; lane < 32 / wl; ++lane) {  // chunk_position: lane block `lane` of each vector is one group
+      const int64_t g = c * (kQuantChunk / w.group) + lane;
+      const float scale = w.sub_scales ? w.scales[j * blocks + g / per] * static_cast<float>(w.sub_scales[j * groups + g])
+                                       : w.scales[j * groups + g];
+      const float min = !w.mins ? 0.0f
+                        : w.sub_mins ? w.mins[j * blocks + g / per] * static_cast<float>(w.sub_mins[j * groups + g])
+                                     : w.mins[j * groups + g];
+      for (int64_t v = 0; v < 4; ++v)
+        for (int64_t i = 0; i < wl; ++i)
+          out[c * kQuantChunk + w.group * lane + wl * v + i] = static_cast<float>(stored[32 * v + wl * lane + i]) * scale - min;
+    }
+  }
+}
+
+// float32 → bfloat16, rounding to nearest even (as torch's conversion does; weights are finite).
+SD_CLONES void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    out[i] = static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  }
+}
+
+}  // namespace
+
+void dequantize_rows(const QuantMatrix& w, int64_t r0, int64_t r1, void* out, bool bf16) {
+  constexpr int64_t kRowsPerTask = 16;
+  parallel_run((r1 - r0 + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task, int) {
+    std::vector<float> row(bf16 ? w.k : 0);
+    for (int64_t j = r0 + task * kRowsPerTask; j < std::min(r1, r0 + (task + 1) * kRowsPerTask); ++j) {
+      if (!bf16) {
+        dequantize_row(w, j, static_cast<float*>(out) + (j - r0) * w.k);
+        continue;
+      }
+      dequantize_row(w, j, row.data());
+      to_bf16(row.data(), w.k, static_cast<uint16_t*>(out) + (j - r0) * w.k);
+    }
+  });
+}
+
 }  // namespace specdec

@@ -1,8 +1,10 @@
 // Weights into the quantised kernel's layout (quant.hpp): GGUF tensors value for value, and float weights quantised
-// at load. See pack.cpp.
+// at load; and back out to floats. See pack.cpp.
 #pragma once
 
 #include <cstdint>
+
+#include "linear/quant.hpp"
 
 namespace specdec {
 
@@ -38,5 +40,9 @@ void quantize_weights(QuantKind kind, const float* w, int64_t n, int64_t k, cons
 // values, exactly as stored, are quantised without a float copy of the tensor. The same bits as quantize_weights
 // over the dequantised rows.
 void requantize_gguf(GgufType type, const uint8_t* raw, int64_t n, int64_t k, QuantKind kind, const PackOut& out);
+
+// And back out: rows [r0, r1) of w in weight order, out float32 (or bfloat16 where `bf16`) [r1 − r0, k], the values
+// w = scale · code − min exactly (bfloat16: those rounded to nearest even). For a GEMM over many rows (a prefill).
+void dequantize_rows(const QuantMatrix& w, int64_t r0, int64_t r1, void* out, bool bf16);
 
 }  // namespace specdec

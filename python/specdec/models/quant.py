@@ -19,11 +19,13 @@ per group, or, for the K-quants, two-level as stored: an int8 sub-scale per grou
 the same format from float weights (``--dtype int8``: symmetric 8-bit, ``q4``: 4-bit with a min, groups of 32).
 
 The kernel quantises each row of activations to int8 per chunk of 128 columns and sums every group exactly in
-int32, so a forward of 1-32 rows gives the same bits per row as one row (batch-invariant); see ``linear``.
+int32, so a forward of 1-32 rows gives the same bits per row as one row (batch-invariant); see ``linear``. Many
+rows (a prefill) take ``Bound.gemm`` instead: the weight dequantised exactly, a tile at a time, into torch's GEMM.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,26 +205,35 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
     Each activation row is quantised to int8 per 128 columns (scale max|x| / 127); every group's sum is exact.
     ``isa`` forces a path (default: this process's, ``specdec.models.isa.ISA``).
     """
-    return Bound(weight, bias)(x, isa=isa)
+    return Bound(weight, bias).kernel(x, isa=isa)
 
 
 class Bound:
     """``linear`` with its weight and bias fixed and their addresses looked up once: a decode step makes a hundred
     and more such calls, each of a few hundred microseconds, so the per-call Python counts (`python
-    bench/verify_cost.py`)."""
+    bench/verify_cost.py`).
+
+    ``kernel`` runs the small-M kernel (batch-invariant: a row's bits do not depend on the other rows); ``gemm``
+    dequantises the weight a tile at a time and multiplies with torch's GEMM, which many rows (a prefill) keep
+    busy where the kernel would be bound by its per-row work (``GEMM_ROWS``)."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
-        self._args = (*_pointers(weight), weight.bits, weight.group, weight.block,
-                      0 if self.bias is None else self.bias.data_ptr())  # fmt: skip
+        self._weight_args = (*_pointers(weight), weight.bits, weight.group, weight.block)
+        self._args = (*self._weight_args, 0 if self.bias is None else self.bias.data_ptr())
 
-    def __call__(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.weight.shape
         if x.shape[-1] != k:
             raise ValueError(f"x must have {k} features to match weight [{n}, {k}], got shape {tuple(x.shape)}")
+        return x.reshape(-1, k)
+
+    def kernel(self, x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+        """x [..., K] → [..., N] float32 through the small-M kernel on ``isa`` (default: this process's path)."""
+        n, k = self.weight.shape
+        x2 = self._rows(x)
         path = isa_mod.code(isa)
-        x2 = x.reshape(-1, k)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
         y = torch.empty(x2.shape[0], n, dtype=torch.float32)
@@ -231,6 +242,39 @@ class Bound:
             rows = min(SLICE_ROWS, x2.shape[0] - r)
             _kernels.linear_quant(x_at + 4 * r * k, *self._args, y_at + 4 * r * n, rows, n, k, path)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] → [..., N] float32: the weight dequantised exactly a tile of rows at a time (to bfloat16 where
+        ``gemm_dtype`` says so) and multiplied by torch's GEMM in that dtype."""
+        n, k = self.weight.shape
+        x2 = self._rows(x)
+        dtype = gemm_dtype()
+        xd = x2.to(dtype)
+        tile = max(1, min(n, GEMM_TILE // k))
+        buf = torch.empty(tile, k, dtype=dtype)
+        yt = torch.empty(n, x2.shape[0], dtype=dtype)  # y transposed: each tile's rows land contiguous
+        for j0 in range(0, n, tile):
+            j1 = min(n, j0 + tile)
+            _kernels.dequantize_rows(*self._weight_args, n, k, j0, j1, buf.data_ptr(), dtype == torch.bfloat16)
+            torch.mm(buf[: j1 - j0], xd.t(), out=yt[j0:j1])
+        y = yt.t().to(torch.float32, memory_format=torch.contiguous_format)  # row-major, as the kernels read it
+        if self.bias is not None:
+            y += self.bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+# New tokens of a row from which the lean forward multiplies its rows by Bound.gemm: where the kernel's per-row work
+# outweighs dequantising the weight (`python bench/linear_rows.py --rows 16,32,64,128` prints both).
+GEMM_ROWS = 64
+GEMM_TILE = 1 << 21  # weights per dequantised tile: 4 MiB of bfloat16, a tile and the activations stay in cache
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """bfloat16 where this process takes the AVX-512 path on a CPU with bfloat16 arithmetic (AMX or AVX-512 BF16),
+    whose GEMM is several times float32's; float32 elsewhere (as on an AVX2 host, or with SPECDEC_ISA=avx2)."""
+    fast = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if fast and isa_mod.ISA == "avx512" else torch.float32
 
 
 class _Quantised(torch.nn.Module):
