@@ -240,9 +240,11 @@ void requantize_gguf(GgufType type, const uint8_t* raw, int64_t n, int64_t k, Qu
 
 namespace {
 
-// Row j of w in weight order, the values QuantWeight.dequantize gives (code · scale − min, in float32).
-SD_CLONES void dequantize_row(const QuantMatrix& w, int64_t j, float* out) {
-  const int64_t groups = w.k / w.group, blocks = w.k / w.block, per = w.block / w.group, wl = w.group / 4;
+// Row j of w in weight order, the values QuantWeight.dequantize gives (code · scale − min, in float32). The codes
+// are first put back in weight order (chunk_position moves runs of group / 4 bytes), so that the arithmetic runs
+// over contiguous groups and vectorises.
+SD_CLONES void dequantize_row(const QuantMatrix& w, int64_t j, int8_t* code, float* out) {
+  const int64_t groups = w.k / w.group, blocks = w.k / w.block, per = w.block / w.group, run = w.group / 4;
   const uint8_t* codes = w.codes + j * (w.k * w.bits / 8);
   for (int64_t c = 0; c < w.k / kQuantChunk; ++c) {
     int8_t stored[kQuantChunk];
@@ -255,17 +257,18 @@ SD_CLONES void dequantize_row(const QuantMatrix& w, int64_t j, float* out) {
     } else {
       std::memcpy(stored, codes + c * kQuantChunk, kQuantChunk);
     }
-    for (int64_t lane = 0; lane < 32 / wl; ++lane) {  // chunk_position: lane block `lane` of each vector is one group
-      const int64_t g = c * (kQuantChunk / w.group) + lane;
-      const float scale = w.sub_scales ? w.scales[j * blocks + g / per] * static_cast<float>(w.sub_scales[j * groups + g])
-                                       : w.scales[j * groups + g];
-      const float min = !w.mins ? 0.0f
-                        : w.sub_mins ? w.mins[j * blocks + g / per] * static_cast<float>(w.sub_mins[j * groups + g])
-                                     : w.mins[j * groups + g];
-      for (int64_t v = 0; v < 4; ++v)
-        for (int64_t i = 0; i < wl; ++i)
-          out[c * kQuantChunk + w.group * lane + wl * v + i] = static_cast<float>(stored[32 * v + wl * lane + i]) * scale - min;
-    }
+    for (int64_t p = 0; p < kQuantChunk; p += run)  // a run of `run` stored bytes is a run of weights
+      std::memcpy(code + c * kQuantChunk + chunk_position(p, w.group), stored + p, static_cast<size_t>(run));
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = w.sub_scales ? w.scales[j * blocks + g / per] * static_cast<float>(w.sub_scales[j * groups + g])
+                                     : w.scales[j * groups + g];
+    const float min = !w.mins ? 0.0f
+                      : w.sub_mins ? w.mins[j * blocks + g / per] * static_cast<float>(w.sub_mins[j * groups + g])
+                                   : w.mins[j * groups + g];
+    const int8_t* cg = code + g * w.group;
+    float* og = out + g * w.group;
+    for (int64_t i = 0; i < w.group; ++i) og[i] = static_cast<float>(cg[i]) * scale - min;
   }
 }
 
@@ -284,12 +287,13 @@ void dequantize_rows(const QuantMatrix& w, int64_t r0, int64_t r1, void* out, bo
   constexpr int64_t kRowsPerTask = 16;
   parallel_run((r1 - r0 + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task, int) {
     std::vector<float> row(bf16 ? w.k : 0);
+    std::vector<int8_t> code(w.k);
     for (int64_t j = r0 + task * kRowsPerTask; j < std::min(r1, r0 + (task + 1) * kRowsPerTask); ++j) {
       if (!bf16) {
-        dequantize_row(w, j, static_cast<float*>(out) + (j - r0) * w.k);
+        dequantize_row(w, j, code.data(), static_cast<float*>(out) + (j - r0) * w.k);
         continue;
       }
-      dequantize_row(w, j, row.data());
+      dequantize_row(w, j, code.data(), row.data());
       to_bf16(row.data(), w.k, static_cast<uint16_t*>(out) + (j - r0) * w.k);
     }
   });

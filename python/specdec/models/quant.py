@@ -266,15 +266,20 @@ class Bound:
 # New tokens of a row from which the lean forward multiplies its rows by Bound.gemm: where the kernel's per-row work
 # outweighs dequantising the weight (`python bench/linear_rows.py --rows 16,32,64,128` prints both).
 GEMM_ROWS = 64
-GEMM_TILE = 1 << 21  # weights per dequantised tile: 4 MiB of bfloat16, a tile and the activations stay in cache
+# Weights per dequantised tile (16 MiB of bfloat16): fewer, larger GEMM calls beat cache-sized tiles, as
+# `python bench/long_prompt.py` measures the prefill.
+GEMM_TILE = 1 << 23
 
 
-@functools.cache
 def gemm_dtype() -> torch.dtype:
     """bfloat16 where this process takes the AVX-512 path on a CPU with bfloat16 arithmetic (AMX or AVX-512 BF16),
     whose GEMM is several times float32's; float32 elsewhere (as on an AVX2 host, or with SPECDEC_ISA=avx2)."""
-    fast = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return torch.bfloat16 if fast and isa_mod.ISA == "avx512" else torch.float32
+    return torch.bfloat16 if _bf16_arithmetic() and isa_mod.ISA == "avx512" else torch.float32
+
+
+@functools.cache
+def _bf16_arithmetic() -> bool:
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 class _Quantised(torch.nn.Module):
