@@ -197,6 +197,7 @@ class Scheduler:
         self._waiting: deque[Handle] = deque()
         self._running: list[Handle] = []
         self._unread: list[Handle] = []  # out of the batch until their consumer catches up
+        self._ending: list[Handle] = []  # reaped, their caches being freed: still busy until they are
         self._jobs: deque[_Job] = deque()
         self._job_running: _Job | None = None
         self._closed = False
@@ -232,7 +233,8 @@ class Scheduler:
     def busy(self) -> bool:
         """True while any request or job is queued, running or being started."""
         with self._cv:
-            return bool(self._inbox or self._waiting or self._running or self._unread or self._jobs or self._job_running)
+            return bool(self._inbox or self._waiting or self._running or self._unread or self._ending or self._jobs
+                        or self._job_running)  # fmt: skip
 
     def snapshot(self) -> dict[str, int]:
         """Read-only counts: queued, running, jobs, and started sequences still unfinished or holding a KV cache.
@@ -382,6 +384,7 @@ class Scheduler:
             self._waiting = deque(h for h in self._waiting if h not in ended)
             self._running = [h for h in self._running if h not in ended]
             self._unread = [h for h in self._unread if h not in ended]
+            self._ending = ended
         for h in ended:
             reason = self._end_reason(h, now)
             try:
@@ -389,6 +392,8 @@ class Scheduler:
             except Exception:
                 log.exception("engine.finish failed for request %s", h.request_id)
             self._complete(h, reason)
+        with self._cv:
+            self._ending = []
 
     def _admit(self) -> None:
         with self._cv:
