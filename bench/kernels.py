@@ -31,9 +31,9 @@ import statistics
 import sys
 import time
 
-from specdec.openmp import passive_waits
+from specdec import torch_env
 
-passive_waits()  # before torch loads OpenMP
+torch_env.prepare()  # before torch loads its libraries
 
 # ruff: noqa: E402
 import numpy as np

@@ -15,9 +15,9 @@ import statistics
 import time
 from dataclasses import replace
 
-from specdec.openmp import passive_waits
+from specdec import torch_env
 
-passive_waits()  # before torch loads OpenMP
+torch_env.prepare()  # before torch loads its libraries
 
 # ruff: noqa: E402
 from specdec.engine import core as engine_module

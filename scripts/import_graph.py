@@ -20,7 +20,7 @@ from pathlib import Path
 # Bottom first. A module belongs to the entry that names it or a package above it; the top-level package
 # ``specdec`` itself (its __init__) is at the bottom and imports nothing of its own.
 LAYERS: list[tuple[str, ...]] = [
-    ("specdec", "specdec.types", "specdec.openmp", "specdec.v1", "specdec._kernels"),
+    ("specdec", "specdec.types", "specdec.torch_env", "specdec.v1", "specdec._kernels"),
     ("specdec.kernels",),
     ("specdec.tt",),
     ("specdec.backends",),

@@ -4,6 +4,9 @@ stored (specdec.models.quant, specdec.models.gguf_load)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from gguf_files import random_blocks, write_gguf
-from specdec import _kernels
+from specdec import _kernels, torch_env
 from specdec.models import isa, quant
 from specdec.models.gguf_tensors import read_tensors
 from specdec.engine import Engine, EngineConfig
@@ -120,11 +123,13 @@ def test_kernel_rows_are_bit_identical_for_1_to_32_rows(path):
         assert torch.equal(quant.linear(x[9:10], w, isa=path), full[9:10]), (name, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q8_0", "Q6_K", "q4"])
-def test_the_gemm_path_dequantises_exactly_and_multiplies_within_its_rounding(layout):
-    """Bound.gemm: each tile dequantised in C++ holds the weight's values exactly (rounded to nearest even where the
-    GEMM runs in bfloat16), and the product stays within that dtype's rounding of x and w; the control, a weight
-    with one scale changed, does not."""
+def test_the_gemm_path_dequantises_exactly_and_multiplies_within_its_rounding(layout, path, monkeypatch):
+    """Bound.gemm, on every path (each picks its GEMM's dtype): each tile dequantised in C++ holds the weight's values
+    exactly (rounded to nearest even where the GEMM runs in bfloat16), and the product, row-major, stays within that
+    dtype's rounding of x and w; the control, a weight with one scale changed, does not."""
+    monkeypatch.setattr(isa, "ISA", path)
     w = layouts()[layout]
     dtype = quant.gemm_dtype()
     bound = quant.Bound(w, torch.randn(40))
@@ -322,3 +327,16 @@ def test_quantize_holds_the_formulas_values_with_ties_to_even(kind):
     assert torch.equal(q.dequantize(), _reference_quantize(w, kind))
     away = lambda t: torch.sign(t) * torch.floor(t.abs() + 0.5)  # noqa: E731
     assert not torch.equal(q.dequantize(), _reference_quantize(w, kind, away))
+
+
+@pytest.mark.parametrize("forced, capability", [("avx2", "AVX2"), ("", None)])
+def test_a_forced_avx2_path_holds_torchs_own_kernels_to_avx2(forced, capability):
+    """torch_env.prepare under SPECDEC_ISA=avx2 caps ATen (and oneDNN, MKL) at AVX2 before torch loads; without it
+    (the control) torch keeps the capability it detects."""
+    code = "from specdec import torch_env; torch_env.prepare(); import torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = {k: v for k, v in os.environ.items() if k not in torch_env.AVX2_CAPS} | {"SPECDEC_ISA": forced}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if capability is None:
+        assert out == torch.backends.cpu.get_cpu_capability()
+    else:
+        assert out == capability

@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from specdec.openmp import passive_waits
+from specdec import torch_env
 from specdec.types import GAMMA_LIMIT, PRECISIONS, Method
 
 DEFAULT_PORT = 50051
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in ("serve", "bench"):  # they run the engine: before anything loads torch
-        passive_waits()
+        torch_env.prepare()
     parser = build_parser(command)
     args = parser.parse_args(argv)
     try:

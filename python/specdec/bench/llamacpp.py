@@ -5,7 +5,7 @@ source), in the benchmark's own process: the same prompt ids, the same number of
 (greedy: top-1 with no repetition penalty) and the same thread count, interleaved with specdec's runs.
 
 Build it without OpenMP (``CMAKE_ARGS="-DGGML_OPENMP=OFF"``): specdec makes OpenMP threads sleep when idle
-(``specdec.openmp``), and an OpenMP llama.cpp in the same process inherits that and loses a quarter of its decode
+(``specdec.torch_env``), and an OpenMP llama.cpp in the same process inherits that and loses a quarter of its decode
 speed, which would flatter specdec. The report records which build ran (``llamacpp_openmp``).
 """
 

@@ -257,7 +257,8 @@ class Bound:
             j1 = min(n, j0 + tile)
             _kernels.dequantize_rows(*self._weight_args, n, k, j0, j1, buf.data_ptr(), dtype == torch.bfloat16)
             torch.mm(buf[: j1 - j0], xd.t(), out=yt[j0:j1])
-        y = yt.t().to(torch.float32, memory_format=torch.contiguous_format)  # row-major, as the kernels read it
+        # Row-major, as the kernels read it (`to` with an unchanged dtype would hand back the transposed view).
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32).copy_(yt.t())
         if self.bias is not None:
             y += self.bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
