@@ -204,8 +204,9 @@ def test_a_verify_equals_decode_steps_bit_for_bit(precision):
 @pytest.mark.parametrize("path", isa.supported())
 @pytest.mark.parametrize("precision", ["int8", "q4"])
 def test_a_prompt_row_takes_the_gemm_and_its_batch_changes_no_rows_bits(precision, path, monkeypatch):
-    """A row of GEMM_ROWS or more new tokens (a prompt chunk) runs its quantised linears through the GEMM, the others
-    through the kernel, whatever they are batched with: each row's logits equal its logits alone, bit for bit, and
+    """A row's whole aligned blocks of GEMM_ROWS new positions (a prompt chunk's) run the quantised linears through
+    a GEMM each, its other positions through the kernel, whatever the row is batched with: each row's logits equal
+    its logits alone, bit for bit, and
     the prompt's agree with the model's float64 forward, on every path (each picks its GEMM's dtype). The control: the
     same prompt one token short of GEMM_ROWS runs through the kernel and gives other bits."""
     monkeypatch.setattr(isa, "ISA", path)
@@ -233,6 +234,34 @@ def test_a_prompt_row_takes_the_gemm_and_its_batch_changes_no_rows_bits(precisio
     assert (alone - exact_logits).abs().max() < 0.03 * exact_logits.abs().max()
     # The causal prefix of one more token does not change position GEMM_ROWS − 2's logits, but the path does.
     assert not torch.equal(kernel_only, gemm)
+
+
+@pytest.mark.parametrize("precision", ["float", "q4"])
+def test_a_prompts_bits_do_not_depend_on_where_its_chunks_begin_at_block_boundaries(precision):
+    """What a cached prefix relies on: a prompt prefilled in one forward, or in chunks that begin at multiples of
+    GEMM_ROWS (as a prefix cache's hit and the chunked prefill make them), gives the same keys, values and logits
+    bit for bit. The control: a chunk beginning inside a block computes that block's positions otherwise."""
+    model = qwen2(13, hidden=128)
+    if precision != "float":
+        quant.quantize_model(model, precision)
+    decoder = Decoder(model)
+    size = quant.GEMM_ROWS
+    prompt = [int(t) for t in torch.randint(3, VOCAB, (3 * size + 9,), generator=torch.Generator().manual_seed(4))]
+
+    def chunked(bounds: list[int]) -> tuple[lean.KVCache, torch.Tensor]:
+        cache, cuts = None, [0, *bounds, len(prompt)]
+        with torch.inference_mode():
+            for a, b in zip(cuts, cuts[1:]):
+                [cache], [logits] = decoder.forward([ragged.Row(cache, a, prompt[a:b], [b - a - 1])], VOCAB)
+        return cache, logits
+
+    whole_cache, whole = chunked([])
+    for bounds in ([size], [2 * size], [size, 3 * size]):
+        cache, logits = chunked(bounds)
+        assert torch.equal(logits, whole), bounds
+        assert torch.equal(cache.keys[:, :, : len(prompt)], whole_cache.keys[:, :, : len(prompt)]), bounds
+    _, off_block = chunked([size + 5])
+    assert not torch.equal(off_block, whole)
 
 
 def test_the_pointwise_kernels_match_torch_and_keep_each_rows_bits():

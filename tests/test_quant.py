@@ -127,8 +127,8 @@ def test_kernel_rows_are_bit_identical_for_1_to_32_rows(path):
 @pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q8_0", "Q6_K", "q4"])
 def test_the_gemm_path_dequantises_exactly_and_multiplies_within_its_rounding(layout, path, monkeypatch):
     """Bound.gemm, on every path (each picks its GEMM's dtype): each tile dequantised in C++ holds the weight's values
-    exactly (rounded to nearest even where the GEMM runs in bfloat16), and the product, row-major, stays within that
-    dtype's rounding of x and w; the control, a weight with one scale changed, does not."""
+    exactly (rounded to nearest even where the GEMM runs in bfloat16), and each block's product stays within that
+    dtype's rounding of x and w, whatever the other blocks; the control, a weight with one scale changed, does not."""
     monkeypatch.setattr(isa, "ISA", path)
     w = layouts()[layout]
     dtype = quant.gemm_dtype()
@@ -140,12 +140,18 @@ def test_the_gemm_path_dequantises_exactly_and_multiplies_within_its_rounding(la
     exact = x.double() @ w.dequantize().double().t() + bound.bias.double()
     eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23  # relative rounding of inputs and output
     bound_err = 3 * eps * (x.double().abs() @ w.dequantize().double().abs().t()) + 1e-6
-    y = bound.gemm(x)
-    assert y.dtype == torch.float32 and y.is_contiguous() and ((y.double() - exact).abs() <= bound_err).all()
+    blocks = [(0, 64), (64, 70)]
+    y = torch.full((70, 40), float("nan"))
+    bound.gemm(x, blocks, y)
+    assert ((y.double() - exact).abs() <= bound_err).all()
+    y_alone = torch.full((70, 40), float("nan"))
+    bound.gemm(x, blocks[1:], y_alone)  # a block's bits do not depend on the other blocks; rows outside stay as they were
+    assert torch.equal(y_alone[64:], y[64:]) and y_alone[:64].isnan().all()
     scales = w.scales.clone()
     scales[5] *= 1.5
     wrong = quant.Bound(dataclasses.replace(w, scales=scales), bound.bias)
-    assert not ((wrong.gemm(x).double() - exact).abs() <= bound_err).all()
+    wrong.gemm(x, blocks, y)
+    assert not ((y.double() - exact).abs() <= bound_err).all()
 
 
 def test_a_forced_path_the_cpu_lacks_is_refused():

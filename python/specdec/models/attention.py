@@ -15,9 +15,11 @@ flip a greedy token. Per sequence, the queries split into runs that share their 
 prefill, or the new tokens of one row): a run of more than ``ROW_WISE_MAX`` queries with no cached keys before it (a
 prefill) attends in one causal call, as a prompt alone does; any other run one query at a time, each over the keys
 up to its own position: a decode step's query or a verify's (at most ``ATTEND_ROWS_MAX``) through ``attend_rows``,
-in one kernel call for the run, and a longer run (a later chunk of a chunked prefill) through torch's kernel a
-query at a time. So a verify equals decode steps, and a request's tokens do not depend on its neighbours
-(``python bench/verify_cost.py`` and ``specdec loadtest`` check both).
+in one kernel call for the run, and a longer run through torch's kernel a query at a time. So a verify equals
+decode steps, and a request's tokens do not depend on its neighbours (``python bench/verify_cost.py`` and
+``specdec loadtest`` check both). The lean forward's prompt chunks go through ``attend_prompt`` instead: a masked
+call per whole aligned block of positions, the rest by the rules above, so that a position's bits do not depend on
+where its chunk began either.
 """
 
 from __future__ import annotations
@@ -112,6 +114,33 @@ def attend_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, star
     else:
         for r in range(n):
             out[:, r : r + 1] = attend(r, r + 1, start, first_end + r, False)
+
+
+def attend_prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cached: int, block: int,
+                  scale: float | None, out: torch.Tensor) -> None:
+    """A prompt chunk of one sequence: its n queries at positions [cached, cached + n), each attending the keys up to
+    its own position. Each whole aligned block of ``block`` positions attends in one masked call of its own, the
+    other positions (a tail, or a head before the first block boundary) through ``attend_run``; so a position's bits
+    do not depend on where its chunk began, as long as chunks begin at block boundaries (what a cached prefix relies
+    on, beside ``decoder.RowPlan``).
+
+    query, out [H, n, D] and key, value [H_kv, L, D] (L ≥ cached + n); writes ``out``.
+    """
+    end = cached + query.shape[1]
+    first, last = -(-cached // block) * block, end // block * block
+    if first >= last:  # no whole block: the run as before
+        attend_run(query, key, value, 0, cached + 1, scale, out)
+        return
+    gqa = key.shape[0] != query.shape[0]
+    for b in range(first, last, block):
+        i = b - cached
+        mask = torch.ones(block, b + block, dtype=torch.bool).tril(b)  # query b + r sees keys [0, b + r]
+        out[:, i : i + block] = F.scaled_dot_product_attention(
+            query[None, :, i : i + block], key[None, :, : b + block], value[None, :, : b + block], attn_mask=mask,
+            scale=scale, enable_gqa=gqa)[0]  # fmt: skip
+    for lo, hi in ((cached, first), (last, end)):  # the head before the first block, the tail after the last
+        if hi > lo:
+            attend_run(query[:, lo - cached : hi - cached], key, value, 0, lo + 1, scale, out[:, lo - cached : hi - cached])
 
 
 def prompt_run(n: int, cached: int) -> bool:

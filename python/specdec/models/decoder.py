@@ -11,10 +11,11 @@ that is a large share of the step (`python bench/verify_cost.py` times both forw
 - ragged rows without padding: the linear layers take every row's new tokens at once, and each row attends on its
   own cache through ``attention.attend_run``, so a row's bits do not depend on its neighbours and a verify of k
   tokens equals k decode steps (with the small-M kernels' batch invariance);
-- a prompt chunk (a row of at least ``quant.GEMM_ROWS`` new tokens) multiplies its quantised linears by a GEMM of
-  its own over the weights dequantised a tile at a time (``quant.Bound.gemm``, bfloat16 where the CPU has it),
-  where the kernel's per-row work would bound it; every other row takes the kernel, so no row's bits depend on
-  what it is batched with;
+- a prompt's positions in whole aligned blocks of ``quant.GEMM_ROWS`` (``RowPlan``) multiply each linear by a GEMM
+  per block, quantised weights dequantised a tile at a time (``quant.Bound.gemm``, bfloat16 where the CPU has it),
+  where the kernel's per-row work would bound it; every other row takes the kernel. No row's bits depend on what
+  it is batched with or on where its prompt's chunks began, so a cached prefix holds the bits a cold prefill
+  computes;
 - float32 activations, the small-M kernel's input and output type;
 - optionally a reduced vocabulary (``vocab``, for a draft, as FR-Spec and EAGLE-3 do): the LM head scores only
   those ids and every other id gets probability 0. The target decides every token, so the output is unchanged;
@@ -104,21 +105,60 @@ class _Linear:
             return cls(module.weight_q, bias)
         return cls(module.weight.detach(), bias)
 
-    def __call__(self, x: torch.Tensor, gemm_spans: list[tuple[int, int]] = ()) -> torch.Tensor:
-        """x [T, K] float32 → [T, N] float32. Quantised: the rows of each span in ``gemm_spans`` (a prompt's tokens,
-        the last rows of x) through one GEMM each, whose bits depend on its row count; the rows before them through
-        the batch-invariant kernel."""
+    def __call__(self, x: torch.Tensor, plan: RowPlan | None = None) -> torch.Tensor:
+        """x [T, K] float32 → [T, N] float32: the blocks of ``plan`` through a GEMM each (whose bits depend on its
+        rows alone), its other rows through the batch-invariant kernel. Without a plan: quantised weights through
+        the kernel; float ones through the kernel up to linear.MAX_ROWS rows, else one GEMM (an LM head scoring a
+        whole text)."""
+        if plan is None or not plan.blocks:
+            if plan is not None or self._quantised is not None or x.shape[0] <= linear.MAX_ROWS:
+                return self._kernel(x)
+            return self._float_gemm(x)
+        out = torch.empty(x.shape[0], self.weight.shape[0], dtype=torch.float32)
+        if len(plan.kernel):
+            out[plan.kernel] = self._kernel(x[plan.kernel])
         if self._quantised is not None:
-            if not gemm_spans:
-                return self._quantised.kernel(x)
-            first = gemm_spans[0][0]
-            parts = [self._quantised.kernel(x[:first])] if first else []
-            parts += [self._quantised.gemm(x[a:b]) for a, b in gemm_spans]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        if x.shape[0] <= linear.MAX_ROWS:
-            return linear.linear(x, self.weight, self.bias)
+            self._quantised.gemm(x, plan.blocks, out)
+        else:
+            for a, b in plan.blocks:
+                out[a:b] = self._float_gemm(x[a:b])
+        return out
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self._quantised is not None:
+            return self._quantised.kernel(x)
+        return linear.linear(x, self.weight, self.bias)
+
+    def _float_gemm(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How a forward's rows of activations [T, ·] meet the linear layers: ``blocks`` are (start, end) row spans, each
+    a whole aligned block of quant.GEMM_ROWS positions of one sequence, each multiplied by a GEMM of its own;
+    ``kernel`` [T − rows in blocks] int64 indexes every other row, which takes the batch-invariant kernel. A row's
+    bits thus depend on its own sequence's tokens alone, not on its batch or on how a prompt was chunked."""
+
+    kernel: torch.Tensor
+    blocks: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, rows: list[ragged.Row], spans: list[tuple[int, int]]) -> RowPlan:
+        size = quant.GEMM_ROWS
+        blocks = []
+        for r, (a, _) in zip(rows, spans):
+            first = -(-r.cached // size) * size  # the first block boundary at or after the row's first new position
+            for p in range(first, r.cached + len(r.new) - size + 1, size):
+                blocks.append((a + p - r.cached, a + p - r.cached + size))
+        total = spans[-1][1] if spans else 0
+        if not blocks:
+            return cls(torch.arange(total), [])
+        outside = torch.ones(total, dtype=torch.bool)
+        for a, b in blocks:
+            outside[a:b] = False
+        return cls(outside.nonzero().squeeze(1), blocks)
 
 
 @dataclass
@@ -127,8 +167,8 @@ class _Stack:
 
     parts: list[_Linear]
 
-    def __call__(self, x: torch.Tensor, gemm_spans: list[tuple[int, int]] = ()) -> torch.Tensor:
-        return torch.cat([p(x, gemm_spans) for p in self.parts], dim=-1)
+    def __call__(self, x: torch.Tensor, plan: RowPlan | None = None) -> torch.Tensor:
+        return torch.cat([p(x, plan) for p in self.parts], dim=-1)
 
 
 def _fuse(modules: list[torch.nn.Module]) -> _Linear | _Stack:
@@ -202,14 +242,6 @@ class Decoder:
     def forward(self, rows: list[ragged.Row], vocab_size: int) -> tuple[list[KVCache], list[torch.Tensor]]:
         """Run the rows; return each row's cache (holding its cached and new tokens) and its logits
         [len(want), vocab_size] float32 for the positions it wants."""
-        # A row of at least GEMM_ROWS new tokens (a prompt chunk) multiplies its quantised linears by a GEMM of its
-        # own, the others by the batch-invariant kernel: a per-row choice, so a row's bits never depend on its batch.
-        # Rows taking the GEMM run last, so that their tokens form the tail of every linear's input.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].new) >= quant.GEMM_ROWS)
-        if order != sorted(order):
-            caches, logits = self.forward([rows[i] for i in order], vocab_size)
-            at = {i: pos for pos, i in enumerate(order)}
-            return [caches[at[i]] for i in range(len(rows))], [logits[at[i]] for i in range(len(rows))]
         caches = [r.cache if r.cache is not None else KVCache(len(self.layers), self.kv_heads, self.head_dim)
                   for r in rows]  # fmt: skip
         for r, cache in zip(rows, caches):
@@ -221,7 +253,7 @@ class Decoder:
         self._grow_rotary(int(positions.max()) + 1)
         x = self.embed(torch.tensor([t for r in rows for t in r.new])).to(torch.float32).contiguous()  # [T, hidden]
         spans = _spans([len(r.new) for r in rows])
-        gemm_spans = [span for span, r in zip(spans, rows) if len(r.new) >= quant.GEMM_ROWS]
+        plan = RowPlan.of(rows, spans)
         # A decode or verify row's queries each attend to the keys up to their own position (attention.attend_run's
         # rule, which attend_rows applies, with the key spans built once for all layers); the rest go through
         # attend_run itself.
@@ -229,10 +261,10 @@ class Decoder:
                      else (np.zeros(len(r.new), np.int64), np.arange(r.cached + 1, r.cached + 1 + len(r.new), dtype=np.int64))
                      for r in rows]  # fmt: skip
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._rms(x, layer.input_norm), gemm_spans)
+            qkv = layer.qkv(self._rms(x, layer.input_norm), plan)
             _rope(qkv, self.heads + self.kv_heads, self.head_dim, positions, self.cos, self.sin)
-            x += layer.o(self._attention(i, qkv, rows, caches, spans, key_spans), gemm_spans)
-            x += layer.down(_silu_mul(layer.gate_up(self._rms(x, layer.post_norm), gemm_spans)), gemm_spans)
+            x += layer.o(self._attention(i, qkv, rows, caches, spans, key_spans), plan)
+            x += layer.down(_silu_mul(layer.gate_up(self._rms(x, layer.post_norm), plan)), plan)
         for r, cache in zip(rows, caches):
             cache.length = r.cached + len(r.new)
         want = torch.tensor([a + j for (a, _), r in zip(spans, rows) for j in r.want], dtype=torch.long)
@@ -257,7 +289,8 @@ class Decoder:
             cache.values[layer, :, r.cached : end] = qkv[a:b, h + kv :].transpose(0, 1)
             query = qkv[a:b, :h].transpose(0, 1)
             if keys is None:
-                attention.attend_run(query, cache.keys[layer], cache.values[layer], 0, r.cached + 1, None, out[:, a:b])
+                attention.attend_prompt(query, cache.keys[layer], cache.values[layer], r.cached, quant.GEMM_ROWS, None,
+                                        out[:, a:b])  # fmt: skip
             else:
                 attention.attend_rows(query, cache.keys[layer], cache.values[layer], *keys, None, out[:, a:b])
         return out.transpose(0, 1).reshape(-1, h * d)

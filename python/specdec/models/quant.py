@@ -243,29 +243,30 @@ class Bound:
             _kernels.linear_quant(x_at + 4 * r * k, *self._args, y_at + 4 * r * n, rows, n, k, path)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
-    def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] → [..., N] float32: the weight dequantised exactly a tile of rows at a time (to bfloat16 where
-        ``gemm_dtype`` says so) and multiplied by torch's GEMM in that dtype."""
+    def gemm(self, x: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor) -> None:
+        """out[a:b] = x[a:b] · weightᵀ + bias for each (a, b) of ``blocks``, each block its own GEMM (so a row's bits
+        depend on its block's rows alone); x [T, K], out [T, N] float32, rows outside the blocks untouched. The weight
+        is dequantised exactly a tile of rows at a time (to bfloat16 where ``gemm_dtype`` says so) and each tile
+        multiplies every block in that dtype."""
         n, k = self.weight.shape
-        x2 = self._rows(x)
         dtype = gemm_dtype()
-        xd = x2.to(dtype)
+        xs = [x[a:b].to(dtype) for a, b in blocks]
         tile = max(1, min(n, GEMM_TILE // k))
         buf = torch.empty(tile, k, dtype=dtype)
-        yt = torch.empty(n, x2.shape[0], dtype=dtype)  # y transposed: each tile's rows land contiguous
         for j0 in range(0, n, tile):
             j1 = min(n, j0 + tile)
             _kernels.dequantize_rows(*self._weight_args, n, k, j0, j1, buf.data_ptr(), dtype == torch.bfloat16)
-            torch.mm(buf[: j1 - j0], xd.t(), out=yt[j0:j1])
-        # Row-major, as the kernels read it (`to` with an unchanged dtype would hand back the transposed view).
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32).copy_(yt.t())
+            for (a, b), xb in zip(blocks, xs):
+                out[a:b, j0:j1] = torch.mm(xb, buf[: j1 - j0].t())
         if self.bias is not None:
-            y += self.bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+            for a, b in blocks:
+                out[a:b] += self.bias
 
 
-# New tokens of a row from which the lean forward multiplies its rows by Bound.gemm: where the kernel's per-row work
-# outweighs dequantising the weight (`python bench/linear_rows.py --rows 16,32,64,128` prints both).
+# Positions per GEMM: a prompt's positions [i·GEMM_ROWS, (i+1)·GEMM_ROWS), aligned to the sequence's start, multiply
+# each linear by a GEMM of their own, where the kernel would be bound by its per-row work (`python
+# bench/linear_rows.py --rows 16,32,64,128` prints both). Aligned blocks give a position the same bits whichever
+# chunk computed it, which a cached prefix relies on.
 GEMM_ROWS = 64
 # Weights per dequantised tile (16 MiB of bfloat16): fewer, larger GEMM calls beat cache-sized tiles, as
 # `python bench/long_prompt.py` measures the prefill.
