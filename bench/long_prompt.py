@@ -32,7 +32,7 @@ import torch
 from specdec.bench.environment import host_info
 from specdec.bench.llamacpp import LlamaCpp
 from specdec.bench.runners import time_engine
-from specdec.engine import Engine
+from specdec.engine import Engine, EngineConfig
 from specdec.models import isa
 from specdec.models.fetch import default_pair
 from specdec.types import GenerationRequest, Method, SpeculationParams
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     target, draft = default_pair()
-    engine = Engine.load(target, draft)
+    engine = Engine.load(target, draft, config=EngineConfig(prefix_cache_bytes=0))  # every request cold
     ids = engine.encode(TEXT.read_text())
     while len(ids) < args.tokens:
         ids = ids + ids

@@ -21,7 +21,7 @@ torch_env.prepare()  # before torch loads its libraries
 
 # ruff: noqa: E402
 from specdec.engine import core as engine_module
-from specdec.engine import Engine
+from specdec.engine import Engine, EngineConfig
 from specdec.types import FinishReason, GenerationRequest, Method, SpeculationParams
 
 
@@ -61,7 +61,7 @@ def main() -> int:
         from specdec.models.fetch import default_pair
 
         target, draft = default_pair()
-    engine = Engine.load(target, draft)
+    engine = Engine.load(target, draft, config=EngineConfig(prefix_cache_bytes=0))  # every request cold
     tok = engine.tokenizer
     long_ids = tok(open(engine_module.__file__).read())["input_ids"][: args.prompt_tokens]
     short_ids = engine.encode("Write a Python function that merges two sorted lists.")

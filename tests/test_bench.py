@@ -385,3 +385,18 @@ def test_concurrency_arguments(tmp_path):
         bench.BenchOptions(requests_per_stream=0).validate()
     assert concurrency.percentiles([]) == {"p50": None, "p99": None}
     assert concurrency.percentiles([1.0, 2.0, 3.0, 4.0]) == {"p50": 2.5, "p99": pytest.approx(3.97)}
+
+
+def test_the_shared_prefix_scenario_reuses_the_system_prompt_and_keeps_the_outputs(tiny_engine):
+    """With the cache, every measured request takes the system prompt's whole blocks from it; without it (the
+    control) none; greedy outputs agree request for request, one stream and two."""
+    from specdec.engine.prefix_cache import BLOCK
+
+    options = bench.BenchOptions(prompts=PROMPTS, warmup=1, max_new_tokens=4, concurrency=[2], requests_per_stream=1)
+    report = bench.run_shared_prefix(tiny_engine, options, system=" ".join(f"rule {i}: be brief." for i in range(30)))
+    shared = report["config"]["shared_prefix_tokens"]
+    assert shared >= 2 * BLOCK and report["identical_outputs"] is True
+    assert report["single_stream"]["cached_prompt_tokens"] == [shared // BLOCK * BLOCK] * 3
+    assert [r["cached_prompt_tokens"] for r in report["single_stream"]["runs"]["off"]] == [0] * 3
+    assert "| TTFT, one stream (median s) |" in bench.shared_prefix_to_markdown(report)
+    assert tiny_engine.prefix_cache.budget > 0  # the scenario's pauses end with it

@@ -414,3 +414,24 @@ def test_oversized_message_is_resource_exhausted_and_server_continues(server):
         stub.Generate(pb.GenerateRequest(text="x" * (5 << 20), max_new_tokens=2), timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.Generate(request(PROMPTS[0], 2), timeout=30).summary.usage.completion_tokens == 2
+
+
+def test_a_repeated_prefix_is_reported_in_usage_and_metrics(server, reference_engine):
+    """The second request behind the same 150 tokens takes their two whole blocks from the prefix cache: its usage
+    says so, the metrics count the lookup and the hit, and its tokens equal a cold engine's."""
+    from specdec.engine.prefix_cache import BLOCK
+
+    stub = server.stub()
+    shared = [(7 * i) % 250 + 3 for i in range(150)]
+    before = scrape(server)
+    first = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=shared + [11, 12]), max_new_tokens=6, ignore_eos=True), timeout=30)
+    second = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=shared + [13]), max_new_tokens=6, ignore_eos=True), timeout=30)
+    after = scrape(server)
+    assert first.summary.usage.cached_prompt_tokens == 0  # the control: nothing cached yet
+    assert second.summary.usage.cached_prompt_tokens == 2 * BLOCK
+    assert metric(after, "specdec_prefix_cache_hit_tokens_total") - metric(before, "specdec_prefix_cache_hit_tokens_total") == 2 * BLOCK
+    assert metric(after, "specdec_prefix_cache_queried_tokens_total") - metric(before, "specdec_prefix_cache_queried_tokens_total") == 151 + 150
+    assert metric(after, "specdec_prefix_cache_bytes") > 0
+    with reference_engine.prefix_cache.paused():
+        cold = [t for o in reference_engine.generate(GenerationRequest(shared + [13], 6, ignore_eos=True)) for t in o.token_ids]
+    assert list(second.token_ids) == cold

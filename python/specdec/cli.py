@@ -48,6 +48,9 @@ def _add_serve(sub) -> None:
     m.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill a longer prompt this many tokens per step, so running requests keep streaming "
                         "(default 256; 0: the whole prompt in one forward)")  # fmt: skip
+    m.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="bytes of prompt keys and values kept for later requests with the same prefix (target and "
+                        "draft together; default: 1/16 of the machine's memory, at most 2 GiB; 0: off)")  # fmt: skip
     s = p.add_argument_group("speculation")
     s.add_argument("--method", choices=["draft", "ngram", "none"], default="draft",
                    help="default drafter (draft falls back to ngram without a draft model)")  # fmt: skip
@@ -222,6 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"--gamma-max must be in [1, {GAMMA_LIMIT}], got {args.gamma_max}")
     if args.prefill_chunk < 0:
         return _fail(f"--prefill-chunk must be >= 0 (0: the whole prompt in one forward), got {args.prefill_chunk}")
+    if args.prefix_cache_bytes is not None and args.prefix_cache_bytes < 0:
+        return _fail(f"--prefix-cache-bytes must be >= 0 (0: off), got {args.prefix_cache_bytes}")
     if args.max_queue < 0 or args.max_running < 1:
         return _fail("--max-queue must be >= 0 and --max-running >= 1")
     if args.threads is not None and args.threads < 1:
@@ -287,6 +292,7 @@ def _loader(args: argparse.Namespace):
         if method != Method.DRAFT:
             draft = None  # no need to hold a draft model the server will not use
         config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk,
+                              prefix_cache_bytes=args.prefix_cache_bytes,
                               **({} if args.draft_vocab is None else {"draft_vocab": args.draft_vocab}))  # fmt: skip
         return Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
                            threads=args.threads, config=config, kernels=args.kernel_backend)  # fmt: skip

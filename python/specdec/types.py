@@ -180,6 +180,7 @@ class Completion:
     acceptance_rate: float = 0.0
     mean_accepted_length: float = 0.0
     per_position_acceptance: list[float] = field(default_factory=list)
+    cached_prompt_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -196,6 +197,7 @@ class Completion:
             "request_id": self.request_id,
             "finish_reason": self.finish_reason.value,
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "queue_s": round(self.queue_s, 6),
             "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6),

@@ -2,7 +2,8 @@
 transformers' assisted generation) on the same prompts, all measured.
 
 ``run_benchmark(engine, options, progress, check)`` is the one call both use; ``run_concurrency`` measures N streams at
-once. The report is a dict (``to_json``, ``to_markdown``, ``plot``).
+once; ``run_shared_prefix`` the prefix cache on and off behind one system prompt. The report is a dict
+(``to_json``, ``to_markdown``, ``plot``).
 """
 
 from specdec.bench.cli import add_arguments, options_from_args, run_cli
@@ -11,6 +12,7 @@ from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import Prompt, builtin_prompts, read_prompts
 from specdec.bench.report import bound_for, make_report, plot, to_json, to_markdown
 from specdec.bench.runners import run_benchmark
+from specdec.bench.shared_prefix import run_shared_prefix, shared_prefix_to_markdown
 
 __all__ = [
     "BenchOptions",
@@ -27,6 +29,8 @@ __all__ = [
     "run_benchmark",
     "run_cli",
     "run_concurrency",
+    "run_shared_prefix",
+    "shared_prefix_to_markdown",
     "to_json",
     "to_markdown",
 ]

@@ -11,6 +11,7 @@ from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import builtin_prompts, read_prompts
 from specdec.bench.report import plot, to_json, to_markdown
 from specdec.bench.runners import run_benchmark
+from specdec.bench.shared_prefix import run_shared_prefix, shared_prefix_to_markdown
 from specdec.engine import Engine, EngineConfig
 from specdec.engine.core import DEFAULT_DRAFT_VOCAB
 from specdec.models.fetch import default_pair
@@ -58,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
                         "latency per level, baseline and speculative on the same prompts")  # fmt: skip
     b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
+    b.add_argument("--scenario", choices=["shared-prefix"], default=None,
+                   help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
+                        "the first --concurrency level, default 4) with the prefix cache on and off")  # fmt: skip
+    b.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="the engine's prefix cache budget (default: serve's; the usual runs pause it so that every "
+                        "method meets each prompt cold)")  # fmt: skip
     b.add_argument("--json", dest="json_path", help="write the report as JSON")
     b.add_argument("--plot", dest="plot_path", help="write a PNG chart")
     b.add_argument("--markdown", dest="markdown_path", help="write the Markdown report to a file (default: stdout)")
@@ -113,8 +120,13 @@ def run_cli(args: argparse.Namespace) -> int:
     elif draft is None:
         print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)
         return 2
+    if args.scenario and (options.compare_hf or options.hf_target_only or options.compare_llamacpp or args.plot_path):
+        print("specdec bench: --scenario compares the prefix cache on and off only (no --compare-hf, --hf-target-only, "
+              "--compare-llamacpp, --plot)", file=sys.stderr)  # fmt: skip
+        return 2
     config = EngineConfig(method=options.method, gamma=options.gamma, gamma_max=options.gamma_max or 8,
-                          draft_vocab=DEFAULT_DRAFT_VOCAB if args.draft_vocab is None else args.draft_vocab)  # fmt: skip
+                          draft_vocab=DEFAULT_DRAFT_VOCAB if args.draft_vocab is None else args.draft_vocab,
+                          prefix_cache_bytes=args.prefix_cache_bytes)  # fmt: skip
     print(f"loading target {target} ({args.dtype})" + (f" and draft {draft} ({args.draft_dtype})" if draft else ""), file=sys.stderr)
     engine = Engine.load(target, draft, dtype=args.dtype, draft_dtype=args.draft_dtype, device=args.device,
                          threads=args.threads, config=config)  # fmt: skip
@@ -127,12 +139,12 @@ def run_cli(args: argparse.Namespace) -> int:
         elif event["event"] == "done":
             bar.update(1)
 
-    if options.concurrency:
-        report = run_concurrency(engine, options, progress)
-        md = concurrency_to_markdown(report)
+    if args.scenario == "shared-prefix":
+        report = run_shared_prefix(engine, options, progress)
+        md = shared_prefix_to_markdown(report)
     else:
-        report = run_benchmark(engine, options, progress)
-        md = to_markdown(report)
+        with engine.prefix_cache.paused():  # every method runs each prompt cold
+            report, md = _usual(engine, options, progress)
     bar.close()
     if args.markdown_path:
         Path(args.markdown_path).write_text(md, encoding="utf-8")
@@ -143,6 +155,14 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.plot_path:
         plot(report, args.plot_path)
     return 0
+
+
+def _usual(engine, options: BenchOptions, progress) -> tuple[dict, str]:
+    if options.concurrency:
+        report = run_concurrency(engine, options, progress)
+        return report, concurrency_to_markdown(report)
+    report = run_benchmark(engine, options, progress)
+    return report, to_markdown(report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from specdec.engine.detokenizer import Detokenizer
 from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
+from specdec.engine import prefix_cache
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
@@ -74,8 +75,13 @@ class EngineConfig:
     # The draft's LM head scores only this many of the most frequent token ids (0: all of them): exact, since the
     # target decides every token; a cheaper draft step against a lower acceptance rate (`specdec bench --draft-vocab`).
     draft_vocab: int = DEFAULT_DRAFT_VOCAB
+    # Bytes of prompt keys and values kept for later requests with the same prefix (engine/prefix_cache.py), the
+    # target's and the draft's together; None: prefix_cache.default_budget(); 0: off.
+    prefix_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0 (0: off), got {self.prefix_cache_bytes}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if self.prefill_chunk < 0:
@@ -104,6 +110,10 @@ class Engine:
                     linear.install(m.model)
         lean = config.small_m_linear and decoder.supports(target.model)
         self._target_decoder = decoder.Decoder(target.model) if lean else None
+        # Only the lean forward computes a position's bits the same whichever chunk computed it (decoder.RowPlan),
+        # which a reused prefix needs: elsewhere the cache stays off.
+        budget = prefix_cache.default_budget() if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+        self.prefix_cache = prefix_cache.PrefixCache(budget if lean else 0)
         self.tokenizer = target.tokenizer
         rows = [target.vocab_size] + ([draft.vocab_size] if draft is not None else [])
         self.vocab_size = min(rows)  # the ids both models can score
@@ -124,8 +134,9 @@ class Engine:
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(
-                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear, draft_vocab=config.draft_vocab
-            )
+                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear, draft_vocab=config.draft_vocab,
+                prefix_cache=self.prefix_cache,
+            )  # fmt: skip
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
         return_freed_memory()  # the lean forwards' fused weights replaced the models' own
@@ -222,6 +233,9 @@ class Engine:
         outs: dict[int, StepOutput] = {}
         running = [s for s in seqs if s.output_ids]
         fresh = [s for s in seqs if not s.output_ids]
+        for s in fresh:
+            if s.target_canonical is None:
+                self._reuse_prefix(s)
         # New prompts that fit in a chunk prefill together, packed into one sequence (ragged.forward), up to
         # PACK_TOKENS a forward; the last part of a chunked prompt has a cache and prefills in a forward of its own.
         chunk = self.config.prefill_chunk
@@ -237,6 +251,19 @@ class Engine:
         if running:
             outs.update(zip(map(id, running), self._step(running)))
         return [outs[id(s)] for s in seqs]
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a new sequence's target cache from the longest cached prefix of its prompt, short of the last token
+        (whose logits the prefill step computes)."""
+        cache, length = self.prefix_cache.load("target", seq.all_ids, len(seq.all_ids) - 1, count=True)
+        if length:
+            seq.target_cache, seq.target_len = cache, length
+        seq.target_canonical = seq.metrics.cached_prompt_tokens = length
+
+    def _keep_prefix(self, seq: Sequence, start: int, end: int) -> None:
+        """Offer the prefix cache the blocks of a prefill forward over positions [start, end)."""
+        seq.target_canonical = self.prefix_cache.extend(
+            "target", seq.all_ids, seq.target_cache, seq.target_canonical or 0, start, end)  # fmt: skip
 
     def finish(self, seq: Sequence, reason: FinishReason) -> StepOutput:
         """End a sequence early (cancel, deadline) and free its caches. Idempotent."""
@@ -256,6 +283,7 @@ class Engine:
         if seq.target_cache is not None and seq.target_len > 0:
             seq.target_len = min(seq.target_len, valid)
             seq.target_cache.crop(seq.target_len)
+            seq.target_canonical = min(seq.target_canonical or 0, seq.target_len)
         self._drafter(seq).rollback(seq, valid)
 
     def release(self, seq: Sequence) -> None:
@@ -345,6 +373,7 @@ class Engine:
 
         t0 = time.perf_counter()
         rows = []
+        starts = [s.target_len for s in seqs]
         for s, p in zip(seqs, proposals):
             new = s.all_ids[s.target_len :] + p.tokens
             rows.append(ragged.Row(s.target_cache, s.target_len, new, list(range(len(new) - len(p.tokens) - 1, len(new)))))
@@ -362,6 +391,8 @@ class Engine:
             k, n = len(p.tokens), int(num_accepted[i])
             before = len(s.all_ids)
             s.target_cache = caches[i]
+            if prefill:
+                self._keep_prefix(s, starts[i], before)
             s.target_cache.crop(before + n)
             s.target_len = before + n
             self._drafter(s).rollback(s, before + n)
@@ -392,7 +423,8 @@ class Engine:
         t0 = time.perf_counter()
         row = ragged.Row(seq.target_cache, seq.target_len, seq.all_ids[seq.target_len : seq.target_len + chunk], [])
         caches, _ = self._forward_target([row])
-        seq.target_cache, seq.target_len = caches[0], seq.target_len + chunk
+        start, seq.target_cache, seq.target_len = seq.target_len, caches[0], seq.target_len + chunk
+        self._keep_prefix(seq, start, seq.target_len)
         seq.metrics.prefill_s += time.perf_counter() - t0
         return StepOutput([], "", None)
 

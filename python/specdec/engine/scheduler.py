@@ -525,6 +525,7 @@ class Scheduler:
             acceptance_rate=m.acceptance_rate,
             mean_accepted_length=m.mean_accepted_length,
             per_position_acceptance=list(m.per_position_acceptance),
+            cached_prompt_tokens=m.cached_prompt_tokens,
         )
 
     def _complete(self, h: Handle, reason: FinishReason) -> None:

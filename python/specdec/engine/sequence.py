@@ -35,6 +35,7 @@ class SequenceMetrics:
     step_tokens: int = 0  # accepted + 1 per verify step, before any truncation by stops
     per_position_proposed: list[int] = field(default_factory=list)
     per_position_accepted: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     first_step_at: float | None = None
     first_token_at: float | None = None
     draft_s: float = 0.0
@@ -92,6 +93,9 @@ class Sequence:
         self.all_ids: list[int] = list(request.prompt_ids)
         self.target_cache = None
         self.target_len = 0  # tokens of all_ids held in the target cache
+        # Tokens of the target cache that a cold prefill would compute alike, up to a block boundary: what it may
+        # give the prefix cache (PrefixCache.extend). None until the prefix cache was asked for a hit.
+        self.target_canonical: int | None = None
         self.draft_state: Any = None  # the drafter's own, for this sequence (Drafter.release frees it)
         self.step_index = 0  # the RNG offset of the next step
         # α of this request. Its prior is the drafter's recent α across requests when that is lower than the

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from specdec.types import Completion
 
@@ -37,6 +39,9 @@ METRIC_NAMES = {
     "specdec_requests_waiting": "gauge: requests in the admission queue",
     "specdec_requests_unread": "gauge: streams out of the batch until their client reads",
     "specdec_sequences_holding_cache": "gauge: started sequences still holding a KV cache (0 when idle)",
+    "specdec_prefix_cache_queried_tokens_total": "counter: prompt tokens looked up in the prefix cache",
+    "specdec_prefix_cache_hit_tokens_total": "counter: prompt tokens whose keys and values the prefix cache held",
+    "specdec_prefix_cache_bytes": "gauge: bytes the prefix cache holds (the target's and the draft's blocks)",
 }
 
 
@@ -69,14 +74,19 @@ class Metrics:
         self.holding_cache = Gauge("specdec_sequences_holding_cache",
                                    "Started sequences still holding a KV cache (0 when idle; more is a leak).",
                                    registry=r)  # fmt: skip
+        self._prefix_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
+        r.register(_PrefixCacheCollector(lambda: self._prefix_cache()))
         self._http = None
 
     def bind_counts(self, running: Callable[[], float], waiting: Callable[[], float],
-                    holding_cache: Callable[[], float] = lambda: 0, unread: Callable[[], float] = lambda: 0) -> None:  # fmt: skip
+                    holding_cache: Callable[[], float] = lambda: 0, unread: Callable[[], float] = lambda: 0,
+                    prefix_cache: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:  # fmt: skip
+        """Read the live counts at scrape time; ``prefix_cache`` gives (queried tokens, hit tokens, bytes held)."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.holding_cache.set_function(holding_cache)
         self.unread.set_function(unread)
+        self._prefix_cache = prefix_cache
 
     # ---- scheduler observer -----------------------------------------------------------------
 
@@ -114,6 +124,20 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _PrefixCacheCollector(Collector):
+    """The engine's prefix-cache counts, read at scrape time (the engine keeps them; nothing is copied per step)."""
+
+    def __init__(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        self.read = read
+
+    def collect(self):
+        queried, hit, held = self.read()
+        yield CounterMetricFamily("specdec_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+                                  value=queried)  # fmt: skip
+        yield CounterMetricFamily("specdec_prefix_cache_hit_tokens", "Prompt tokens the prefix cache held.", value=hit)
+        yield GaugeMetricFamily("specdec_prefix_cache_bytes", "Bytes the prefix cache holds.", value=held)
 
 
 # ---- structured logging -------------------------------------------------------------------------

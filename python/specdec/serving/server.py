@@ -130,6 +130,7 @@ class SpecDecServer:
             lambda: self.scheduler.waiting if self.scheduler else 0,
             lambda: self.scheduler.snapshot()["holding_cache"] if self.scheduler else 0,
             lambda: self.scheduler.unread if self.scheduler else 0,
+            lambda: _prefix_cache_counts(self.engine),
         )
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -598,7 +599,8 @@ def _end_reason(handle: Handle) -> FinishReason:
 
 def _bench_job(options):
     def run(engine, progress, check):
-        report = bench.run_benchmark(engine, options, progress, check)
+        with engine.prefix_cache.paused():  # baseline and speculative each run a prompt cold
+            report = bench.run_benchmark(engine, options, progress, check)
         return report, bench.to_json(report), bench.to_markdown(report)
 
     return run
@@ -665,3 +667,9 @@ async def serve(config: ServerConfig, *, engine=None, loader=None) -> SpecDecSer
 
 
 __all__ = ["SERVICE_NAME", "ServerConfig", "SpecDecServer", "serve"]
+
+
+def _prefix_cache_counts(engine) -> tuple[int, int, int]:
+    """(queried tokens, hit tokens, bytes held) of the engine's prefix cache; zeros before it loads or without one."""
+    cache = getattr(engine, "prefix_cache", None)
+    return (cache.queried_tokens, cache.hit_tokens, cache.bytes) if cache is not None else (0, 0, 0)

@@ -211,7 +211,8 @@ def summary_to_proto(c: Completion) -> pb.CompletionSummary:
         finish_reason=FINISH_TO_PROTO.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         matched_stop=c.matched_stop or "",
         seed=c.seed or 0,
-        usage=pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        usage=pb.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                       cached_prompt_tokens=c.cached_prompt_tokens),
         timing=pb.Timing(
             queue_s=_finite(c.queue_s),
             ttft_s=_finite(c.ttft_s),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from specdec.engine.drafters.base import Drafter, Proposal
+from specdec.engine.prefix_cache import PrefixCache
 from specdec.engine.gamma import StepCosts
 from specdec.engine.sequence import Sequence
 from specdec.kernels import KernelBackend
@@ -27,10 +28,12 @@ BATCH_CATCH_UP = 8
 
 @dataclass
 class DraftCache:
-    """What the drafter keeps per sequence: the draft's KV cache over the first ``length`` tokens."""
+    """What the drafter keeps per sequence: the draft's KV cache over the first ``length`` tokens, and how many of
+    them a cold prefill would compute alike (PrefixCache.extend; None until the prefix cache was asked)."""
 
     cache: object | None = None
     length: int = 0
+    canonical: int | None = None
 
 
 class DraftModelDrafter(Drafter):
@@ -45,9 +48,10 @@ class DraftModelDrafter(Drafter):
 
     def __init__(
         self, draft: LoadedModel, vocab_size: int, costs: StepCosts, kernels: KernelBackend, *, lean: bool = True,
-        draft_vocab: int = 0,
+        draft_vocab: int = 0, prefix_cache: PrefixCache | None = None,
     ) -> None:  # fmt: skip
-        """``draft_vocab``: score only this many of the most frequent ids in the lean forward (0: all)."""
+        """``draft_vocab``: score only this many of the most frequent ids in the lean forward (0: all).
+        ``prefix_cache``: where the draft's catch-up on a prompt starts from and leaves its blocks (lean only)."""
         self.model = draft.model
         self.vocab_size = vocab_size
         self.costs = costs
@@ -56,12 +60,19 @@ class DraftModelDrafter(Drafter):
         if lean and decoder.supports(draft.model):
             vocab = decoder.frequent_ids(draft.tokenizer, draft_vocab) if 0 < draft_vocab < vocab_size else None
             self.decoder = decoder.Decoder(draft.model, vocab)
+        self.prefix_cache = prefix_cache if self.decoder is not None else None
 
-    @staticmethod
-    def _state(seq: Sequence) -> DraftCache:
+    def _state(self, seq: Sequence) -> DraftCache:
         if seq.draft_state is None:
             seq.draft_state = DraftCache()
-        return seq.draft_state
+        st = seq.draft_state
+        if st.canonical is None:  # a new sequence: start from the longest cached prefix of its tokens
+            st.canonical = 0
+            if self.prefix_cache is not None and st.length == 0:
+                cache, length = self.prefix_cache.load("draft", seq.all_ids, len(seq.all_ids) - 1)
+                if length:
+                    st.cache, st.length, st.canonical = cache, length, length
+        return st
 
     def pending(self, seq: Sequence) -> int:
         return len(seq.all_ids) - self._state(seq).length
@@ -99,8 +110,10 @@ class DraftModelDrafter(Drafter):
             caches, logits = self.decoder.forward(rows, self.vocab_size)
         else:
             caches, logits = ragged.forward(self.model, rows, self.vocab_size)
-        for st, c, p in zip(states, caches, pending):
-            st.cache, st.length = c, st.length + len(p)
+        for s, st, c, p in zip(seqs, states, caches, pending):
+            start, st.cache, st.length = st.length, c, st.length + len(p)
+            if self.prefix_cache is not None and j == 0:  # the catch-up reads only tokens of all_ids
+                st.canonical = self.prefix_cache.extend("draft", s.all_ids, c, st.canonical, start, st.length)
         # q matters only to sampled rows: greedy ones are verified against argmax p alone.
         sampled = any(not s.request.sampling.greedy for s in seqs)
         result = self.kernels.sample(
@@ -118,3 +131,4 @@ class DraftModelDrafter(Drafter):
         if st is not None and st.cache is not None and st.length > valid_len:
             st.cache.crop(valid_len)
             st.length = valid_len
+            st.canonical = min(st.canonical or 0, valid_len)
