@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements behind docs/benchmarks.md's table, in one go (make results): about 80 minutes on 2 cores.
+# The measurements behind docs/benchmarks.md's table, in one go (make results): about 100 minutes on 2 cores.
 # Run it on an otherwise idle machine; each JSON names the commit (SPECDEC_COMMIT), the CPU and the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,7 @@ $BIN/python bench/random_draft.py "$DRAFT/random-draft"
 $BIN/python -m specdec.cli bench --draft "$DRAFT/random-draft" --max-new-tokens 64 --json "$OUT/random-draft.json" --markdown "$OUT/random-draft.md"
 rm -rf "$DRAFT"
 $BIN/python -m specdec.cli bench --concurrency 1,4,8 --requests-per-stream 2 --max-new-tokens 32 --json "$OUT/concurrency.json" --markdown "$OUT/concurrency.md"
+$BIN/python -m specdec.cli bench --scenario shared-prefix --max-new-tokens 32 --json "$OUT/shared-prefix.json" --markdown "$OUT/shared-prefix.md"
 $BIN/python bench/verify_cost.py --json "$OUT/verify-cost.json"
 $BIN/python bench/linear_rows.py --json "$OUT/linear-rows.json"
 $BIN/python bench/perplexity.py --json "$OUT/perplexity.json"

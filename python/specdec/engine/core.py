@@ -23,9 +23,9 @@ from functools import partial
 import numpy as np
 import torch
 
+from specdec.engine import prefix_cache
 from specdec.engine.detokenizer import Detokenizer
 from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
-from specdec.engine import prefix_cache
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput

@@ -30,8 +30,8 @@ from specdec.models import quant
 from specdec.models.decoder import KVCache
 
 BLOCK = quant.GEMM_ROWS
-# The default budget: a sixteenth of the machine's memory, at most this (the default pair's target keeps 57 KiB per
-# token, so 2 GiB hold about 30,000 tokens of prompts beside the draft's).
+# The default budget: a sixteenth of the machine's memory, at most this (the default pair keeps 56 + 24 KiB per
+# prompt token, target and draft, so 2 GiB hold about 26,000 tokens of prompts).
 DEFAULT_MAX_BYTES = 2 << 30
 
 

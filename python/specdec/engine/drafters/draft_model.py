@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from specdec.engine.drafters.base import Drafter, Proposal
-from specdec.engine.prefix_cache import PrefixCache
 from specdec.engine.gamma import StepCosts
+from specdec.engine.prefix_cache import PrefixCache
 from specdec.engine.sequence import Sequence
 from specdec.kernels import KernelBackend
 from specdec.models import decoder, ragged
