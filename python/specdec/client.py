@@ -23,7 +23,7 @@ from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-METHODS = {"draft": pb.METHOD_DRAFT, "ngram": pb.METHOD_NGRAM, "none": pb.METHOD_NONE}
+METHODS = {"draft": pb.METHOD_DRAFT, "ngram": pb.METHOD_NGRAM, "suffix": pb.METHOD_SUFFIX, "none": pb.METHOD_NONE}
 
 
 def build_request(
@@ -44,6 +44,7 @@ def build_request(
     method: str | None = None,
     gamma: int | None = None,
     gamma_max: int | None = None,
+    cache_scope: str = "",
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of prompt, token_ids and messages."""
@@ -72,6 +73,8 @@ def build_request(
         req.speculation.gamma = gamma
     if gamma_max is not None:
         req.speculation.gamma_max = gamma_max
+    if cache_scope:
+        req.speculation.cache_scope = cache_scope
     return req
 
 

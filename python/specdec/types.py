@@ -18,6 +18,7 @@ import numpy as np
 
 # Upper bound on γ: verify cost grows with it and no real pair accepts 32+ tokens in a row often enough.
 GAMMA_LIMIT = 32
+CACHE_SCOPE_MAX = 128  # characters of speculation.cache_scope
 # What a model can run in (``specdec.models.loading``): auto, float dtypes, and weight-only quantised formats.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "gguf", "int8", "q4")
 
@@ -27,6 +28,7 @@ class Method(str, Enum):
 
     DRAFT = "draft"  # the small draft model
     NGRAM = "ngram"  # prompt lookup: no model
+    SUFFIX = "suffix"  # earlier prompts and outputs of the same scope: no model
     NONE = "none"  # target-only decoding through the same engine (the baseline)
 
 
@@ -95,9 +97,12 @@ class SpeculationParams:
     method: Method | None = None
     gamma: int | None = None
     gamma_max: int | None = None
+    cache_scope: str = ""  # whose earlier text the suffix drafter may draft from ("": the shared default)
 
     def validate(self, prefix: str = "speculation.") -> None:
         """``prefix`` is how the fields are named where they came from (``speculation.`` in a GenerateRequest)."""
+        _require(len(self.cache_scope) <= CACHE_SCOPE_MAX,
+                 f"{prefix}cache_scope must be at most {CACHE_SCOPE_MAX} characters, got {len(self.cache_scope)}")  # fmt: skip
         _require(
             self.gamma is None or self.gamma_max is None,
             f"{prefix}gamma (fixed γ) and {prefix}gamma_max (adaptive γ) are exclusive, got gamma={self.gamma} "

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     s = parser.add_argument_group("speculation")
-    s.add_argument("--method", "--drafter", dest="method", choices=["draft", "ngram"], default="draft")
+    s.add_argument("--method", "--drafter", dest="method", choices=["draft", "ngram", "suffix"], default="draft")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--gamma", type=int, default=None, help="fixed γ (default: adaptive)")
     g.add_argument("--gamma-max", type=int, default=None, help="adaptive γ up to this (default: the engine's, 8)")
@@ -115,7 +115,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if target is None:
         target, default_draft = default_pair()
         draft = draft or default_draft
-    if options.method == Method.NGRAM:
+    if options.method in (Method.NGRAM, Method.SUFFIX):
         draft = None
     elif draft is None:
         print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 from specdec.engine import prefix_cache
 from specdec.engine.detokenizer import Detokenizer
-from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal
+from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal, SuffixDrafter
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
@@ -131,6 +131,7 @@ class Engine:
         self._drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
+            Method.SUFFIX: SuffixDrafter(),
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(

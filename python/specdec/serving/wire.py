@@ -31,7 +31,8 @@ from specdec.v1 import specdec_pb2 as pb
 
 ROLES = ("system", "user", "assistant", "tool")
 
-METHOD_TO_PROTO = {Method.DRAFT: pb.METHOD_DRAFT, Method.NGRAM: pb.METHOD_NGRAM, Method.NONE: pb.METHOD_NONE}
+METHOD_TO_PROTO = {Method.DRAFT: pb.METHOD_DRAFT, Method.NGRAM: pb.METHOD_NGRAM, Method.SUFFIX: pb.METHOD_SUFFIX,
+                   Method.NONE: pb.METHOD_NONE}  # fmt: skip
 METHOD_FROM_PROTO = {v: k for k, v in METHOD_TO_PROTO.items()}
 FINISH_TO_PROTO = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -134,7 +135,7 @@ def speculation_from_proto(s: pb.SpeculationOptions) -> SpeculationParams:
         method = Method.NONE
     gamma = s.gamma if s.HasField("gamma") else None
     gamma_max = s.gamma_max if s.HasField("gamma_max") else None
-    p = SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max)
+    p = SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max, cache_scope=s.cache_scope)
     p.validate()
     return p
 

@@ -13,6 +13,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_DRAFT: _ClassVar[Method]
     METHOD_NGRAM: _ClassVar[Method]
     METHOD_NONE: _ClassVar[Method]
+    METHOD_SUFFIX: _ClassVar[Method]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +28,7 @@ METHOD_UNSPECIFIED: Method
 METHOD_DRAFT: Method
 METHOD_NGRAM: Method
 METHOD_NONE: Method
+METHOD_SUFFIX: Method
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -70,16 +72,18 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SpeculationOptions(_message.Message):
-    __slots__ = ("method", "gamma", "gamma_max", "disable")
+    __slots__ = ("method", "gamma", "gamma_max", "disable", "cache_scope")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     GAMMA_MAX_FIELD_NUMBER: _ClassVar[int]
     DISABLE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     method: Method
     gamma: int
     gamma_max: int
     disable: bool
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., disable: _Optional[bool] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., gamma: _Optional[int] = ..., gamma_max: _Optional[int] = ..., disable: _Optional[bool] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "messages", "sampling", "max_new_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs", "speculation")
