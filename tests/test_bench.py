@@ -400,3 +400,15 @@ def test_the_shared_prefix_scenario_reuses_the_system_prompt_and_keeps_the_outpu
     assert [r["cached_prompt_tokens"] for r in report["single_stream"]["runs"]["off"]] == [0] * 3
     assert "| TTFT, one stream (median s) |" in bench.shared_prefix_to_markdown(report)
     assert tiny_engine.prefix_cache.budget > 0  # the scenario's pauses end with it
+
+
+def test_the_agent_loop_scenario_replays_the_conversation_with_identical_outputs(tiny_engine):
+    """Every method decodes each turn; the answers agree, join the conversation, and the suffix drafter, which
+    sees the re-sent answers, gets drafts accepted."""
+    data = {"system": "Edit the text.", "turns": ["alpha beta gamma delta " * 4, "again please", "once more"]}
+    report = bench.run_agent_loop(tiny_engine, bench.BenchOptions(max_new_tokens=12), data=data)
+    assert report["identical_outputs"] is True and len(report["turns"]) == 3
+    assert report["turns"][1]["prompt_tokens"] > report["turns"][0]["prompt_tokens"] + 12  # the answer was re-sent
+    assert set(report["summary"]) == {"none", "suffix", "draft"} and report["summary"]["none"]["proposed"] == 0
+    assert report["summary"]["suffix"]["accepted"] > 0
+    assert "| suffix |" in bench.agent_loop_to_markdown(report)

@@ -2,10 +2,12 @@
 transformers' assisted generation) on the same prompts, all measured.
 
 ``run_benchmark(engine, options, progress, check)`` is the one call both use; ``run_concurrency`` measures N streams at
-once; ``run_shared_prefix`` the prefix cache on and off behind one system prompt. The report is a dict
+once; ``run_shared_prefix`` the prefix cache on and off behind one system prompt; ``run_agent_loop`` the drafters on a
+replayed code-editing conversation. The report is a dict
 (``to_json``, ``to_markdown``, ``plot``).
 """
 
+from specdec.bench.agent_loop import agent_loop_to_markdown, run_agent_loop
 from specdec.bench.cli import add_arguments, options_from_args, run_cli
 from specdec.bench.concurrency import concurrency_to_markdown, make_concurrency_report, run_concurrency
 from specdec.bench.options import BenchOptions
@@ -18,6 +20,7 @@ __all__ = [
     "BenchOptions",
     "Prompt",
     "add_arguments",
+    "agent_loop_to_markdown",
     "bound_for",
     "builtin_prompts",
     "concurrency_to_markdown",
@@ -28,6 +31,7 @@ __all__ = [
     "read_prompts",
     "run_benchmark",
     "run_cli",
+    "run_agent_loop",
     "run_concurrency",
     "run_shared_prefix",
     "shared_prefix_to_markdown",

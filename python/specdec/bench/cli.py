@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from specdec.bench.agent_loop import agent_loop_to_markdown, run_agent_loop
 from specdec.bench.concurrency import concurrency_to_markdown, run_concurrency
 from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import builtin_prompts, read_prompts
@@ -59,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
                         "latency per level, baseline and speculative on the same prompts")  # fmt: skip
     b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
-    b.add_argument("--scenario", choices=["shared-prefix"], default=None,
+    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop"], default=None,
                    help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
-                        "the first --concurrency level, default 4) with the prefix cache on and off")  # fmt: skip
+                        "the first --concurrency level, default 4) with the prefix cache on and off; agent-loop: a "
+                        "replayed code-editing conversation, target-only, suffix drafting and the draft model")  # fmt: skip
     b.add_argument("--prefix-cache-bytes", type=int, default=None,
                    help="the engine's prefix cache budget (default: serve's; the usual runs pause it so that every "
                         "method meets each prompt cold)")  # fmt: skip
@@ -115,7 +117,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if target is None:
         target, default_draft = default_pair()
         draft = draft or default_draft
-    if options.method in (Method.NGRAM, Method.SUFFIX):
+    if options.method in (Method.NGRAM, Method.SUFFIX) and args.scenario != "agent-loop":
         draft = None
     elif draft is None:
         print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)
@@ -142,6 +144,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.scenario == "shared-prefix":
         report = run_shared_prefix(engine, options, progress)
         md = shared_prefix_to_markdown(report)
+    elif args.scenario == "agent-loop":
+        report = run_agent_loop(engine, options, progress)
+        md = agent_loop_to_markdown(report)
     else:
         with engine.prefix_cache.paused():  # every method runs each prompt cold
             report, md = _usual(engine, options, progress)

@@ -1,0 +1,96 @@
+"""``specdec bench --scenario agent-loop``: a replayed multi-turn code-editing conversation (data/agent_loop.json).
+Each request re-sends the conversation so far, the model's earlier answers included, and each answer shows the
+whole file again, so most of it repeats earlier text.
+
+Per turn, every method decodes the same conversation (target-only, the draft model, suffix drafting), in an
+order that rotates from turn to turn; the greedy answer, identical across methods (checked), joins the
+conversation for the next turn. Decode tokens/s per method is summed over the turns (tokens ÷ decode time). The
+prefix cache stays on, as in an agent's real loop: it shortens TTFT, not the decode rate compared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from specdec.bench.environment import run_environment
+from specdec.bench.options import BenchOptions
+from specdec.bench.runners import time_engine
+from specdec.types import GenerationRequest, Method, SpeculationParams
+
+DATA = Path(__file__).parent / "data" / "agent_loop.json"
+
+
+def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None,
+                   data: dict | None = None) -> dict:  # fmt: skip
+    """The scenario on ``engine``; ``data``: {"system", "turns"} (default: data/agent_loop.json)."""
+    progress = progress or (lambda event: None)
+    data = data or json.loads(DATA.read_text(encoding="utf-8"))
+    methods = [Method.NONE, Method.SUFFIX] + ([Method.DRAFT] if engine.draft is not None else [])
+    messages = [{"role": "system", "content": data["system"]}]
+    turns, t_start, load_start = [], time.time(), os.getloadavg()
+    total, done = len(data["turns"]) * len(methods), 0
+    for t, user in enumerate(data["turns"]):
+        messages.append({"role": "user", "content": user})
+        ids = engine.encode_chat(messages) if getattr(engine.tokenizer, "chat_template", None) else \
+            engine.encode("\n\n".join(m["content"] for m in messages))  # fmt: skip
+        order = methods[t % len(methods):] + methods[: t % len(methods)]
+        runs = {}
+        for method in order:
+            request = GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens,
+                                        speculation=SpeculationParams(method=method), request_id=f"turn{t}-{method.value}")  # fmt: skip
+            runs[method.value] = time_engine(engine, [request])[0]
+            done += 1
+            progress({"event": "done", "done": done, "total": total,
+                      "message": f"turn {t}, {method.value}: {runs[method.value]['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+        answers = {name: r["output_ids"] for name, r in runs.items()}
+        reference = answers[Method.NONE.value]
+        turns.append({"prompt_tokens": len(ids), "order": [m.value for m in order], "identical": all(a == reference for a in answers.values()),
+                      "runs": runs})  # fmt: skip
+        messages.append({"role": "assistant", "content": runs[Method.NONE.value]["text"]})
+    summary = {}
+    for method in methods:
+        name = method.value
+        tokens = sum(tr["runs"][name]["tokens"] - tr["runs"][name]["first_tokens"] for tr in turns)
+        seconds = sum(tr["runs"][name]["decode_s"] for tr in turns)
+        proposed = sum(tr["runs"][name]["proposed"] for tr in turns)
+        accepted = sum(tr["runs"][name]["accepted"] for tr in turns)
+        summary[name] = {"decode_tokens_per_s": tokens / seconds, "proposed": proposed, "accepted": accepted,
+                         "acceptance_rate": accepted / proposed if proposed else 0.0}  # fmt: skip
+    base = summary[Method.NONE.value]["decode_tokens_per_s"]
+    for s in summary.values():
+        s["vs_target_only"] = s["decode_tokens_per_s"] / base
+    info = engine.info()
+    return {
+        "scenario": "agent-loop",
+        "config": {"target": info["target"], "draft": info["draft"], "max_new_tokens": options.max_new_tokens,
+                   "turns": len(turns), **run_environment(t_start, load_start)},  # fmt: skip
+        "summary": summary,
+        "identical_outputs": all(tr["identical"] for tr in turns),
+        "turns": turns,
+    }
+
+
+def agent_loop_to_markdown(report: dict) -> str:
+    c, s = report["config"], report["summary"]
+    draft = s.get(Method.DRAFT.value)
+    lines = [
+        f"# specdec bench --scenario agent-loop: {c['target']}" + (f" + {c['draft']}" if c["draft"] else ""),
+        "",
+        f"{c['turns']} turns of a code-editing conversation, up to {c['max_new_tokens']} new tokens a turn; host "
+        f"{c['cpu_model']} ({c['kernel_isa']}), {c['threads']} threads; commit {c['specdec_commit'] or 'unknown'}; "
+        f"{c['started_at']}.",
+        "",
+        "| method | decode tok/s | ÷ target-only | ÷ draft model | acceptance |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in s.items():
+        vs_draft = f"{m['decode_tokens_per_s'] / draft['decode_tokens_per_s']:.2f}" if draft else "—"
+        lines.append(f"| {name} | {m['decode_tokens_per_s']:.2f} | **{m['vs_target_only']:.2f}** | {vs_draft} | "
+                     f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['proposed']}) |")  # fmt: skip
+    lines += ["", f"Outputs identical across methods: {report['identical_outputs']}. Prompt tokens per turn: "
+              f"{[t['prompt_tokens'] for t in report['turns']]}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
