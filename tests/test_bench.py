@@ -409,6 +409,6 @@ def test_the_agent_loop_scenario_replays_the_conversation_with_identical_outputs
     report = bench.run_agent_loop(tiny_engine, bench.BenchOptions(max_new_tokens=12), data=data)
     assert report["identical_outputs"] is True and len(report["turns"]) == 3
     assert report["turns"][1]["prompt_tokens"] > report["turns"][0]["prompt_tokens"] + 12  # the answer was re-sent
-    assert set(report["summary"]) == {"none", "suffix", "draft"} and report["summary"]["none"]["proposed"] == 0
+    assert set(report["summary"]) == {"none", "suffix", "draft", "auto"} and report["summary"]["none"]["proposed"] == 0
     assert report["summary"]["suffix"]["accepted"] > 0
     assert "| suffix |" in bench.agent_loop_to_markdown(report)

@@ -62,7 +62,7 @@ BAD = [
     ("gamma and gamma_max", req(speculation=SP(gamma=2, gamma_max=4)),
      "speculation.gamma (fixed γ) and speculation.gamma_max (adaptive γ) are exclusive, got gamma=2 and gamma_max=4"),
     ("unknown method", req(speculation=SP(method=99)),
-     "speculation.method must be one of METHOD_UNSPECIFIED, METHOD_DRAFT, METHOD_NGRAM, METHOD_NONE, METHOD_SUFFIX, got 99"),
+     "speculation.method must be one of METHOD_UNSPECIFIED, METHOD_DRAFT, METHOD_NGRAM, METHOD_NONE, METHOD_SUFFIX, METHOD_AUTO, got 99"),
     ("cache_scope too long", req(speculation=SP(cache_scope="t" * 129)),
      "speculation.cache_scope must be at most 128 characters, got 129"),
     ("disable with draft", req(speculation=SP(disable=True, method=pb.METHOD_DRAFT)),

@@ -77,3 +77,44 @@ def test_a_repeated_request_is_drafted_from_the_first_and_matches_target_only(en
     assert drafter.propose([other], [6])[0].tokens != baseline[1:7]
     for s in (other, same):
         engine.release(s)
+
+
+@pytest.fixture(scope="module")
+def pair_engine(tiny_dirs):
+    return Engine(load_model(tiny_dirs["target"]), load_model(tiny_dirs["draft_other"]), EngineConfig(method=Method.AUTO))
+
+
+def test_the_hybrid_drafts_from_earlier_text_where_it_agrees_and_runs_the_model_elsewhere(pair_engine):
+    """A fresh prompt has nothing to continue from, so the draft model drafts (its forwards are timed); the same
+    prompt again is drafted from the first answer without the model. Greedy tokens equal target-only both times."""
+    engine = pair_engine
+    prompt = list(range(100, 140))
+    baseline, _ = tokens(engine, request(prompt, 20, Method.NONE))
+    hybrid = engine._drafters[Method.AUTO]
+    fresh = engine.start(request(prompt + baseline[:1], 20, Method.AUTO, scope="fresh"))
+    assert hybrid.runs_model_for(fresh)  # no earlier text in this scope: the model drafts
+    engine.release(fresh)
+    first, _ = tokens(engine, request(prompt, 20, Method.AUTO, scope="h"))
+    again = engine.start(request(prompt + baseline[:1], 20, Method.AUTO, scope="h"))
+    assert not hybrid.runs_model_for(again)  # the first answer continues it
+    assert hybrid.propose([again], [5])[0].tokens == baseline[1:6]
+    engine.release(again)
+    second, accepted = tokens(engine, request(prompt, 20, Method.AUTO, scope="h"))
+    assert first == second == baseline and accepted >= 12
+
+
+def test_a_seeded_sampled_request_drafts_from_its_own_text_only(engine):
+    """Its tokens must not depend on other requests: the same seeded request gives the same tokens before and
+    after another request of its scope fills the index with a different continuation."""
+    from specdec.types import SamplingParams
+
+    prompt = list(range(50, 80))
+
+    def sampled() -> list[int]:
+        req = request(prompt, 16, scope="r")
+        req.sampling = SamplingParams(temperature=0.9, seed=11)
+        return tokens(engine, req)[0]
+
+    alone = sampled()
+    tokens(engine, request(prompt + [7, 8, 9], 16, scope="r"))  # other text after the same prompt
+    assert sampled() == alone

@@ -52,7 +52,7 @@ def _add_serve(sub) -> None:
                    help="bytes of prompt keys and values kept for later requests with the same prefix (target and "
                         "draft together; default: 1/16 of the machine's memory, at most 2 GiB; 0: off)")  # fmt: skip
     s = p.add_argument_group("speculation")
-    s.add_argument("--method", choices=["draft", "ngram", "suffix", "none"], default="draft",
+    s.add_argument("--method", choices=["draft", "ngram", "suffix", "auto", "none"], default="draft",
                    help="default drafter (draft falls back to ngram without a draft model)")  # fmt: skip
     g = s.add_mutually_exclusive_group()
     g.add_argument("--gamma", type=int, default=None, help="fixed γ (default: adaptive)")
@@ -138,7 +138,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--method", choices=["draft", "ngram", "suffix", "none"], default=None, help="override the server's drafter")
+    p.add_argument("--method", choices=["draft", "ngram", "suffix", "auto", "none"], default=None,
+                   help="override the server's drafter")  # fmt: skip
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gamma", type=int, default=None)
     g.add_argument("--gamma-max", type=int, default=None)
@@ -289,7 +290,7 @@ def _loader(args: argparse.Namespace):
         if method == Method.DRAFT and draft is None:
             logging.getLogger("specdec.cli").warning("no --draft given: serving with the n-gram drafter")
             method = Method.NGRAM
-        if method != Method.DRAFT:
+        if method not in (Method.DRAFT, Method.AUTO):
             draft = None  # no need to hold a draft model the server will not use
         config = EngineConfig(method=method, gamma=args.gamma, gamma_max=args.gamma_max, prefill_chunk=args.prefill_chunk,
                               prefix_cache_bytes=args.prefix_cache_bytes,

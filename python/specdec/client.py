@@ -23,7 +23,8 @@ from specdec.v1 import specdec_pb2 as pb
 from specdec.v1 import specdec_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-METHODS = {"draft": pb.METHOD_DRAFT, "ngram": pb.METHOD_NGRAM, "suffix": pb.METHOD_SUFFIX, "none": pb.METHOD_NONE}
+METHODS = {"draft": pb.METHOD_DRAFT, "ngram": pb.METHOD_NGRAM, "suffix": pb.METHOD_SUFFIX, "auto": pb.METHOD_AUTO,
+           "none": pb.METHOD_NONE}  # fmt: skip
 
 
 def build_request(

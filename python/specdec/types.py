@@ -29,6 +29,7 @@ class Method(str, Enum):
     DRAFT = "draft"  # the small draft model
     NGRAM = "ngram"  # prompt lookup: no model
     SUFFIX = "suffix"  # earlier prompts and outputs of the same scope: no model
+    AUTO = "auto"  # suffix drafting where earlier text agrees, the draft model elsewhere, per step
     NONE = "none"  # target-only decoding through the same engine (the baseline)
 
 

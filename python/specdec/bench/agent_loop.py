@@ -2,8 +2,8 @@
 Each request re-sends the conversation so far, the model's earlier answers included, and each answer shows the
 whole file again, so most of it repeats earlier text.
 
-Per turn, every method decodes the same conversation (target-only, the draft model, suffix drafting), in an
-order that rotates from turn to turn; the greedy answer, identical across methods (checked), joins the
+Per turn, every method decodes the same conversation (target-only, suffix drafting, the draft model and the
+hybrid of the two), in an order that rotates from turn to turn; the greedy answer, identical across methods (checked), joins the
 conversation for the next turn. Decode tokens/s per method is summed over the turns (tokens ÷ decode time). The
 prefix cache stays on, as in an agent's real loop: it shortens TTFT, not the decode rate compared here.
 """
@@ -29,7 +29,7 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
     """The scenario on ``engine``; ``data``: {"system", "turns"} (default: data/agent_loop.json)."""
     progress = progress or (lambda event: None)
     data = data or json.loads(DATA.read_text(encoding="utf-8"))
-    methods = [Method.NONE, Method.SUFFIX] + ([Method.DRAFT] if engine.draft is not None else [])
+    methods = [Method.NONE, Method.SUFFIX] + ([Method.DRAFT, Method.AUTO] if engine.draft is not None else [])
     messages = [{"role": "system", "content": data["system"]}]
     turns, t_start, load_start = [], time.time(), os.getloadavg()
     total, done = len(data["turns"]) * len(methods), 0

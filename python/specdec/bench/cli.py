@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     s = parser.add_argument_group("speculation")
-    s.add_argument("--method", "--drafter", dest="method", choices=["draft", "ngram", "suffix"], default="draft")
+    s.add_argument("--method", "--drafter", dest="method", choices=["draft", "ngram", "suffix", "auto"], default="draft")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--gamma", type=int, default=None, help="fixed γ (default: adaptive)")
     g.add_argument("--gamma-max", type=int, default=None, help="adaptive γ up to this (default: the engine's, 8)")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--scenario", choices=["shared-prefix", "agent-loop"], default=None,
                    help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
                         "the first --concurrency level, default 4) with the prefix cache on and off; agent-loop: a "
-                        "replayed code-editing conversation, target-only, suffix drafting and the draft model")  # fmt: skip
+                        "replayed code-editing conversation, target-only, suffix drafting, the draft model and the hybrid")  # fmt: skip
     b.add_argument("--prefix-cache-bytes", type=int, default=None,
                    help="the engine's prefix cache budget (default: serve's; the usual runs pause it so that every "
                         "method meets each prompt cold)")  # fmt: skip

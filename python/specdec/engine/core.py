@@ -25,7 +25,15 @@ import torch
 
 from specdec.engine import prefix_cache
 from specdec.engine.detokenizer import Detokenizer
-from specdec.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter, Proposal, SuffixDrafter
+from specdec.engine.drafters import (
+    DraftModelDrafter,
+    Drafter,
+    HybridDrafter,
+    NgramDrafter,
+    NoDrafter,
+    Proposal,
+    SuffixDrafter,
+)
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
@@ -131,13 +139,15 @@ class Engine:
         self._drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
-            Method.SUFFIX: SuffixDrafter(),
+            Method.SUFFIX: (suffix := SuffixDrafter()),
+            Method.AUTO: suffix,  # until a draft model joins it
         }
         if draft is not None:
             self._drafters[Method.DRAFT] = DraftModelDrafter(
                 draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear, draft_vocab=config.draft_vocab,
                 prefix_cache=self.prefix_cache,
             )  # fmt: skip
+            self._drafters[Method.AUTO] = HybridDrafter(suffix, self._drafters[Method.DRAFT])
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
         self._shared_alpha = {m: AcceptanceEstimate(decay=0.98) for m in self._drafters}
         return_freed_memory()  # the lean forwards' fused weights replaced the models' own
@@ -310,7 +320,8 @@ class Engine:
         if not seqs[0].output_ids:
             return [0] * len(seqs)  # the prefill step emits one token, as fast as possible
         batch = len(seqs)
-        model_rows = [s for s in seqs if self._drafter(s).runs_model and self._adaptive(s) and not s.reproducible]
+        runs_model = {id(s): self._drafter(s).runs_model_for(s) for s in seqs}
+        model_rows = [s for s in seqs if runs_model[id(s)] and self._adaptive(s) and not s.reproducible]
         shared, could_pay = 0, True
         if model_rows:
             others = batch - len(model_rows)
@@ -331,15 +342,15 @@ class Engine:
             elif not self._adaptive(s):
                 gamma = s.request.speculation.gamma if s.request.speculation.gamma is not None else self.config.gamma
             elif s.reproducible:  # the bound at a fixed cost ratio: its own α alone decides
-                c = REPRODUCIBLE_COST_RATIO if drafter.runs_model else 0.0
+                c = REPRODUCIBLE_COST_RATIO if runs_model[id(s)] else 0.0
                 gamma = choose_gamma([s.alpha.alpha], c, lambda m: 1.0, self._gamma_max(s))
-            elif drafter.runs_model:
+            elif runs_model[id(s)]:
                 gamma = min(shared, self._gamma_max(s))
             else:
                 target_cost = lambda m: self.costs.target_cost(m + batch - 1, batch)  # noqa: E731
                 gamma = choose_gamma([s.alpha.alpha], 0.0, target_cost, self._gamma_max(s))
             if self._adaptive(s):
-                gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not drafter.runs_model)
+                gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not runs_model[id(s)])
             cap = min(
                 s.request.max_new_tokens - s.metrics.completion_tokens - 1,
                 self.context_length - len(s.all_ids) - 1,

@@ -32,7 +32,7 @@ from specdec.v1 import specdec_pb2 as pb
 ROLES = ("system", "user", "assistant", "tool")
 
 METHOD_TO_PROTO = {Method.DRAFT: pb.METHOD_DRAFT, Method.NGRAM: pb.METHOD_NGRAM, Method.SUFFIX: pb.METHOD_SUFFIX,
-                   Method.NONE: pb.METHOD_NONE}  # fmt: skip
+                   Method.AUTO: pb.METHOD_AUTO, Method.NONE: pb.METHOD_NONE}  # fmt: skip
 METHOD_FROM_PROTO = {v: k for k, v in METHOD_TO_PROTO.items()}
 FINISH_TO_PROTO = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

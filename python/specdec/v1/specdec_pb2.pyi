@@ -14,6 +14,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_NGRAM: _ClassVar[Method]
     METHOD_NONE: _ClassVar[Method]
     METHOD_SUFFIX: _ClassVar[Method]
+    METHOD_AUTO: _ClassVar[Method]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ METHOD_DRAFT: Method
 METHOD_NGRAM: Method
 METHOD_NONE: Method
 METHOD_SUFFIX: Method
+METHOD_AUTO: Method
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason

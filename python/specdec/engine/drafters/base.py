@@ -30,10 +30,15 @@ class Drafter(ABC):
     ``proposes`` is False for a drafter that never drafts (target-only decoding: γ is always 0).
     ``runs_model`` is True when drafting costs model forwards: the engine then chooses one γ for all of its rows
     in a batch from the measured draft and target costs; a model-free drafter's γ depends on α alone.
+    ``runs_model_for`` says it per sequence and step, for a drafter that decides each step (the hybrid).
     """
 
     proposes: bool = True
     runs_model: bool = False
+
+    def runs_model_for(self, seq: Sequence) -> bool:
+        """Whether drafting for ``seq`` this step costs model forwards."""
+        return self.runs_model
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:

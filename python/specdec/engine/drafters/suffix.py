@@ -133,39 +133,53 @@ def _likeliest_path(continuations: list[list[int]], limit: int) -> list[int]:
 
 @dataclass
 class _Seen:
-    """Per sequence: its scope, its document and how many of its tokens the document holds."""
+    """Per sequence: its scope, its document there and how many of its tokens the index holds; a seeded sampled
+    request also drafts from an index of its own text alone (``own``)."""
 
     scope: str
     doc: int
     length: int
+    own: SuffixIndex | None = None
+    own_doc: int = 0
 
 
 class SuffixDrafter(Drafter):
-    """Drafts from a per-scope ``SuffixIndex`` that learns every suffix-drafted request's prompt and output."""
+    """Drafts from a per-scope ``SuffixIndex`` that learns every suffix-drafted request's prompt and output.
+
+    A seeded sampled request's tokens must depend on its seed alone (``Sequence.reproducible``), and which drafts
+    it verifies steers how its random stream is used: it drafts from its own text only, while its text still
+    feeds the scope's index for the others."""
 
     def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.max_tokens = max_tokens
         self.indexes: dict[str, SuffixIndex] = {}
 
-    def _sync(self, seq: Sequence) -> tuple[SuffixIndex, _Seen]:
-        """The sequence's scope index, with every token of the sequence in it."""
+    def _sync(self, seq: Sequence) -> _Seen:
+        """The sequence's state, with every token of the sequence in its indexes."""
         seen = seq.draft_state
         if seen is None:
             scope = seq.request.speculation.cache_scope
             index = self.indexes.setdefault(scope, SuffixIndex(self.max_tokens))
             seen = seq.draft_state = _Seen(scope, index.add(seq.all_ids), len(seq.all_ids))
-        index = self.indexes[seen.scope]
+            if seq.reproducible:
+                seen.own = SuffixIndex(self.max_tokens)
+                seen.own_doc = seen.own.add(seq.all_ids)
         if len(seq.all_ids) > seen.length:
-            index.extend(seen.doc, seq.all_ids[seen.length :])
+            new = seq.all_ids[seen.length :]
+            self.indexes[seen.scope].extend(seen.doc, new)
+            if seen.own is not None:
+                seen.own.extend(seen.own_doc, new)
             seen.length = len(seq.all_ids)
-        return index, seen
+        return seen
+
+    def draft(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to ``limit`` tokens for ``seq`` from the text it may draft from."""
+        seen = self._sync(seq)
+        index = seen.own if seen.own is not None else self.indexes[seen.scope]
+        return index.lookup(seq.all_ids[-max(NGRAMS) :], limit)
 
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
-        out = []
-        for s, g in zip(seqs, gammas):
-            index, _ = self._sync(s)
-            out.append(Proposal(index.lookup(s.all_ids[-max(NGRAMS) :], g)))
-        return out
+        return [Proposal(self.draft(s, g)) for s, g in zip(seqs, gammas)]
 
     def release(self, seq: Sequence) -> None:
         if seq.draft_state is not None:
