@@ -21,6 +21,7 @@ $BIN/python -m specdec.cli bench --draft "$DRAFT/random-draft" --max-new-tokens 
 rm -rf "$DRAFT"
 $BIN/python -m specdec.cli bench --concurrency 1,4,8 --requests-per-stream 2 --max-new-tokens 32 --json "$OUT/concurrency.json" --markdown "$OUT/concurrency.md"
 $BIN/python -m specdec.cli bench --scenario shared-prefix --max-new-tokens 32 --json "$OUT/shared-prefix.json" --markdown "$OUT/shared-prefix.md"
+$BIN/python -m specdec.cli bench --scenario agent-loop --max-new-tokens 256 --json "$OUT/agent-loop.json" --markdown "$OUT/agent-loop.md"
 $BIN/python bench/suffix_lookup.py --json "$OUT/suffix-lookup.json"
 $BIN/python bench/verify_cost.py --json "$OUT/verify-cost.json"
 $BIN/python bench/linear_rows.py --json "$OUT/linear-rows.json"

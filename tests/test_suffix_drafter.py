@@ -118,3 +118,16 @@ def test_a_seeded_sampled_request_drafts_from_its_own_text_only(engine):
     alone = sampled()
     tokens(engine, request(prompt + [7, 8, 9], 16, scope="r"))  # other text after the same prompt
     assert sampled() == alone
+
+
+def test_prompt_lookup_drafts_from_the_requests_own_text_only(engine):
+    """METHOD_NGRAM: the request's own earlier text continues its context; another request's text (the control,
+    which suffix drafting would use) does not."""
+    ngram = engine._drafters[Method.NGRAM]
+    own = engine.start(request([5, 6, 7, 8, 9, 1, 2, 5, 6], 4, Method.NGRAM))
+    assert ngram.propose([own], [3])[0].tokens == [7, 8, 9]
+    engine.release(own)
+    tokens(engine, request(list(range(200, 230)), 8, Method.NGRAM))
+    later = engine.start(request([1, 200, 201, 202], 4, Method.NGRAM))
+    assert ngram.propose([later], [3])[0].tokens == []
+    engine.release(later)

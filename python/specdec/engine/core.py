@@ -2,7 +2,7 @@
 
 One step of a sequence, top to bottom (``Engine._step``):
 1. choose γ (fixed, or adaptive from the measured α and step costs);
-2. the drafter proposes up to γ tokens (draft model on its own KV cache, or n-gram lookup);
+2. the drafter proposes up to γ tokens (draft model on its own KV cache, or a lookup of earlier text);
 3. one target forward over the tokens the target has not seen plus the drafts, LM head only at the
    γ+1 positions being verified;
 4. the kernels' ``verify`` applies the exact acceptance rule and returns n accepted drafts plus one token;
@@ -29,7 +29,6 @@ from specdec.engine.drafters import (
     DraftModelDrafter,
     Drafter,
     HybridDrafter,
-    NgramDrafter,
     NoDrafter,
     Proposal,
     SuffixDrafter,
@@ -72,8 +71,6 @@ class EngineConfig:
     method: Method = Method.DRAFT
     gamma: int | None = None  # fixed γ; None = adaptive in 0..gamma_max
     gamma_max: int = 8
-    ngram_min: int = 1
-    ngram_max: int = 4
     # Few-row linears (decode, verify) through the batch-invariant C++ kernels, and both models through the lean
     # forward built on them (models/decoder.py) where it serves the model.
     small_m_linear: bool = True
@@ -138,7 +135,7 @@ class Engine:
         self.costs = StepCosts(flat_tokens=flat)
         self._drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
-            Method.NGRAM: NgramDrafter(config.ngram_min, config.ngram_max),
+            Method.NGRAM: SuffixDrafter(shared=False),  # prompt lookup: the request's own text
             Method.SUFFIX: (suffix := SuffixDrafter()),
             Method.AUTO: suffix,  # until a draft model joins it
         }

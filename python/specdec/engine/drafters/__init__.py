@@ -3,8 +3,7 @@
 from specdec.engine.drafters.base import Drafter, Proposal
 from specdec.engine.drafters.draft_model import DraftModelDrafter
 from specdec.engine.drafters.hybrid import HybridDrafter
-from specdec.engine.drafters.ngram import NgramDrafter
 from specdec.engine.drafters.none import NoDrafter
 from specdec.engine.drafters.suffix import SuffixDrafter
 
-__all__ = ["Drafter", "DraftModelDrafter", "HybridDrafter", "NgramDrafter", "NoDrafter", "Proposal", "SuffixDrafter"]
+__all__ = ["Drafter", "DraftModelDrafter", "HybridDrafter", "NoDrafter", "Proposal", "SuffixDrafter"]

@@ -23,7 +23,7 @@ from specdec.engine.sequence import Sequence
 NGRAMS = (8, 4, 2, 1)  # match lengths tried, longest first
 CANDIDATES = 32  # most recent earlier occurrences a lookup reads
 MIN_CONFIDENCE = 0.3  # stop a draft where the path's share of the candidates falls below this
-DEFAULT_MAX_TOKENS = 200_000  # tokens kept per scope
+DEFAULT_MAX_TOKENS = 200_000  # tokens kept per scope (and per request, for a request's own index)
 
 
 class SuffixIndex:
@@ -133,40 +133,44 @@ def _likeliest_path(continuations: list[list[int]], limit: int) -> list[int]:
 
 @dataclass
 class _Seen:
-    """Per sequence: its scope, its document there and how many of its tokens the index holds; a seeded sampled
-    request also drafts from an index of its own text alone (``own``)."""
+    """Per sequence: how many of its tokens its indexes hold, its document in its scope's shared index (if it
+    feeds one), and an index of its own text alone (if it drafts from that)."""
 
-    scope: str
-    doc: int
     length: int
+    scope: str | None = None
+    doc: int = 0
     own: SuffixIndex | None = None
     own_doc: int = 0
 
 
 class SuffixDrafter(Drafter):
-    """Drafts from a per-scope ``SuffixIndex`` that learns every suffix-drafted request's prompt and output.
+    """Drafts from a per-scope ``SuffixIndex`` that learns every suffix-drafted request's prompt and output; with
+    ``shared=False``, from each request's own text alone (prompt lookup: METHOD_NGRAM).
 
     A seeded sampled request's tokens must depend on its seed alone (``Sequence.reproducible``), and which drafts
     it verifies steers how its random stream is used: it drafts from its own text only, while its text still
     feeds the scope's index for the others."""
 
-    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    def __init__(self, max_tokens: int = DEFAULT_MAX_TOKENS, shared: bool = True) -> None:
         self.max_tokens = max_tokens
+        self.shared = shared
         self.indexes: dict[str, SuffixIndex] = {}
 
     def _sync(self, seq: Sequence) -> _Seen:
         """The sequence's state, with every token of the sequence in its indexes."""
         seen = seq.draft_state
         if seen is None:
-            scope = seq.request.speculation.cache_scope
-            index = self.indexes.setdefault(scope, SuffixIndex(self.max_tokens))
-            seen = seq.draft_state = _Seen(scope, index.add(seq.all_ids), len(seq.all_ids))
-            if seq.reproducible:
+            seen = seq.draft_state = _Seen(len(seq.all_ids))
+            if self.shared:
+                seen.scope = seq.request.speculation.cache_scope
+                seen.doc = self.indexes.setdefault(seen.scope, SuffixIndex(self.max_tokens)).add(seq.all_ids)
+            if seq.reproducible or not self.shared:
                 seen.own = SuffixIndex(self.max_tokens)
                 seen.own_doc = seen.own.add(seq.all_ids)
         if len(seq.all_ids) > seen.length:
             new = seq.all_ids[seen.length :]
-            self.indexes[seen.scope].extend(seen.doc, new)
+            if seen.scope is not None:
+                self.indexes[seen.scope].extend(seen.doc, new)
             if seen.own is not None:
                 seen.own.extend(seen.own_doc, new)
             seen.length = len(seq.all_ids)
