@@ -17,9 +17,10 @@ from specdec.engine.drafters.draft_model import DraftModelDrafter
 from specdec.engine.drafters.suffix import SuffixDrafter
 from specdec.engine.sequence import Sequence
 
-# Suffix drafts a step needs before it skips the draft model: one token could be a coincidence of a common n-gram,
-# two already follow an earlier continuation.
-MIN_SUFFIX_TOKENS = 2
+# Suffix drafts a step needs before it skips the draft model. Short matches on ordinary prompts are often common
+# n-grams whose continuation the model drafts better; a re-sent conversation's matches run long either way
+# (`specdec bench --method auto` against `--method draft` on the built-in prompts, and `--scenario agent-loop`).
+MIN_SUFFIX_TOKENS = 4
 # How far a suffix lookup looks ahead when deciding (the engine then caps it at the step's γ).
 LOOKAHEAD = 8
 

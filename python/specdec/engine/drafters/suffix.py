@@ -5,8 +5,9 @@ scope continued it (SuffixDecoding, Oliaro et al. 2024), with no model forward.
 every n-gram of them, n in ``NGRAMS``, to where it ended. A lookup tries the longest n-gram ending the context
 first; among the most recent ``CANDIDATES`` earlier places it ended, it follows the most frequent next token step
 by step, and stops where that token's share of the candidates left, multiplied along the path, falls below
-``MIN_CONFIDENCE``: a long draft where earlier text agrees, a short one or none where it diverged. Its cost depends
-on ``NGRAMS`` and ``CANDIDATES`` and the draft's length, never on the length of the context or of the index.
+``MIN_CONFIDENCE``: a long draft where earlier text agrees, a short one or none where it diverged. Its work is
+bounded by ``NGRAMS``, ``CANDIDATES`` and the draft's length, whatever the length of the context or of the index
+(`python bench/suffix_lookup.py` times it).
 
 The index is bounded in tokens per scope and evicts whole documents, oldest first. A scope is the request's
 ``speculation.cache_scope`` (empty: the shared default); requests never draft from another scope's text.
