@@ -131,3 +131,13 @@ def test_prompt_lookup_drafts_from_the_requests_own_text_only(engine):
     later = engine.start(request([1, 200, 201, 202], 4, Method.NGRAM))
     assert ngram.propose([later], [3])[0].tokens == []
     engine.release(later)
+
+
+def test_the_hybrid_adds_a_request_to_the_index_once(pair_engine):
+    """The γ policy's question and the proposal share one lookup, and the request's text enters its scope's index
+    once: the index holds its tokens once after several steps."""
+    engine = pair_engine
+    prompt = list(range(150, 190))
+    tokens(engine, request(prompt, 12, Method.AUTO, scope="once"))
+    index = engine._drafters[Method.SUFFIX].indexes["once"]
+    assert index.tokens == len(prompt) + 12

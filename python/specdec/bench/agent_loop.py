@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from specdec.bench.environment import run_environment
+from specdec.bench.environment import run_environment, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import time_engine
 from specdec.types import GenerationRequest, Method, SpeculationParams
@@ -77,12 +77,8 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
 def agent_loop_to_markdown(report: dict) -> str:
     c, s = report["config"], report["summary"]
     draft = s.get(Method.DRAFT.value)
-    lines = [
-        f"# specdec bench --scenario agent-loop: {c['target']}" + (f" + {c['draft']}" if c["draft"] else ""),
-        "",
-        f"{c['turns']} turns of a code-editing conversation, up to {c['max_new_tokens']} new tokens a turn; host "
-        f"{c['cpu_model']} ({c['kernel_isa']}), {c['threads']} threads; commit {c['specdec_commit'] or 'unknown'}; "
-        f"{c['started_at']}.",
+    what = f"{c['turns']} turns of a code-editing conversation, up to {c['max_new_tokens']} new tokens a turn"
+    lines = scenario_heading("agent-loop", c, what) + [
         "",
         "| method | decode tok/s | ÷ target-only | ÷ draft model | acceptance |",
         "|---|---|---|---|---|",

@@ -74,3 +74,14 @@ def package_version(package: str) -> str:
         return version(package)
     except Exception:
         return "?"
+
+
+def scenario_heading(scenario: str, config: dict, what: str) -> list[str]:
+    """A scenario report's first lines: its title with the models, then ``what`` it ran, and where and when."""
+    models = config["target"] + (f" + {config['draft']}" if config["draft"] else "")
+    return [
+        f"# specdec bench --scenario {scenario}: {models}",
+        "",
+        f"{what}; host {config['cpu_model']} ({config['kernel_isa']}), {config['threads']} threads; commit "
+        f"{config['specdec_commit'] or 'unknown'}; {config['started_at']}.",
+    ]

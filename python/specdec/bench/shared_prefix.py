@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from specdec.bench.concurrency import _time_streams
-from specdec.bench.environment import run_environment
+from specdec.bench.environment import run_environment, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import time_engine
 from specdec.types import GenerationRequest, SamplingParams, SpeculationParams
@@ -127,12 +127,9 @@ def run_shared_prefix(engine, options: BenchOptions, progress: Callable[[dict], 
 
 def shared_prefix_to_markdown(report: dict) -> str:
     c, one, many = report["config"], report["single_stream"], report["streams"]
-    lines = [
-        f"# specdec bench --scenario shared-prefix: {c['target']}" + (f" + {c['draft']}" if c["draft"] else ""),
-        "",
-        f"{c['prompts']} questions behind one system prompt ({c['shared_prefix_tokens']} shared tokens); "
-        f"{c['max_new_tokens']} new tokens; method {c['method']}; host {c['cpu_model']} ({c['kernel_isa']}), "
-        f"{c['threads']} threads; commit {c['specdec_commit'] or 'unknown'}; {c['started_at']}.",
+    what = (f"{c['prompts']} questions behind one system prompt ({c['shared_prefix_tokens']} shared tokens); "
+            f"{c['max_new_tokens']} new tokens; method {c['method']}")
+    lines = scenario_heading("shared-prefix", c, what) + [
         "",
         "| | cache on | cache off | on ÷ off |",
         "|---|---|---|---|",

@@ -29,6 +29,7 @@ LOOKAHEAD = 8
 class _Both:
     suffix: Any = None
     model: Any = None
+    lookup: tuple[int, int, list[int]] | None = None  # (context length, limit, drafts): asked twice a step
 
 
 class HybridDrafter(Drafter):
@@ -52,7 +53,13 @@ class HybridDrafter(Drafter):
                 s.draft_state = both
 
     def _suffix_draft(self, seq: Sequence, limit: int) -> list[int]:
-        return self._call("suffix", [seq], lambda: self.suffix.draft(seq, limit))
+        """The suffix drafts for this step, looked up once for the γ policy's question and the proposal."""
+        if seq.draft_state is None:
+            seq.draft_state = _Both()
+        both = seq.draft_state
+        if both.lookup is None or both.lookup[:2] != (len(seq.all_ids), limit):
+            both.lookup = (len(seq.all_ids), limit, self._call("suffix", [seq], lambda: self.suffix.draft(seq, limit)))
+        return both.lookup[2]
 
     def runs_model_for(self, seq: Sequence) -> bool:
         return len(self._suffix_draft(seq, LOOKAHEAD)) < MIN_SUFFIX_TOKENS
