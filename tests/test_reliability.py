@@ -157,13 +157,18 @@ def test_fuzz_counts_a_disallowed_status_as_bad(tiny_dirs):
 
 
 def test_loadtest_command_with_the_tiny_models(tiny_dirs, tmp_path):
-    """``specdec loadtest``, short: it serves, loads, faults, fuzzes, stops the server and reports true counts."""
+    """``specdec loadtest``, short: it serves, loads, faults, fuzzes, stops the server and reports true counts.
+    Every prompt starts with the same 157 tokens, so the load runs through the prefix cache and its outputs are
+    still checked against each prompt's reference."""
     from specdec.cli import main
 
     out = tmp_path / "summary.json"
+    prefix = tmp_path / "prefix.txt"
+    prefix.write_text("rule: be brief. " * 12)
     code = main(["loadtest", "--target", tiny_dirs["target"], "--draft", tiny_dirs["draft_other"],
                  "--serve-arg=--draft-dtype=float32", "--duration", "3", "--warmup", "1", "--clients", "4",
-                 "--killed-clients", "1", "--fuzz-cases", "40", "--json", str(out)])  # fmt: skip
+                 "--killed-clients", "1", "--fuzz-cases", "40", "--prompt-prefix-file", str(prefix),
+                 "--json", str(out)])  # fmt: skip
     s = json.loads(out.read_text())
     assert code == 0 and s["ok"] is True, s
     ld = s["load"]
@@ -173,3 +178,4 @@ def test_loadtest_command_with_the_tiny_models(tiny_dirs, tmp_path):
     assert s["fuzz"]["cases"] == 40 and sum(s["fuzz"]["outcomes"].values()) == 40 and s["fuzz"]["bad"] == 0
     assert s["rss_bytes"]["after_warmup"] > 0 and s["rss_bytes"]["end"] > 0
     assert s["sigterm"]["exit_code"] == 0 and s["sigterm"]["hung"] == 0
+    assert s["prefix_cache"]["hit_tokens_total"] >= 128 and s["prefix_cache"]["bytes"] > 0

@@ -37,7 +37,7 @@ import grpc
 
 from specdec.loadtest.fuzz import FuzzStats, run_fuzz
 from specdec.loadtest.hostile import run_hostile
-from specdec.loadtest.load import LoadStats, kill_clients, reference, run_load
+from specdec.loadtest.load import PROMPTS, LoadStats, kill_clients, reference, run_load
 from specdec.loadtest.server_process import (
     health,
     idle_counts,
@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unread-streams", type=int, default=10, help="streams opened and never read (default 10)")
     p.add_argument("--oversized-prompts", type=int, default=4,
                    help="text prompts of about --max-message-bytes, too large to tokenize (default 4)")  # fmt: skip
+    p.add_argument("--prompt-prefix-file", type=Path, default=None, metavar="FILE",
+                   help="text put before every load prompt, e.g. a long system prompt that loads the prefix cache "
+                        "(python/specdec/bench/data/system_prompt.txt)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", help="write the summary as JSON")
 
@@ -86,7 +89,9 @@ def run(args: argparse.Namespace) -> dict:
             info = pb_grpc.SpecDecodeStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         methods = ("none", "ngram") + (("draft",) if info.draft else ())
         say(f"serving {info.target} / {info.draft or 'no draft'} at {server.address}; references")
-        ref = reference(server.address, max_new_tokens=args.max_new_tokens, long_tokens=args.long_tokens)
+        prefix = args.prompt_prefix_file.read_text(encoding="utf-8") + "\n\n" if args.prompt_prefix_file else ""
+        ref = reference(server.address, max_new_tokens=args.max_new_tokens, long_tokens=args.long_tokens,
+                        prompts=[prefix + p for p in PROMPTS])  # fmt: skip
         say(f"warm-up load {args.warmup:.0f} s")
         warm = run_load(server.address, ref, clients=args.clients, duration_s=args.warmup, methods=methods, seed=args.seed + 1)
         rss_start = rss_bytes(server.proc.pid)
@@ -135,6 +140,8 @@ def run(args: argparse.Namespace) -> dict:
         fuzz={"cases": fuzz.cases, "outcomes": dict(fuzz.outcomes), "bad": len(fuzz.bad), "examples": fuzz.bad[:10]},
         healthy_after_fuzz=healthy,
         rss_bytes={"after_warmup": rss_start, "end": rss_end, "growth": rss_end / rss_start - 1},
+        prefix_cache={name: served.get(f"specdec_prefix_cache_{name}", 0.0)
+                      for name in ("bytes", "hit_tokens_total", "queried_tokens_total")},  # fmt: skip
         sigterm=term,
     )
     summary["server_log"] = str(server.log_path)
@@ -167,6 +174,9 @@ def format_summary(s: dict) -> str:
         f"start: SERVING after {s['startup_s']:.1f} s with {s['rss_bytes_serving'] / 2**20:.1f} MiB resident; "
         f"RSS: {rss['after_warmup'] / 2**20:.1f} MiB after warm-up, {rss['end'] / 2**20:.1f} MiB at the end "
         f"({rss['growth']:+.1%})",
+        f"prefix cache: {s['prefix_cache']['bytes'] / 2**20:.1f} MiB held at the end; "
+        f"{s['prefix_cache']['hit_tokens_total']:g} of {s['prefix_cache']['queried_tokens_total']:g} looked-up prompt "
+        "tokens hit",
         f"SIGTERM with {term['in_flight_at_signal']}/{term['streams']} streams in flight: {term['outcomes']}, "
         f"{term['hung']} hung, exit code {term['exit_code']} after {term['exit_s']:.1f} s",
         *(f"  example: {e}" for e in ld["examples"] + fz["examples"] + hs["examples"]),
