@@ -24,6 +24,7 @@ $BIN/python -m specdec.cli bench --scenario shared-prefix --max-new-tokens 32 --
 $BIN/python -m specdec.cli bench --scenario agent-loop --max-new-tokens 256 --json "$OUT/agent-loop.json" --markdown "$OUT/agent-loop.md"
 $BIN/python -m specdec.cli bench --method auto --max-new-tokens 64 --json "$OUT/builtin-auto.json" --markdown "$OUT/builtin-auto.md"
 $BIN/python -m specdec.cli bench --method draft --max-new-tokens 64 --json "$OUT/builtin-draft.json" --markdown "$OUT/builtin-draft.md"
+$BIN/python -m specdec.cli loadtest --duration 60 --clients 8 --fuzz-cases 0 --prompt-prefix-file python/specdec/bench/data/system_prompt.txt --json "$OUT/loadtest-prefix.json"
 $BIN/python bench/suffix_lookup.py --json "$OUT/suffix-lookup.json"
 $BIN/python bench/verify_cost.py --json "$OUT/verify-cost.json"
 $BIN/python bench/linear_rows.py --json "$OUT/linear-rows.json"
