@@ -124,3 +124,24 @@ def test_a_negative_budget_is_refused():
         EngineConfig(prefix_cache_bytes=-1)
     with pytest.raises(ValueError, match="prefix_cache_bytes must be >= 0"):
         PrefixCache(-5)
+
+
+def test_requests_of_another_cache_scope_do_not_share_prefix_blocks(pair):
+    """The same prompt in scope "a" twice hits the cache the second time; in scope "b" (the control) it does not,
+    and its tokens are still the same."""
+    engine = Engine(*pair, EngineConfig(prefill_chunk=2 * BLOCK))
+    ids = [int(t) for t in torch.randint(3, 300, (3 * BLOCK + 5,), generator=torch.Generator().manual_seed(9))]
+
+    def scoped(scope: str) -> tuple[list[int], int]:
+        seq = engine.start(GenerationRequest(ids, 6, ignore_eos=True,
+                                             speculation=SpeculationParams(method=Method.DRAFT, cache_scope=scope)))  # fmt: skip
+        out = []
+        while not seq.finished:
+            out += engine.step_batch([seq])[0].token_ids
+        return out, seq.metrics.cached_prompt_tokens
+
+    first, hit_first = scoped("a")
+    again, hit_again = scoped("a")
+    other, hit_other = scoped("b")
+    assert (hit_first, hit_again, hit_other) == (0, 3 * BLOCK, 0)
+    assert first == again == other

@@ -263,7 +263,8 @@ class Engine:
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a new sequence's target cache from the longest cached prefix of its prompt, short of the last token
         (whose logits the prefill step computes)."""
-        cache, length = self.prefix_cache.load("target", seq.all_ids, len(seq.all_ids) - 1, count=True)
+        cache, length = self.prefix_cache.load(prefix_cache.key("target", seq), seq.all_ids, len(seq.all_ids) - 1,
+                                               count=True)  # fmt: skip
         if length:
             seq.target_cache, seq.target_len = cache, length
         seq.target_canonical = seq.metrics.cached_prompt_tokens = length
@@ -271,7 +272,7 @@ class Engine:
     def _keep_prefix(self, seq: Sequence, start: int, end: int) -> None:
         """Offer the prefix cache the blocks of a prefill forward over positions [start, end)."""
         seq.target_canonical = self.prefix_cache.extend(
-            "target", seq.all_ids, seq.target_cache, seq.target_canonical or 0, start, end)  # fmt: skip
+            prefix_cache.key("target", seq), seq.all_ids, seq.target_cache, seq.target_canonical or 0, start, end)  # fmt: skip
 
     def finish(self, seq: Sequence, reason: FinishReason) -> StepOutput:
         """End a sequence early (cancel, deadline) and free its caches. Idempotent."""

@@ -11,7 +11,7 @@ import torch
 
 from specdec.engine.drafters.base import Drafter, Proposal
 from specdec.engine.gamma import StepCosts
-from specdec.engine.prefix_cache import PrefixCache
+from specdec.engine.prefix_cache import PrefixCache, key
 from specdec.engine.sequence import Sequence
 from specdec.kernels import KernelBackend
 from specdec.models import decoder, ragged
@@ -69,7 +69,7 @@ class DraftModelDrafter(Drafter):
         if st.canonical is None:  # a new sequence: start from the longest cached prefix of its tokens
             st.canonical = 0
             if self.prefix_cache is not None and st.length == 0:
-                cache, length = self.prefix_cache.load("draft", seq.all_ids, len(seq.all_ids) - 1)
+                cache, length = self.prefix_cache.load(key("draft", seq), seq.all_ids, len(seq.all_ids) - 1)
                 if length:
                     st.cache, st.length, st.canonical = cache, length, length
         return st
@@ -113,7 +113,7 @@ class DraftModelDrafter(Drafter):
         for s, st, c, p in zip(seqs, states, caches, pending):
             start, st.cache, st.length = st.length, c, st.length + len(p)
             if self.prefix_cache is not None and j == 0:  # the catch-up reads only tokens of all_ids
-                st.canonical = self.prefix_cache.extend("draft", s.all_ids, c, st.canonical, start, st.length)
+                st.canonical = self.prefix_cache.extend(key("draft", s), s.all_ids, c, st.canonical, start, st.length)
         # q matters only to sampled rows: greedy ones are verified against argmax p alone.
         sampled = any(not s.request.sampling.greedy for s in seqs)
         result = self.kernels.sample(
