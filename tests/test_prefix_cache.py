@@ -88,8 +88,10 @@ def pair(tiny_dirs):
     return load_model(tiny_dirs["target"]), load_model(tiny_dirs["draft_other"])
 
 
-def run(engine: Engine, ids: list[int], method: Method, temperature: float = 0.0) -> tuple[list[int], int]:
-    seq = engine.start(GenerationRequest(ids, 12, ignore_eos=True, speculation=SpeculationParams(method=method),
+def run(engine: Engine, ids: list[int], method: Method, temperature: float = 0.0, scope: str = "") -> tuple[list[int], int]:
+    """A request's tokens, and its prompt tokens taken from the prefix cache."""
+    seq = engine.start(GenerationRequest(ids, 12, ignore_eos=True,
+                                         speculation=SpeculationParams(method=method, cache_scope=scope),
                                          sampling=SamplingParams(temperature=temperature, seed=3)))  # fmt: skip
     out = []
     while not seq.finished:
@@ -132,16 +134,8 @@ def test_requests_of_another_cache_scope_do_not_share_prefix_blocks(pair):
     engine = Engine(*pair, EngineConfig(prefill_chunk=2 * BLOCK))
     ids = [int(t) for t in torch.randint(3, 300, (3 * BLOCK + 5,), generator=torch.Generator().manual_seed(9))]
 
-    def scoped(scope: str) -> tuple[list[int], int]:
-        seq = engine.start(GenerationRequest(ids, 6, ignore_eos=True,
-                                             speculation=SpeculationParams(method=Method.DRAFT, cache_scope=scope)))  # fmt: skip
-        out = []
-        while not seq.finished:
-            out += engine.step_batch([seq])[0].token_ids
-        return out, seq.metrics.cached_prompt_tokens
-
-    first, hit_first = scoped("a")
-    again, hit_again = scoped("a")
-    other, hit_other = scoped("b")
+    first, hit_first = run(engine, ids, Method.DRAFT, scope="a")
+    again, hit_again = run(engine, ids, Method.DRAFT, scope="a")
+    other, hit_other = run(engine, ids, Method.DRAFT, scope="b")
     assert (hit_first, hit_again, hit_other) == (0, 3 * BLOCK, 0)
     assert first == again == other
