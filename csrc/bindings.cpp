@@ -71,6 +71,18 @@ PYBIND11_MODULE(_kernels, m) {
       py::call_guard<py::gil_scoped_release>());
 
   m.def(
+      "logprobs",
+      [](uintptr_t logits, int dtype, int64_t N, int64_t V, uintptr_t tokens, uintptr_t temperature, uintptr_t top_k,
+         uintptr_t top_p, uintptr_t min_p, int64_t top_n, uintptr_t out_logprobs, uintptr_t out_top_ids,
+         uintptr_t out_top_logprobs, uintptr_t status) {
+        specdec::logprobs_batch(P<const void>(logits), dtype, N, V, P<const int64_t>(tokens),
+                                P<const double>(temperature), P<const int64_t>(top_k), P<const double>(top_p),
+                                P<const double>(min_p), top_n, P<float>(out_logprobs), P<int64_t>(out_top_ids),
+                                P<float>(out_top_logprobs), P<int32_t>(status));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
       "uniforms",
       [](uintptr_t seed, uintptr_t offset, int64_t B, int64_t count, uint32_t stream, uintptr_t out) {
         const uint64_t* s = P<const uint64_t>(seed);

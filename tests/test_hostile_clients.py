@@ -335,7 +335,7 @@ def _finish(engine, raw: bytes, stops: list[str]):
     ids = _byte_ids(engine.tokenizer, raw)
     seq = engine.start(GenerationRequest(prompt_ids=[1], max_new_tokens=len(ids), stop=stops, ignore_eos=True))
     for tok in ids:
-        if engine._emit(seq, [tok], [0.0]).finished:
+        if engine._emit(seq, [tok], None, None).finished:
             break
     assert seq.finished
     return seq

@@ -883,3 +883,80 @@ void sample_batch(const void* logits, int dtype, int64_t B, int64_t V, const dou
 }
 
 }  // namespace specdec
+
+namespace specdec {
+
+namespace {
+
+// log p_i of the processed distribution d (−inf where a filter removes i), in double from the scaled logit, so that
+// a probability below float32's range still has a finite logprob.
+double processed_logprob(const Dist& d, const LogitsRow& L, int64_t i) {
+  const float s = with_typed(L, [&](auto* l) { return load1(l + i); }) * d.invT;
+  bool kept;
+  if (d.filtered) {
+    kept = std::binary_search(d.kidx, d.kidx + d.nkept, int32_t(i));
+  } else {
+    kept = s >= d.tau && exp1(s - d.smax) >= d.minp;
+  }
+  if (!kept) return -std::numeric_limits<double>::infinity();
+  return double(s) - double(d.smax) - std::log(d.Z);
+}
+
+}  // namespace
+
+void logprobs_batch(const void* logits, int dtype, int64_t N, int64_t V, const int64_t* tokens,
+                    const double* temperature, const int64_t* top_k, const double* top_p, const double* min_p,
+                    int64_t top_n, float* out_logprobs, int64_t* out_top_ids, float* out_top_logprobs,
+                    int32_t* status) {
+  const int64_t esize = dtype == kBF16 ? 2 : 4;
+  const bool rows_par = N > 1 && available_workers() > 1;
+  auto row = [&](int64_t r, bool par) {
+    RowCtx& ctx = RowCtx::local();
+    const LogitsRow L{static_cast<const char*>(logits) + r * V * esize, dtype, V};
+    // A greedy row reports its distribution at temperature 1 (its own is one-hot).
+    const double T = temperature[r] > double(kGreedyTemperature) ? temperature[r] : 1.0;
+    const Dist d = compute_dist(ctx, L, RowParams{T, top_k[r], top_p[r], min_p[r]}, false, par);
+    int64_t* ids = out_top_ids + r * top_n;
+    float* lps = out_top_logprobs + r * top_n;
+    std::fill(ids, ids + top_n, int64_t(-1));
+    std::fill(lps, lps + top_n, -std::numeric_limits<float>::infinity());
+    status[r] = d.bad ? 1 : 0;
+    if (d.bad) {
+      out_logprobs[r] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    out_logprobs[r] = float(processed_logprob(d, L, tokens[r]));
+    if (top_n == 0) return;
+    // The top_n largest logits (the processed order is the logits' order), ties to the lower id: a sorted list of
+    // (logit, id) that a larger logit, or an equal one with a lower id (never: ids ascend), displaces.
+    std::vector<std::pair<float, int64_t>> best;
+    best.reserve(top_n + 1);
+    auto offer = [&](float v, int64_t i) {
+      if (int64_t(best.size()) == top_n && !(v > best.back().first)) return;
+      auto at = std::upper_bound(best.begin(), best.end(), v, [](float a, const auto& b) { return a > b.first; });
+      best.insert(at, {v, i});
+      if (int64_t(best.size()) > top_n) best.pop_back();
+    };
+    with_typed(L, [&](auto* l) {
+      if (d.filtered) {
+        for (int64_t i = 0; i < d.nkept; ++i) offer(load1(l + d.kidx[i]), d.kidx[i]);
+      } else {
+        for (int64_t i = 0; i < V; ++i) offer(load1(l + i), i);
+      }
+      return 0;
+    });
+    for (size_t j = 0; j < best.size(); ++j) {
+      const double lp = processed_logprob(d, L, best[j].second);
+      if (lp == -std::numeric_limits<double>::infinity()) break;  // the rest are filtered out too
+      ids[j] = best[j].second;
+      lps[j] = float(lp);
+    }
+  };
+  if (rows_par) {
+    parallel_run(N, [&](int64_t r, int) { row(r, false); });
+  } else {
+    for (int64_t r = 0; r < N; ++r) row(r, V > kChunk);
+  }
+}
+
+}  // namespace specdec

@@ -103,4 +103,12 @@ void sample_batch(const void* logits, int dtype, int64_t B, int64_t V, const dou
                   const int64_t* top_k, const double* top_p, const double* min_p, const uint64_t* seed,
                   const uint64_t* offset, int64_t* out_tokens, float* out_probs, int32_t* status);
 
+// Log-probabilities under each row's processed distribution (a greedy row's at temperature 1): of tokens[r], and
+// the top_n most likely tokens, most likely first (ties to the lower id), padded with -1 / -inf where fewer are
+// kept. logits [N, V]; out_logprobs [N]; out_top_ids, out_top_logprobs [N, top_n]; status[r] = 1 for NaN/Inf.
+void logprobs_batch(const void* logits, int dtype, int64_t N, int64_t V, const int64_t* tokens,
+                    const double* temperature, const int64_t* top_k, const double* top_p, const double* min_p,
+                    int64_t top_n, float* out_logprobs, int64_t* out_top_ids, float* out_top_logprobs,
+                    int32_t* status);
+
 }  // namespace specdec

@@ -19,6 +19,10 @@ import numpy as np
 # Upper bound on γ: verify cost grows with it and no real pair accepts 32+ tokens in a row often enough.
 GAMMA_LIMIT = 32
 CACHE_SCOPE_MAX = 128  # characters of speculation.cache_scope
+TOP_LOGPROBS_MAX = 20  # alternatives per token (top_logprobs)
+# Bytes of a response_format's schema, regex or grammar: far above any real schema, and it bounds the compile's input.
+RESPONSE_FORMAT_MAX_BYTES = 65536
+RESPONSE_FORMAT_KINDS = ("json_schema", "json_object", "regex", "grammar")
 # What a model can run in (``specdec.models.loading``): auto, float dtypes, and weight-only quantised formats.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "gguf", "int8", "q4")
 
@@ -118,6 +122,24 @@ class SpeculationParams:
             )
 
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """What the output must be: ``kind`` is one of RESPONSE_FORMAT_KINDS; ``spec`` the schema, regex or Lark grammar
+    (empty for json_object). ``specdec.engine.grammar`` compiles it."""
+
+    kind: str
+    spec: str = ""
+
+    def validate(self) -> None:
+        _require(self.kind in RESPONSE_FORMAT_KINDS,
+                 f"response_format must be one of {', '.join(RESPONSE_FORMAT_KINDS)}, got {self.kind!r}")  # fmt: skip
+        size = len(self.spec.encode())
+        _require(size <= RESPONSE_FORMAT_MAX_BYTES,
+                 f"response_format.{self.kind} must be at most {RESPONSE_FORMAT_MAX_BYTES} bytes, got {size}")  # fmt: skip
+        if self.kind != "json_object":
+            _require(size > 0, f"response_format.{self.kind} must not be empty")
+
+
 @dataclass
 class GenerationRequest:
     """One request as the engine sees it: token ids in, limits and sampling as plain values."""
@@ -130,6 +152,8 @@ class GenerationRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token; > 0 implies logprobs
+    response_format: ResponseFormat | None = None
     request_id: str = ""
 
     def validate(self, *, vocab_size: int, context_length: int) -> None:
@@ -147,6 +171,12 @@ class GenerationRequest:
             _require(0 <= t < vocab_size, f"stop_token_ids[{i}] must be in [0, {vocab_size}), got {t}")
         for i, s in enumerate(self.stop):
             _require(len(s) > 0, f"stop[{i}] must be a non-empty string")
+        _require(0 <= self.top_logprobs <= TOP_LOGPROBS_MAX,
+                 f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {self.top_logprobs}")  # fmt: skip
+        if self.response_format is not None:
+            self.response_format.validate()
+            _require(not self.ignore_eos, "ignore_eos cannot be used with response_format: the format decides where "
+                                          "the output may end")  # fmt: skip
         self.sampling.validate()
         self.speculation.validate()
 
@@ -163,6 +193,14 @@ class ParsedRequest:
     max_prompt_tokens: int | None = None  # checked once the prompt is tokenized
 
 
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The most likely tokens at one position, most likely first (ties: lower id first)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
 @dataclass
 class Completion:
     """How one request ended, with its statistics; built on the scheduler's thread."""
@@ -171,6 +209,7 @@ class Completion:
     token_ids: list[int]
     text: str
     logprobs: list[float] | None
+    top_logprobs: list[TopLogprobs] | None
     finish_reason: FinishReason
     matched_stop: str | None
     seed: int | None  # None: the request ended before it started and asked for no seed

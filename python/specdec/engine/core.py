@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from specdec.engine import prefix_cache
+from specdec.engine import grammar, prefix_cache
 from specdec.engine.detokenizer import Detokenizer
 from specdec.engine.drafters import (
     DraftModelDrafter,
@@ -36,7 +36,7 @@ from specdec.engine.drafters import (
 from specdec.engine.gamma import AcceptanceEstimate, StepCosts, choose_gamma
 from specdec.engine.prompts import PromptTokenizer
 from specdec.engine.sequence import Sequence, StepOutput
-from specdec.kernels import CpuBackend, KernelBackend
+from specdec.kernels import CpuBackend, KernelBackend, sampling
 from specdec.models import decoder, isa, linear, ragged
 from specdec.models.loading import (
     LoadedModel,
@@ -46,7 +46,7 @@ from specdec.models.loading import (
     return_freed_memory,
     set_threads,
 )
-from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, stack_filters
+from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, TopLogprobs, stack_filters
 
 # Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
 PADDING_LOGIT = -1e30
@@ -83,6 +83,9 @@ class EngineConfig:
     # Bytes of prompt keys and values kept for later requests with the same prefix (engine/prefix_cache.py), the
     # target's and the draft's together; None: prefix_cache.default_budget(); 0: off.
     prefix_cache_bytes: int | None = None
+    # Where a response format allows one token only, verify it as a draft without drafting it (accepted with
+    # certainty: the masked distribution is one-hot there). Not for target-only decoding, which stays one token a step.
+    jump_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
@@ -126,6 +129,7 @@ class Engine:
         self.context_length = target.context_length
         self.prompts = PromptTokenizer(self.tokenizer, target.name)
         self.eos_token_ids = self._eos_ids()
+        self.grammars = grammar.GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         # Verify tokens that cost about one decode step until measured (StepCosts): the rows the small-M kernel
         # holds in registers per weight row on a CPU with it, one on a CPU without it (torch runs a GEMV per row),
         # and a GPU's many more. Not the kernel's 32-row limit: rows past 8 add compute, so a flat guess up to 32
@@ -215,7 +219,11 @@ class Engine:
         return self.prompts.tokenize(kind, prompt, max_tokens, name)
 
     def prepare(self, parsed: ParsedRequest) -> GenerationRequest:
-        """Tokenize a parsed request's prompt and check it against its prompt-token limit."""
+        """Tokenize a parsed request's prompt and check it against its prompt-token limit; compile its response
+        format (kept for ``start``)."""
+        if (fmt := parsed.template.response_format) is not None:
+            fmt.validate()
+            self.grammars.compile(fmt)
         ids = self.tokenize(parsed.prompt_kind, parsed.prompt, parsed.max_prompt_tokens)
         return replace(parsed.template, prompt_ids=ids, sampling=replace(parsed.template.sampling),
                        speculation=replace(parsed.template.speculation), stop=list(parsed.template.stop),
@@ -228,7 +236,10 @@ class Engine:
         if method not in self._drafters:
             raise ValueError(f"speculation.method {method.value!r} needs a draft model; this engine was loaded without one")
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        return Sequence(request, seed, method, Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
+        seq = Sequence(request, seed, method, Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
+        if request.response_format is not None:
+            seq.constraint = self.grammars.compile(request.response_format).constraint()
+        return seq
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
         """One speculative step for each sequence. New sequences prefill first (short prompts together); the rest share forwards."""
@@ -294,6 +305,8 @@ class Engine:
             seq.target_cache.crop(seq.target_len)
             seq.target_canonical = min(seq.target_canonical or 0, seq.target_len)
         self._drafter(seq).rollback(seq, valid)
+        if seq.constraint is not None:
+            seq.constraint.unwind()
 
     def release(self, seq: Sequence) -> None:
         seq.target_cache = None
@@ -349,12 +362,13 @@ class Engine:
                 gamma = choose_gamma([s.alpha.alpha], 0.0, target_cost, self._gamma_max(s))
             if self._adaptive(s):
                 gamma = s.probe.gamma(gamma, could_pay or s.reproducible or not runs_model[id(s)])
-            cap = min(
-                s.request.max_new_tokens - s.metrics.completion_tokens - 1,
-                self.context_length - len(s.all_ids) - 1,
-            )
-            gammas.append(max(0, min(gamma, cap)))
+            gammas.append(max(0, min(gamma, self._most_drafts(s))))
         return gammas
+
+    def _most_drafts(self, seq: Sequence) -> int:
+        """Drafts a step of ``seq`` may verify: its emitted tokens stay within max_new_tokens and the context."""
+        return min(seq.request.max_new_tokens - seq.metrics.completion_tokens - 1,
+                   self.context_length - len(seq.all_ids) - 1)  # fmt: skip
 
     def _catch_up(self, seq: Sequence) -> tuple[float, int]:
         """(seconds, tokens left) of the draft forward over the tokens the draft has not seen, if it fell behind."""
@@ -380,6 +394,7 @@ class Engine:
         prefill = not seqs[0].output_ids
         gammas = self._gammas(seqs)
         proposals = self._propose(seqs, gammas)
+        self._constrain(seqs, proposals)
 
         t0 = time.perf_counter()
         rows = []
@@ -393,7 +408,8 @@ class Engine:
             self.costs.record_target(sum(len(r.new) for r in rows), t_target, len(rows))
 
         t0 = time.perf_counter()
-        tokens, num_accepted, logprobs = self._verify(seqs, proposals, logits)
+        target, tokens, num_accepted = self._verify(seqs, proposals, logits)
+        reports = self._logprobs(seqs, target, tokens, num_accepted)
         t_kernel = time.perf_counter() - t0
 
         outs = []
@@ -407,21 +423,29 @@ class Engine:
             s.target_len = before + n
             self._drafter(s).rollback(s, before + n)
             s.step_index += 1
-            s.alpha.update(k, n)
-            if k:
-                s.shared_alpha.update(k, n)
-            s.probe.record(k, n)
+            if s.constraint is not None:
+                s.constraint.commit([int(t) for t in tokens[i, : n + 1]])
+            # The drafter's own tokens count: forced ones are certain, and ones the format cut off were rejected.
+            kd = k - p.forced + p.dropped
+            nd = min(n, k - p.forced)
+            s.alpha.update(kd, nd)
+            if kd:
+                s.shared_alpha.update(kd, nd)
+            s.probe.record(kd, nd)
             m = s.metrics
-            m.record_proposal(k, n)
+            m.record_proposal(kd, nd)
+            m.forced += min(n, k) - nd
             m.verify_steps += 1
             m.step_tokens += n + 1
-            outs.append(self._emit(s, [int(t) for t in tokens[i, : n + 1]], [float(x) for x in logprobs[i, : n + 1]]))
+            outs.append(self._emit(s, [int(t) for t in tokens[i, : n + 1]], *reports[i]))
             m.draft_s += p.seconds
             if prefill:
                 m.prefill_s += t_target
             else:
                 m.target_s += t_target
             m.kernel_s += t_kernel
+            if s.constraint is not None:
+                m.grammar_s = s.constraint.seconds
         elapsed = time.perf_counter() - t_step
         for s, p in zip(seqs, proposals):
             s.metrics.other_s += elapsed - p.seconds - t_target - t_kernel
@@ -452,8 +476,34 @@ class Engine:
                 proposals[i] = p
         return proposals
 
+    def _constrain(self, seqs: list[Sequence], proposals: list[Proposal]) -> None:
+        """Walk each constrained sequence's grammar along its drafts. A proposal ends before the first token the
+        grammar forbids (its masked probability is 0: it could not be accepted); then, with ``jump_forward``, tokens
+        the grammar allows alone are appended while they last."""
+        for s, p in zip(seqs, proposals):
+            c = s.constraint
+            if c is None:
+                continue
+            for tok in p.tokens[c.pushed :]:  # a draft model walked along its own drafts already
+                if not c.push(tok):
+                    break
+            if c.pushed < len(p.tokens):
+                p.dropped = len(p.tokens) - c.pushed
+                p.tokens = p.tokens[: c.pushed]
+                p.q = None if p.q is None else p.q[: c.pushed]
+            if not (self.config.jump_forward and self._drafter(s).proposes):
+                continue
+            most = self._most_drafts(s)
+            while len(p.tokens) < most and (tok := c.forced()) is not None:
+                c.push(tok)
+                p.tokens.append(tok)
+                p.forced += 1
+                if tok in self.eos_token_ids or tok in s.request.stop_token_ids:
+                    break  # the sequence ends there
+
     def _verify(self, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor]):
-        """Pad the rows to a common K and run the acceptance kernel once for the batch."""
+        """Pad the rows to a common K, mask them, and run the acceptance kernel once for the batch.
+        Returns (the masked logits [B, K+1, V], tokens, num_accepted)."""
         ks = [len(p.tokens) for p in proposals]
         K = max(ks)
         target = torch.zeros(len(seqs), K + 1, self.vocab_size, dtype=logits[0].dtype)
@@ -462,15 +512,20 @@ class Engine:
             target[i, : len(row)] = row
             drafts[i, : len(p.tokens)] = p.tokens
         self._mask_padding(target)
+        for i, (s, p) in enumerate(zip(seqs, proposals)):
+            if s.constraint is not None:  # position j: the grammar after the first j drafts
+                for j in range(len(p.tokens) + 1):
+                    grammar.apply(target[i, j], s.constraint.mask_at(j))
         q = None
         if any(p.q is not None and not s.request.sampling.greedy for s, p in zip(seqs, proposals)):
             q = torch.zeros(len(seqs), K, self.vocab_size, dtype=torch.float32)
             for i, p in enumerate(proposals):
-                if p.q is not None:
-                    q[i, : len(p.tokens)] = p.q
-                else:
-                    q[i, torch.arange(len(p.tokens)), torch.as_tensor(p.tokens, dtype=torch.long)] = 1.0
-        return self.kernels.verify(
+                drafted = 0 if p.q is None else len(p.q)  # one-hot after: forced tokens, model-free drafts
+                if drafted:
+                    q[i, :drafted] = p.q
+                rest = torch.arange(drafted, len(p.tokens))
+                q[i, rest, torch.as_tensor(p.tokens[drafted:], dtype=torch.long)] = 1.0
+        tokens, num_accepted = self.kernels.verify(
             target,
             drafts,
             q,
@@ -478,15 +533,39 @@ class Engine:
             **stack_filters([s.request.sampling for s in seqs]),
             seed=np.array([s.seed for s in seqs], dtype=np.uint64),
             offset=np.array([s.step_index for s in seqs], dtype=np.uint64),
-            return_logprobs=True,
         )
+        return target, tokens, num_accepted
+
+    def _logprobs(self, seqs: list[Sequence], target: torch.Tensor, tokens, num_accepted) -> list[tuple]:
+        """(logprobs, top logprobs) of each sequence's emitted tokens, (None, None) where not asked for. Position j
+        of a row holds the masked target logits the token at j was drawn from (accepted, corrected or bonus), which
+        decoding without drafts computes alike: the values equal target-only decoding's."""
+        wants = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
+        reports: list[tuple] = [(None, None)] * len(seqs)
+        if not wants:
+            return reports
+        rows = [(i, j) for i in wants for j in range(int(num_accepted[i]) + 1)]
+        top_n = max(seqs[i].request.top_logprobs for i in wants)
+        samplings = [seqs[i].request.sampling for i, _ in rows]
+        lp, ids, top = sampling.logprobs(
+            torch.stack([target[i, j] for i, j in rows]), np.array([int(tokens[i, j]) for i, j in rows]),
+            top_n=top_n, **stack_filters(samplings))  # fmt: skip
+        at = 0
+        for i in wants:
+            n, want = int(num_accepted[i]) + 1, seqs[i].request.top_logprobs
+            tops = [TopLogprobs([int(t) for t in ids[r, :want] if t >= 0], [float(x) for x in top[r, :want] if x > -np.inf])
+                    for r in range(at, at + n)] if want else None  # fmt: skip
+            reports[i] = ([float(x) for x in lp[at : at + n]], tops)
+            at += n
+        return reports
 
     def _mask_padding(self, logits: torch.Tensor) -> None:
         """Ids past the tokenizer exist only as embedding padding: never drafted, never emitted."""
         if self.real_vocab < self.vocab_size:
             logits[..., self.real_vocab :] = PADDING_LOGIT
 
-    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> StepOutput:
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None,
+              top_logprobs: list[TopLogprobs] | None) -> StepOutput:  # fmt: skip
         req, m = seq.request, seq.metrics
         emitted: list[int] = []
         text = ""
@@ -518,7 +597,8 @@ class Engine:
         return StepOutput(
             token_ids=emitted,
             text=text,
-            logprobs=logprobs[: len(emitted)] if req.logprobs else None,
+            logprobs=None if logprobs is None else logprobs[: len(emitted)],
+            top_logprobs=None if top_logprobs is None else top_logprobs[: len(emitted)],
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             matched_stop=seq.matched_stop,

@@ -124,6 +124,7 @@ class Handle:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.logprobs: list[float] = []
+        self.top_logprobs: list = []
         self.unread_since: float | None = None  # when it left the batch for want of a reader
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
@@ -441,6 +442,8 @@ class Scheduler:
                 h.last_token_at = now
                 if out.logprobs:
                     h.logprobs.extend(out.logprobs)
+                if out.top_logprobs:
+                    h.top_logprobs.extend(out.top_logprobs)
             h.put("step", out)
             if out.finished:
                 finished.append(h)
@@ -501,7 +504,7 @@ class Scheduler:
         method = (spec or self.engine.config.method).value
         if seq is None:  # ended before it started: the seed it asked for, if any
             seed = h.parsed.template.sampling.seed if h.parsed else None
-            return Completion(h.request_id, [], "", None, reason, None, seed, method, 0, 0, end - h.arrival, None,
+            return Completion(h.request_id, [], "", None, None, reason, None, seed, method, 0, 0, end - h.arrival, None,
                               end - h.arrival)  # fmt: skip
         m = seq.metrics
         first_step = m.first_step_at if m.first_step_at is not None else end
@@ -509,7 +512,8 @@ class Scheduler:
             request_id=h.request_id,
             token_ids=list(seq.output_ids),
             text=seq.text,
-            logprobs=list(h.logprobs) if seq.request.logprobs else None,
+            logprobs=list(h.logprobs) if seq.request.logprobs or seq.request.top_logprobs else None,
+            top_logprobs=list(h.top_logprobs) if seq.request.top_logprobs else None,
             finish_reason=reason,
             matched_stop=seq.matched_stop,
             seed=seq.seed,

@@ -11,7 +11,8 @@ from typing import Any
 
 from specdec.engine.detokenizer import Detokenizer
 from specdec.engine.gamma import AcceptanceEstimate, ProbeSchedule
-from specdec.types import FinishReason, GenerationRequest, Method
+from specdec.engine.grammar import Constraint
+from specdec.types import FinishReason, GenerationRequest, Method, TopLogprobs
 
 
 @dataclass
@@ -19,6 +20,7 @@ class StepOutput:
     token_ids: list[int]
     text: str  # UTF-8-safe delta; the deltas of a sequence concatenate to its final text
     logprobs: list[float] | None
+    top_logprobs: list[TopLogprobs] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
     matched_stop: str | None = None
@@ -43,6 +45,8 @@ class SequenceMetrics:
     prefill_s: float = 0.0
     kernel_s: float = 0.0
     other_s: float = 0.0
+    grammar_s: float = 0.0  # in the grammar's masks (part of the draft and other times above)
+    forced: int = 0  # tokens the grammar allowed alone, verified without drafting (jump-forward)
 
     @property
     def acceptance_rate(self) -> float:
@@ -97,6 +101,7 @@ class Sequence:
         # give the prefix cache (PrefixCache.extend). None until the prefix cache was asked for a hit.
         self.target_canonical: int | None = None
         self.draft_state: Any = None  # the drafter's own, for this sequence (Drafter.release frees it)
+        self.constraint: Constraint | None = None  # the grammar state of a request with a response_format
         self.step_index = 0  # the RNG offset of the next step
         # α of this request. Its prior is the drafter's recent α across requests when that is lower than the
         # default prior: a draft that is rarely accepted stops costing every new request its first steps, while a

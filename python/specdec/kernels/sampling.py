@@ -103,6 +103,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "sample",
     "verify",
+    "logprobs",
     "uniforms",
     "philox4x32_10",
     "num_threads",
@@ -424,6 +425,39 @@ def verify(
     del qbuf  # kept alive until here on purpose
     _raise_nonfinite("target_logits", status, status_pos)
     return (tokens, nacc, lps) if return_logprobs else (tokens, nacc)
+
+
+def logprobs(logits, tokens, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, top_n: int = 0):
+    """Log-probabilities under the processed distribution that ``sample`` and ``verify`` draw from.
+
+    logits [N, V] (float32/bfloat16), tokens int [N] in [0, V), per-row parameters as ``sample``, top_n in [0, V].
+    Returns ``(logprob float32[N], top_ids int64[N, top_n], top_logprobs float32[N, top_n])``: the logprob of
+    tokens[r], and the top_n most likely tokens, most likely first (ties to the lower id). A token a filter
+    removes has -inf; top lists hold only kept tokens, padded with -1 / -inf. A greedy row (temperature 0) reports
+    its distribution at temperature 1, its filters applied (its own distribution is one-hot). Values come from the
+    scaled logits in float64 (log p_i = s_i - max s - log Z), so a probability below float32's range is finite.
+    """
+    buf = _float_buf(logits, "logits", 2, allow_bf16=True)
+    N, V = buf.shape
+    if V < 1 or V >= 1 << 31:
+        raise ValueError(f"logits must have a vocabulary in [1, 2^31), got shape {buf.shape}")
+    if not 0 <= top_n <= V:
+        raise ValueError(f"top_n must be in [0, V={V}], got {top_n}")
+    tok = _int_array(tokens, "tokens", (N,), np.int64)
+    if N and (tok.min() < 0 or tok.max() >= V):
+        row = int(np.flatnonzero((tok < 0) | (tok >= V))[0])
+        raise ValueError(f"tokens[{row}] must be a token id in [0, V={V}), got {tok[row]}")
+    t, k, p, mp, _, _ = _params(N, temperature, top_k, top_p, min_p, 0, 0)
+    lp = np.empty(N, dtype=np.float32)
+    ids = np.empty((N, top_n), dtype=np.int64)
+    top = np.empty((N, top_n), dtype=np.float32)
+    status = np.zeros(N, dtype=np.int32)
+    if N:
+        _k.logprobs(buf.ptr, buf.dtype_code, N, V, tok.ctypes.data, t.ctypes.data, k.ctypes.data, p.ctypes.data,
+                    mp.ctypes.data, int(top_n), lp.ctypes.data, ids.ctypes.data, top.ctypes.data,
+                    status.ctypes.data)  # fmt: skip
+    _raise_nonfinite("logits", status)
+    return lp, ids, top
 
 
 def uniforms(seed, offset, count: int, *, stream: int = STREAM_SAMPLE) -> np.ndarray:

@@ -48,6 +48,7 @@ from specdec.serving.wire import (
     response_to_proto,
     sampling_from_proto,
     summary_to_proto,
+    top_logprobs_to_proto,
 )
 from specdec.types import Completion, FinishReason, Method
 from specdec.v1 import specdec_pb2 as pb
@@ -393,7 +394,7 @@ class SpecDecServer:
                 if not isinstance(item, Completion):
                     if item.token_ids or item.text:
                         chunk = pb.StreamChunk(token_ids=item.token_ids, text=item.text, logprobs=item.logprobs or [],
-                                               index=index)  # fmt: skip
+                                               index=index, top_logprobs=top_logprobs_to_proto(item.top_logprobs))  # fmt: skip
                         index += 1
                         yield pb.GenerateStreamResponse(request_id=handle.request_id, chunk=chunk)
                 else:

@@ -19,13 +19,17 @@ import uuid
 from dataclasses import dataclass
 
 from specdec.types import (
+    RESPONSE_FORMAT_KINDS,
+    TOP_LOGPROBS_MAX,
     Completion,
     FinishReason,
     GenerationRequest,
     Method,
     ParsedRequest,
+    ResponseFormat,
     SamplingParams,
     SpeculationParams,
+    TopLogprobs,
 )
 from specdec.v1 import specdec_pb2 as pb
 
@@ -182,6 +186,12 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
 
     speculation = speculation_from_proto(msg.speculation)
     check_gamma(speculation.gamma, speculation.gamma_max, limits)
+    _require(0 <= msg.top_logprobs <= TOP_LOGPROBS_MAX,
+             f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {msg.top_logprobs}")  # fmt: skip
+    response_format = response_format_from_proto(msg.response_format) if msg.HasField("response_format") else None
+    if response_format is not None:
+        _require(not msg.ignore_eos, "ignore_eos cannot be used with response_format: the format decides where the "
+                                     "output may end")  # fmt: skip
     template = GenerationRequest(
         prompt_ids=[],
         max_new_tokens=max_new,
@@ -190,10 +200,28 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs,
+        logprobs=msg.logprobs or msg.top_logprobs > 0,
+        top_logprobs=msg.top_logprobs,
+        response_format=response_format,
         request_id=request_id,
     )
     return ParsedRequest(request_id, kind, prompt, template, max_prompt_tokens=limits.max_prompt_tokens)
+
+
+def response_format_from_proto(msg: pb.ResponseFormat) -> ResponseFormat:
+    kind = msg.WhichOneof("format")
+    _require(kind is not None, f"response_format must set one of {', '.join(RESPONSE_FORMAT_KINDS)}")
+    if kind == "json_object":
+        _require(msg.json_object, "response_format.json_object must be true (leave response_format unset for free text)")
+        fmt = ResponseFormat(kind)
+    else:
+        fmt = ResponseFormat(kind, getattr(msg, kind))
+    fmt.validate()
+    return fmt
+
+
+def top_logprobs_to_proto(tops: list[TopLogprobs] | None) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(token_ids=t.token_ids, logprobs=t.logprobs) for t in tops or []]
 
 
 def engine_message(msg: str) -> str:
@@ -240,6 +268,7 @@ def response_to_proto(c: Completion) -> pb.GenerateResponse:
         text=c.text,
         logprobs=c.logprobs or [],
         summary=summary_to_proto(c),
+        top_logprobs=top_logprobs_to_proto(c.top_logprobs),
     )
 
 

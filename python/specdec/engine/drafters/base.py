@@ -22,6 +22,8 @@ class Proposal:
     tokens: list[int]
     q: torch.Tensor | None = None  # [γ, V] processed draft distributions; None means one-hot
     seconds: float = 0.0  # wall time of the draft forwards this sequence took part in
+    dropped: int = 0  # drafted tokens cut off because the response format forbids them (counted as rejected)
+    forced: int = 0  # trailing tokens the response format allows alone, appended by the engine (not drafted)
 
 
 class Drafter(ABC):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specdec.engine import grammar
 from specdec.engine.drafters.base import Drafter, Proposal
 from specdec.engine.gamma import StepCosts
 from specdec.engine.prefix_cache import PrefixCache, key
@@ -78,6 +79,10 @@ class DraftModelDrafter(Drafter):
         return len(seq.all_ids) - self._state(seq).length
 
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
+        """A sequence with a response format drafts from the draft's masked distribution and walks its grammar along;
+        it stops drafting where its grammar forbids the token drafted (possible only when the draft vocabulary
+        holds none of the allowed ones)."""
+        gammas = list(gammas)
         out = [Proposal([]) for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         pending = [s.all_ids[self._state(s).length :] for s in seqs]
@@ -91,8 +96,12 @@ class DraftModelDrafter(Drafter):
                 seconds = time.perf_counter() - t0
                 self.costs.record_draft(len(group) * max(len(pending[i]) for i in group), seconds)
                 for i, tok, qi in zip(group, tokens, q):
-                    out[i].tokens.append(tok)
                     out[i].seconds += seconds
+                    if seqs[i].constraint is not None and not seqs[i].constraint.push(tok):
+                        gammas[i] = j
+                        out[i].dropped += 1
+                        continue
+                    out[i].tokens.append(tok)
                     qs[i].append(qi)
                     pending[i] = [tok]
         for s, p, q in zip(seqs, out, qs):
@@ -116,8 +125,12 @@ class DraftModelDrafter(Drafter):
                 st.canonical = self.prefix_cache.extend(key("draft", s), s.all_ids, c, st.canonical, start, st.length)
         # q matters only to sampled rows: greedy ones are verified against argmax p alone.
         sampled = any(not s.request.sampling.greedy for s in seqs)
+        logits = torch.cat(logits).cpu()
+        for row, s in zip(logits, seqs):
+            if s.constraint is not None:
+                grammar.apply(row, torch.from_numpy(s.constraint.allowed()))
         result = self.kernels.sample(
-            torch.cat(logits).cpu(),
+            logits,
             **stack_filters([s.request.sampling for s in seqs]),
             seed=np.array([s.seed ^ DRAFT_SEED_SALT for s in seqs], dtype=np.uint64),
             offset=np.array([s.step_index * OFFSETS_PER_STEP + j for s in seqs], dtype=np.uint64),
