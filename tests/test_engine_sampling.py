@@ -118,14 +118,14 @@ def test_negative_control_accept_all_is_rejected(engine, monkeypatch):
     real_verify = engine.kernels.verify
 
     def accept_all(target_logits, draft_tokens, draft_probs, num_draft, **kw):
-        tokens, num_accepted, logprobs = real_verify(target_logits, draft_tokens, draft_probs, num_draft, **kw)
+        tokens, num_accepted = real_verify(target_logits, draft_tokens, draft_probs, num_draft, **kw)
         tokens, num_accepted, k = np.asarray(tokens), np.asarray(num_accepted), draft_tokens.shape[1]
         if k:
             last = tokens[np.arange(len(tokens)), num_accepted]  # a valid target-sampled token
             tokens[:, :k] = draft_tokens
             tokens[:, k] = last
             num_accepted[:] = k
-        return tokens, num_accepted, logprobs
+        return tokens, num_accepted
 
     monkeypatch.setattr(engine.kernels, "verify", accept_all)
     prompt = [1, 5, 3]

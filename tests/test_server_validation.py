@@ -25,6 +25,7 @@ def msgs(*roles: str) -> pb.ChatMessages:
 
 S = pb.SamplingOptions
 SP = pb.SpeculationOptions
+RF = pb.ResponseFormat
 
 # (case id, request, the expected message: exact where it is short, else a distinctive part)
 BAD = [
@@ -67,6 +68,23 @@ BAD = [
      "speculation.cache_scope must be at most 128 characters, got 129"),
     ("disable with draft", req(speculation=SP(disable=True, method=pb.METHOD_DRAFT)),
      "speculation.disable is set, so speculation.method must be METHOD_UNSPECIFIED or METHOD_NONE, got METHOD_DRAFT"),
+    ("regex does not compile", req(response_format=RF(regex="a(b")),
+     "response_format.regex does not compile: "),
+    ("schema not JSON", req(response_format=RF(json_schema="{type: object")),
+     "response_format.json_schema does not compile: "),
+    ("schema of an unknown type", req(response_format=RF(json_schema='{"type": "wizard"}')),
+     "response_format.json_schema does not compile: "),
+    ("grammar does not compile", req(response_format=RF(grammar="start: foo")),
+     "response_format.grammar does not compile: "),
+    ("grammar too big", req(response_format=RF(grammar="start: " + " | ".join(f'"w{i}"' for i in range(9000)))),
+     "response_format.grammar must be at most 65536 bytes, got"),
+    ("empty regex", req(response_format=RF(regex="")), "response_format.regex must not be empty"),
+    ("json_object false", req(response_format=RF(json_object=False)), "response_format.json_object must be true"),
+    ("format unset", req(response_format=RF()), "response_format must set one of json_schema, json_object, regex, grammar"),
+    ("format with ignore_eos", req(response_format=RF(json_object=True), ignore_eos=True),
+     "ignore_eos cannot be used with response_format"),
+    ("top_logprobs too many", req(top_logprobs=21), "top_logprobs must be in [0, 20], got 21"),
+    ("top_logprobs negative", req(top_logprobs=-1), "top_logprobs must be in [0, 20], got -1"),
     ("request id too long", req(request_id="r" * 129), "request_id must be at most 128 characters, got 129"),
     ("request id not printable", req(request_id="a\nb"), "request_id must be printable ASCII (0x20-0x7e), got '\\n'"),
 ]  # fmt: skip

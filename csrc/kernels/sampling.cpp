@@ -888,16 +888,12 @@ namespace specdec {
 
 namespace {
 
-// log p_i of the processed distribution d (−inf where a filter removes i), in double from the scaled logit, so that
-// a probability below float32's range still has a finite logprob.
+// log p_i of the processed distribution d, in double from the scaled logit: s_i - max s - log Z, so that a token far
+// below the maximum gets its true value, not the floor of the samplers' exp. −inf where a filter removes i.
 double processed_logprob(const Dist& d, const LogitsRow& L, int64_t i) {
   const float s = with_typed(L, [&](auto* l) { return load1(l + i); }) * d.invT;
-  bool kept;
-  if (d.filtered) {
-    kept = std::binary_search(d.kidx, d.kidx + d.nkept, int32_t(i));
-  } else {
-    kept = s >= d.tau && exp1(s - d.smax) >= d.minp;
-  }
+  const bool kept = d.filtered ? std::binary_search(d.kidx, d.kidx + d.nkept, int32_t(i))
+                               : s >= d.tau && exp1(s - d.smax) >= d.minp;
   if (!kept) return -std::numeric_limits<double>::infinity();
   return double(s) - double(d.smax) - std::log(d.Z);
 }

@@ -48,8 +48,6 @@ from specdec.models.loading import (
 )
 from specdec.types import FinishReason, GenerationRequest, Method, ParsedRequest, TopLogprobs, stack_filters
 
-# Logit given to ids that exist only as embedding padding: finite (the kernels reject Inf) but never chosen.
-PADDING_LOGIT = -1e30
 # Most prompt tokens packed into one prefill forward: the packed attention is one causal square masked to the
 # blocks of its prompts, so its wasted work grows with the square of the pack.
 PACK_TOKENS = 2048
@@ -546,15 +544,18 @@ class Engine:
             return reports
         rows = [(i, j) for i in wants for j in range(int(num_accepted[i]) + 1)]
         top_n = max(seqs[i].request.top_logprobs for i in wants)
-        samplings = [seqs[i].request.sampling for i, _ in rows]
+        samplings = [seqs[i].request.sampling for i, _ in rows]  # the same processing as verify's
         lp, ids, top = sampling.logprobs(
             torch.stack([target[i, j] for i, j in rows]), np.array([int(tokens[i, j]) for i, j in rows]),
             top_n=top_n, **stack_filters(samplings))  # fmt: skip
         at = 0
         for i in wants:
             n, want = int(num_accepted[i]) + 1, seqs[i].request.top_logprobs
-            tops = [TopLogprobs([int(t) for t in ids[r, :want] if t >= 0], [float(x) for x in top[r, :want] if x > -np.inf])
-                    for r in range(at, at + n)] if want else None  # fmt: skip
+            tops = None
+            if want:  # masked and padding ids (logits at MASK_LOGIT) are not alternatives
+                live = top[at : at + n, :want] > grammar.MASKED_LOGPROB
+                tops = [TopLogprobs(ids[r, :want][live[r - at]].tolist(), top[r, :want][live[r - at]].tolist())
+                        for r in range(at, at + n)]  # fmt: skip
             reports[i] = ([float(x) for x in lp[at : at + n]], tops)
             at += n
         return reports
@@ -562,7 +563,7 @@ class Engine:
     def _mask_padding(self, logits: torch.Tensor) -> None:
         """Ids past the tokenizer exist only as embedding padding: never drafted, never emitted."""
         if self.real_vocab < self.vocab_size:
-            logits[..., self.real_vocab :] = PADDING_LOGIT
+            logits[..., self.real_vocab :] = grammar.MASK_LOGIT
 
     def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None,
               top_logprobs: list[TopLogprobs] | None) -> StepOutput:  # fmt: skip

@@ -26,10 +26,15 @@ from specdec.types import ResponseFormat
 
 # What a forbidden token's logit becomes: finite, as the kernels require, and far below any real logit.
 MASK_LOGIT = -1e30
-# The compiler's work bounds (llguidance.LLParserLimits): a grammar that needs more is refused when it compiles,
-# and a step that needs more ends its request with an error, so one request cannot stall the engine. The defaults of
-# llguidance with a smaller grammar size; compile time at these bounds stays well under a second.
-LIMITS = dict(max_grammar_size=500_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000)
+# A logprob below this comes from a forbidden token's logit (MASK_LOGIT over a temperature of at most 100): it is
+# reported as -inf and left out of top lists.
+MASKED_LOGPROB = -1e20
+# The grammar engine's work bounds (llguidance.LLParserLimits): a step that needs more ends its request with an
+# error, so one request cannot stall the others. The lexer's initial fuel is a tenth of llguidance's default, which
+# lets a pathological regex such as (a{1000}){1000} spend over a second on its first mask.
+LIMITS = dict(max_grammar_size=500_000, initial_lexer_fuel=100_000, step_lexer_fuel=50_000, step_max_items=50_000)
+# Seconds a format may take to compile and give its first mask (on the server's request thread, not the engine's).
+COMPILE_SECONDS = 1.0
 
 
 class GrammarError(RuntimeError):
@@ -97,10 +102,17 @@ class Grammar:
     """A compiled grammar; ``constraint()`` starts a sequence's matcher at its beginning."""
 
     def __init__(self, text: str, tokenizer: llguidance.LLTokenizer, vocab_rows: int, field: str) -> None:
+        t0 = time.perf_counter()
         self._start = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=_limits())
+        self.vocab_rows = vocab_rows
+        if not self._start.is_error():  # the first mask builds most of the lexer, which the copies share
+            words = np.empty((vocab_rows + 31) // 32, dtype=np.int32)
+            self._start.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         if self._start.is_error():
             raise ValueError(f"{field} does not compile: {self._start.get_error().strip()}")
-        self.vocab_rows = vocab_rows
+        seconds = time.perf_counter() - t0
+        if seconds > COMPILE_SECONDS:
+            raise ValueError(f"{field} took {seconds:.2f} s to compile, over the limit of {COMPILE_SECONDS} s")
 
     def constraint(self) -> Constraint:
         return Constraint(self._start.deep_copy(), self.vocab_rows)

@@ -432,10 +432,10 @@ def logprobs(logits, tokens, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, 
 
     logits [N, V] (float32/bfloat16), tokens int [N] in [0, V), per-row parameters as ``sample``, top_n in [0, V].
     Returns ``(logprob float32[N], top_ids int64[N, top_n], top_logprobs float32[N, top_n])``: the logprob of
-    tokens[r], and the top_n most likely tokens, most likely first (ties to the lower id). A token a filter
-    removes has -inf; top lists hold only kept tokens, padded with -1 / -inf. A greedy row (temperature 0) reports
-    its distribution at temperature 1, its filters applied (its own distribution is one-hot). Values come from the
-    scaled logits in float64 (log p_i = s_i - max s - log Z), so a probability below float32's range is finite.
+    tokens[r], and the top_n most likely tokens, most likely first (ties to the lower id). A greedy row
+    (temperature 0) reports its distribution at temperature 1, its filters applied (its own is one-hot). Values are
+    log p_i = s_i - max s - log Z in float64, the true value even below float32's exp range; a token a filter
+    removes has -inf, and top lists hold only kept tokens, padded with -1 / -inf.
     """
     buf = _float_buf(logits, "logits", 2, allow_bf16=True)
     N, V = buf.shape
