@@ -412,3 +412,19 @@ def test_the_agent_loop_scenario_replays_the_conversation_with_identical_outputs
     assert set(report["summary"]) == {"none", "suffix", "draft", "auto"} and report["summary"]["none"]["proposed"] == 0
     assert report["summary"]["suffix"]["accepted"] > 0
     assert "| suffix |" in bench.agent_loop_to_markdown(report)
+
+
+def test_the_json_schema_scenario_validates_and_compares_methods(tiny_engine):
+    """Every method decodes each schema request; the outputs agree and validate, and jump-forward verifies the
+    schema's forced keys (and only where it is on)."""
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer",
+              "minimum": 0, "maximum": 9}}, "required": ["answer", "count"], "additionalProperties": False}  # fmt: skip
+    data = {"system": "Reply in JSON.", "requests": [{"prompt": "Is it?", "schema": schema},
+                                                      {"prompt": "How many?", "schema": schema}]}  # fmt: skip
+    report = bench.run_structured(tiny_engine, bench.BenchOptions(max_new_tokens=40), data=data)
+    s = report["summary"]
+    assert report["identical_outputs"] is True and set(s) == {"none", "draft", "draft-no-jump-forward", "auto"}
+    assert all(m["valid"] == 2 for m in s.values())
+    assert s["draft"]["forced"] > 0 and s["draft-no-jump-forward"]["forced"] == 0 and s["none"]["forced"] == 0
+    assert 0 < s["none"]["grammar_share"] < 1
+    assert "| draft-no-jump-forward |" in bench.structured_to_markdown(report)

@@ -3,7 +3,7 @@ transformers' assisted generation) on the same prompts, all measured.
 
 ``run_benchmark(engine, options, progress, check)`` is the one call both use; ``run_concurrency`` measures N streams at
 once; ``run_shared_prefix`` the prefix cache on and off behind one system prompt; ``run_agent_loop`` the drafters on a
-replayed code-editing conversation. The report is a dict
+replayed code-editing conversation; ``run_structured`` structured output (JSON schemas) under each method. The report is a dict
 (``to_json``, ``to_markdown``, ``plot``).
 """
 
@@ -15,6 +15,7 @@ from specdec.bench.prompts import Prompt, builtin_prompts, read_prompts
 from specdec.bench.report import bound_for, make_report, plot, to_json, to_markdown
 from specdec.bench.runners import run_benchmark
 from specdec.bench.shared_prefix import run_shared_prefix, shared_prefix_to_markdown
+from specdec.bench.structured import run_structured, structured_to_markdown
 
 __all__ = [
     "BenchOptions",
@@ -34,7 +35,9 @@ __all__ = [
     "run_agent_loop",
     "run_concurrency",
     "run_shared_prefix",
+    "run_structured",
     "shared_prefix_to_markdown",
+    "structured_to_markdown",
     "to_json",
     "to_markdown",
 ]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from specdec.bench.agent_loop import agent_loop_to_markdown, run_agent_loop
+from specdec.bench.structured import run_structured, structured_to_markdown
 from specdec.bench.concurrency import concurrency_to_markdown, run_concurrency
 from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import builtin_prompts, read_prompts
@@ -60,10 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
                         "latency per level, baseline and speculative on the same prompts")  # fmt: skip
     b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
-    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop"], default=None,
+    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop", "json-schema"], default=None,
                    help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
                         "the first --concurrency level, default 4) with the prefix cache on and off; agent-loop: a "
-                        "replayed code-editing conversation, target-only, suffix drafting, the draft model and the hybrid")  # fmt: skip
+                        "replayed code-editing conversation, target-only, suffix drafting, the draft model and the "
+                        "hybrid; json-schema: ten requests with a JSON schema as their response format, target-only, "
+                        "the draft model with and without jump-forward, and the hybrid")  # fmt: skip
     b.add_argument("--prefix-cache-bytes", type=int, default=None,
                    help="the engine's prefix cache budget (default: serve's; the usual runs pause it so that every "
                         "method meets each prompt cold)")  # fmt: skip
@@ -147,6 +150,9 @@ def run_cli(args: argparse.Namespace) -> int:
     elif args.scenario == "agent-loop":
         report = run_agent_loop(engine, options, progress)
         md = agent_loop_to_markdown(report)
+    elif args.scenario == "json-schema":
+        report = run_structured(engine, options, progress)
+        md = structured_to_markdown(report)
     else:
         with engine.prefix_cache.paused():  # every method runs each prompt cold
             report, md = _usual(engine, options, progress)

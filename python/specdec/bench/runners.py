@@ -101,6 +101,8 @@ def time_engine(engine, requests: list[GenerationRequest], check: Callable[[], N
             prefill_s=m.prefill_s,
             kernel_s=m.kernel_s,
             other_s=m.other_s,
+            grammar_s=m.grammar_s,
+            forced=m.forced,
             cached_prompt_tokens=m.cached_prompt_tokens,
         )
         runs.append(run)
