@@ -357,3 +357,18 @@ def test_apply_masks_in_place():
     assert logits[0].tolist() == [0.0] * 6
     m = torch.tensor(grammar.MASK_LOGIT).item()
     assert logits[1].tolist() == [0.0, m, 0.0, m, m, m]
+
+
+def test_jump_forward_leaves_the_prompt_forward_alone(engine):
+    """Forced tokens right after a prompt would complete a 64-position block in the prefill forward, which takes the
+    GEMM instead of the decode kernel: the logits after them would differ in their last bits from target-only
+    decoding. Jump-forward waits for the first decode step (the values below differ without that)."""
+    schema = {"type": "object", "properties": {"key": {"type": "string", "maxLength": 20}}, "required": ["key"],
+              "additionalProperties": False}  # {"key": " is forced, the string after it free
+    f = fmt("json_schema", schema)
+    prompt = "x " * 30  # 60 tokens: the forced key would carry the prefill past position 64
+    assert 50 < len(engine.encode(prompt)) < 64
+    base = run(engine, f, Method.NONE, prompt=prompt, max_new=30, logprobs=True)
+    for method in (Method.NGRAM, Method.DRAFT):
+        spec = run(engine, f, method, prompt=prompt, max_new=30, logprobs=True)
+        assert spec[0] == base[0] and spec[3] == base[3], method

@@ -392,7 +392,7 @@ class Engine:
         prefill = not seqs[0].output_ids
         gammas = self._gammas(seqs)
         proposals = self._propose(seqs, gammas)
-        self._constrain(seqs, proposals)
+        self._constrain(seqs, proposals, jump_forward=self.config.jump_forward and not prefill)
 
         t0 = time.perf_counter()
         rows = []
@@ -474,10 +474,14 @@ class Engine:
                 proposals[i] = p
         return proposals
 
-    def _constrain(self, seqs: list[Sequence], proposals: list[Proposal]) -> None:
+    def _constrain(self, seqs: list[Sequence], proposals: list[Proposal], jump_forward: bool) -> None:
         """Walk each constrained sequence's grammar along its drafts. A proposal ends before the first token the
         grammar forbids (its masked probability is 0: it could not be accepted); then, with ``jump_forward``, tokens
-        the grammar allows alone are appended while they last."""
+        the grammar allows alone are appended while they last.
+
+        Never in the prefill step: forced tokens there would join the prompt's forward, where a whole aligned block of
+        positions takes the GEMM (decoder.RowPlan), not the kernel that decodes them one by one in target-only
+        decoding, and the logits after them could differ in their last bits."""
         for s, p in zip(seqs, proposals):
             c = s.constraint
             if c is None:
@@ -489,7 +493,7 @@ class Engine:
                 p.dropped = len(p.tokens) - c.pushed
                 p.tokens = p.tokens[: c.pushed]
                 p.q = None if p.q is None else p.q[: c.pushed]
-            if not (self.config.jump_forward and self._drafter(s).proposes):
+            if not (jump_forward and self._drafter(s).proposes):
                 continue
             most = self._most_drafts(s)
             while len(p.tokens) < most and (tok := c.forced()) is not None:

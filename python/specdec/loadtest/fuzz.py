@@ -3,6 +3,7 @@ RESOURCE_EXHAUSTED with a message, within the timeout."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import Counter
@@ -24,7 +25,11 @@ class FuzzStats:
     bad: list[str] = field(default_factory=list)  # a disallowed status, an empty message or an inconsistent OK
 
 
-FUZZ_FIELDS = ("request_id", "prompt", "sampling", "max_new_tokens", "stop", "stop_token_ids", "speculation")
+FUZZ_FIELDS = ("request_id", "prompt", "sampling", "max_new_tokens", "stop", "stop_token_ids", "speculation",
+               "response_format", "top_logprobs")
+# Keys a random JSON schema is built from: JSON Schema's own, so that many draws are schemas that compile.
+SCHEMA_KEYS = ("type", "properties", "items", "enum", "const", "required", "pattern", "minimum", "maximum", "maxLength",
+               "minItems", "maxItems", "anyOf", "oneOf", "$ref", "$defs", "additionalProperties", "format")
 
 
 def request_strategy(vocab_size: int, context_length: int, max_message_bytes: int):
@@ -84,6 +89,43 @@ def request_strategy(vocab_size: int, context_length: int, max_message_bytes: in
         if which:
             setattr(r.speculation, which, draw(st.integers(0 if which == "gamma" else 1, 8)))
 
+    json_values = st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=False), st.text(max_size=8),
+                  st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "#/$defs/a"])),
+        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                st.dictionaries(st.one_of(st.sampled_from(SCHEMA_KEYS), st.text(max_size=6)), inner,
+                                                max_size=4)),
+        max_leaves=16)  # fmt: skip
+
+    def response_format(r: pb.GenerateRequest, draw, hostile: bool) -> None:
+        if not hostile:  # mostly free text; else a small format that compiles
+            kind = draw(st.sampled_from(["", "", "", "json_object", "regex", "json_schema"]))
+            if kind == "json_object":
+                r.response_format.json_object = True
+            elif kind == "regex":
+                r.response_format.regex = draw(st.sampled_from(["[a-z]{1,4}", "(yes|no)", "[0-9]+"]))
+            elif kind == "json_schema":
+                r.response_format.json_schema = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+            return
+        kind = draw(st.sampled_from(["schema", "not_json", "regex", "grammar", "huge", "object_false", "unset"]))
+        if kind == "schema":  # random JSON Schema-ish documents: many do not compile, some do
+            r.response_format.json_schema = draw(json_values.map(json.dumps))
+        elif kind == "not_json":
+            r.response_format.json_schema = draw(st.text(max_size=60))
+        elif kind == "regex":  # most random text is no regex, or a regex of odd shape
+            r.response_format.regex = draw(st.text(max_size=40))
+        elif kind == "grammar":
+            r.response_format.grammar = draw(st.text(max_size=60).map(lambda t: "start: " + t))
+        elif kind == "huge":  # around the 64 KiB limit: many alternatives, or deep nesting
+            n = draw(st.integers(1000, 12000))
+            r.response_format.grammar = draw(st.sampled_from([
+                "start: " + " | ".join(f'"w{i}"' for i in range(n)),
+                "start: " + "(" * (n // 10) + '"x"' + ")" * (n // 10)]))  # fmt: skip
+        elif kind == "object_false":
+            r.response_format.json_object = False
+        else:
+            r.response_format.SetInParent()
+
     @st.composite
     def requests(draw) -> pb.GenerateRequest:
         n = draw(st.sampled_from([0, 0, 1, 1, 2, 3, len(FUZZ_FIELDS)]))
@@ -104,6 +146,10 @@ def request_strategy(vocab_size: int, context_length: int, max_message_bytes: in
                                      else st.lists(in_vocab, max_size=4)))  # fmt: skip
         r.ignore_eos, r.logprobs = draw(st.booleans()), draw(st.booleans())
         speculation(r, draw, "speculation" in hostile)
+        response_format(r, draw, "response_format" in hostile)
+        if r.HasField("response_format") and "response_format" not in hostile:
+            r.ignore_eos = False  # a plausible format with a plausible request
+        r.top_logprobs = draw(st.one_of(i32, st.integers(-2, 25)) if "top_logprobs" in hostile else st.integers(0, 5))
         return r
 
     return requests()
