@@ -13,6 +13,7 @@ the server's status code and message.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -42,17 +43,29 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: bool = False,
+    top_logprobs: int = 0,
+    json_schema: str | dict | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
     method: str | None = None,
     gamma: int | None = None,
     gamma_max: int | None = None,
     cache_scope: str = "",
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; exactly one of prompt, token_ids and messages."""
+    """A GenerateRequest from keyword arguments; exactly one of prompt, token_ids and messages, and at most one
+    response format (json_schema, a JSON string or a dict; json_object; regex; grammar, Lark)."""
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, token_ids and messages")
+    formats = {"json_schema": json_schema, "regex": regex, "grammar": grammar, "json_object": json_object or None}
+    given = {k: v for k, v in formats.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one response format, got {', '.join(given)}")
     req = pb.GenerateRequest(request_id=request_id, stop=list(stop), stop_token_ids=list(stop_token_ids),
-                             ignore_eos=ignore_eos, logprobs=logprobs)  # fmt: skip
+                             ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)  # fmt: skip
+    for kind, value in given.items():
+        setattr(req.response_format, kind, json.dumps(value) if isinstance(value, dict) else value)
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:

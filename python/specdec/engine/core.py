@@ -236,7 +236,7 @@ class Engine:
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         seq = Sequence(request, seed, method, Detokenizer(self.tokenizer, request.stop), self._shared_alpha[method])
         if request.response_format is not None:
-            seq.constraint = self.grammars.compile(request.response_format).constraint()
+            seq.constraint = self.grammars.compile(request.response_format).constraint(self.config.jump_forward)
         return seq
 
     def step_batch(self, seqs: list[Sequence]) -> list[StepOutput]:
@@ -392,7 +392,7 @@ class Engine:
         prefill = not seqs[0].output_ids
         gammas = self._gammas(seqs)
         proposals = self._propose(seqs, gammas)
-        self._constrain(seqs, proposals, jump_forward=self.config.jump_forward and not prefill)
+        self._constrain(seqs, proposals, jump_forward=not prefill)
 
         t0 = time.perf_counter()
         rows = []
@@ -424,15 +424,15 @@ class Engine:
             if s.constraint is not None:
                 s.constraint.commit([int(t) for t in tokens[i, : n + 1]])
             # The drafter's own tokens count: forced ones are certain, and ones the format cut off were rejected.
-            kd = k - p.forced + p.dropped
-            nd = min(n, k - p.forced)
+            forced_accepted = sum(1 for j in p.forced if j < n)
+            kd, nd = k - len(p.forced) + p.dropped, n - forced_accepted
             s.alpha.update(kd, nd)
             if kd:
                 s.shared_alpha.update(kd, nd)
             s.probe.record(kd, nd)
             m = s.metrics
             m.record_proposal(kd, nd)
-            m.forced += min(n, k) - nd
+            m.forced += forced_accepted
             m.verify_steps += 1
             m.step_tokens += n + 1
             outs.append(self._emit(s, [int(t) for t in tokens[i, : n + 1]], *reports[i]))
@@ -476,8 +476,9 @@ class Engine:
 
     def _constrain(self, seqs: list[Sequence], proposals: list[Proposal], jump_forward: bool) -> None:
         """Walk each constrained sequence's grammar along its drafts. A proposal ends before the first token the
-        grammar forbids (its masked probability is 0: it could not be accepted); then, with ``jump_forward``, tokens
-        the grammar allows alone are appended while they last.
+        grammar forbids (its masked probability is 0: it could not be accepted); then, with ``jump_forward`` (and the
+        sequence's own switch, from EngineConfig.jump_forward), tokens the grammar allows alone are appended while
+        they last.
 
         Never in the prefill step: forced tokens there would join the prompt's forward, where a whole aligned block of
         positions takes the GEMM (decoder.RowPlan), not the kernel that decodes them one by one in target-only
@@ -489,17 +490,16 @@ class Engine:
             for tok in p.tokens[c.pushed :]:  # a draft model walked along its own drafts already
                 if not c.push(tok):
                     break
-            if c.pushed < len(p.tokens):
+            if c.pushed < len(p.tokens):  # only model-free drafts: a draft model walked the grammar as it drafted
                 p.dropped = len(p.tokens) - c.pushed
                 p.tokens = p.tokens[: c.pushed]
-                p.q = None if p.q is None else p.q[: c.pushed]
             if not (jump_forward and self._drafter(s).proposes):
                 continue
             most = self._most_drafts(s)
             while len(p.tokens) < most and (tok := c.forced()) is not None:
                 c.push(tok)
+                p.forced.append(len(p.tokens))
                 p.tokens.append(tok)
-                p.forced += 1
                 if tok in self.eos_token_ids or tok in s.request.stop_token_ids:
                     break  # the sequence ends there
 

@@ -114,8 +114,8 @@ class Grammar:
         if seconds > COMPILE_SECONDS:
             raise ValueError(f"{field} took {seconds:.2f} s to compile, over the limit of {COMPILE_SECONDS} s")
 
-    def constraint(self) -> Constraint:
-        return Constraint(self._start.deep_copy(), self.vocab_rows)
+    def constraint(self, jump_forward: bool = True) -> Constraint:
+        return Constraint(self._start.deep_copy(), self.vocab_rows, jump_forward)
 
 
 class Constraint:
@@ -126,8 +126,9 @@ class Constraint:
     tokens and consumes the step's output. ``seconds`` adds up the time spent in the grammar.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_rows: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_rows: int, jump_forward: bool = True) -> None:
         self._m = matcher
+        self.jump_forward = jump_forward  # whether forced() names the tokens the format allows alone
         self._words = np.empty((vocab_rows + 31) // 32, dtype=np.int32)
         self._vocab_rows = vocab_rows
         self._masks: list[np.ndarray] = []  # by depth: the mask after 0, 1, ... pushed tokens, as computed
@@ -166,8 +167,16 @@ class Constraint:
             self._consumed += 1
         self.seconds += time.perf_counter() - t0
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the format is complete and allows only EOS from here."""
+        return self._m.is_stopped()
+
     def forced(self) -> int | None:
-        """The only token the grammar allows at the current state, or None when it allows more than one."""
+        """The only token the grammar allows at the current state; None when it allows more than one, or with
+        jump-forward off."""
+        if not self.jump_forward:
+            return None
         mask = self.allowed()
         return int(np.argmax(mask)) if np.count_nonzero(mask) == 1 else None
 

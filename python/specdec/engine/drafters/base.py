@@ -8,7 +8,7 @@ tokens (``rollback``) or everything (``release``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +23,9 @@ class Proposal:
     q: torch.Tensor | None = None  # [γ, V] processed draft distributions; None means one-hot
     seconds: float = 0.0  # wall time of the draft forwards this sequence took part in
     dropped: int = 0  # drafted tokens cut off because the response format forbids them (counted as rejected)
-    forced: int = 0  # trailing tokens the response format allows alone, appended by the engine (not drafted)
+    # Positions of tokens the response format allows alone (jump-forward): proposed without drafting, certain to be
+    # accepted, and left out of the drafter's acceptance statistics.
+    forced: list[int] = field(default_factory=list)
 
 
 class Drafter(ABC):

@@ -79,15 +79,28 @@ class DraftModelDrafter(Drafter):
         return len(seq.all_ids) - self._state(seq).length
 
     def propose(self, seqs: list[Sequence], gammas: list[int]) -> list[Proposal]:
-        """A sequence with a response format drafts from the draft's masked distribution and walks its grammar along;
-        it stops drafting where its grammar forbids the token drafted (possible only when the draft vocabulary
-        holds none of the allowed ones)."""
+        """A sequence with a response format drafts from the draft's masked distribution and walks its grammar along:
+        a token the format allows alone is proposed without a draft forward (it joins the next forward's pending
+        tokens), and drafting stops where the format forbids the token drafted (possible only when the draft
+        vocabulary holds none of the allowed ones)."""
         gammas = list(gammas)
         out = [Proposal([]) for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         pending = [s.all_ids[self._state(s).length :] for s in seqs]
         for j in range(max(gammas, default=0)):
-            live = [i for i, g in enumerate(gammas) if g > j]
+            live = []
+            for i in (i for i, g in enumerate(gammas) if g > j):
+                c = seqs[i].constraint
+                if c is not None and c.stopped:  # only EOS is left, which the engine appends
+                    gammas[i] = j
+                elif c is not None and (tok := c.forced()) is not None:  # no forward for what the format forces
+                    c.push(tok)
+                    out[i].forced.append(len(out[i].tokens))
+                    out[i].tokens.append(tok)
+                    qs[i].append(None if seqs[i].request.sampling.greedy else _one_hot(tok, self.vocab_size))
+                    pending[i] = pending[i] + [tok]
+                else:
+                    live.append(i)
             alone = [[i] for i in live if len(pending[i]) > BATCH_CATCH_UP]
             together = [i for i in live if len(pending[i]) <= BATCH_CATCH_UP]
             for group in alone + ([together] if together else []):
@@ -145,3 +158,9 @@ class DraftModelDrafter(Drafter):
             st.cache.crop(valid_len)
             st.length = valid_len
             st.canonical = min(st.canonical or 0, valid_len)
+
+
+def _one_hot(token: int, vocab_size: int) -> torch.Tensor:
+    q = torch.zeros(vocab_size, dtype=torch.float32)
+    q[token] = 1.0
+    return q
