@@ -59,14 +59,12 @@ PYBIND11_MODULE(_kernels, m) {
       "verify",
       [](uintptr_t logits, int dtype, int64_t B, int64_t K, int64_t V, uintptr_t draft_tokens, uintptr_t draft_probs,
          uintptr_t num_draft, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed,
-         uintptr_t offset, uintptr_t out_tokens, uintptr_t out_num_accepted, uintptr_t out_logprobs, uintptr_t status,
-         uintptr_t status_pos) {
+         uintptr_t offset, uintptr_t out_tokens, uintptr_t out_num_accepted, uintptr_t status, uintptr_t status_pos) {
         specdec::verify_batch(P<const void>(logits), dtype, B, K, V, P<const int64_t>(draft_tokens),
                               P<const float>(draft_probs), P<const int32_t>(num_draft), P<const double>(temperature),
                               P<const int64_t>(top_k), P<const double>(top_p), P<const double>(min_p),
                               P<const uint64_t>(seed), P<const uint64_t>(offset), P<int64_t>(out_tokens),
-                              P<int32_t>(out_num_accepted), P<float>(out_logprobs), P<int32_t>(status),
-                              P<int32_t>(status_pos));
+                              P<int32_t>(out_num_accepted), P<int32_t>(status), P<int32_t>(status_pos));
       },
       py::call_guard<py::gil_scoped_release>());
 

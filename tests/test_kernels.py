@@ -245,16 +245,22 @@ def test_verify_matches_numpy_reference(V, with_q):
     if with_q:
         ql = logits[:, :Kd] + rng.standard_normal((B, Kd, V)).astype(np.float32) * 0.5
         q = np.stack([np.stack([ref.process(ql[b, j], *params[b]) for j in range(Kd)]) for b in range(B)]).astype(np.float32)
-    tokens, nacc, lps = K.verify(logits, drafts, q, nd, seed=seeds, offset=offs, return_logprobs=True, **_cols(params))
+    tokens, nacc = K.verify(logits, drafts, q, nd, seed=seeds, offset=offs, **_cols(params))
     u = K.uniforms(seeds, offs, 2 * Kd + 2, stream=K.STREAM_VERIFY)
     for b in range(B):
         rt, rn = ref.verify_row(logits[b], drafts[b], None if q is None else q[b], int(nd[b]), params[b], u[b])
         assert (list(tokens[b]), int(nacc[b])) == (rt, rn), f"row {b} params {params[b]}"
         n_out = rn + 1
-        assert np.all(tokens[b, n_out:] == -1) and np.all(np.isnan(lps[b, n_out:]))
-        lsm = torch.log_softmax(torch.from_numpy(logits[b, :n_out]).double(), -1)
-        want = lsm[torch.arange(n_out), torch.from_numpy(tokens[b, :n_out])].numpy()
-        np.testing.assert_allclose(lps[b, :n_out], want, rtol=1e-5, atol=1e-5)
+        assert np.all(tokens[b, n_out:] == -1)
+        # logprobs of the emitted tokens: the reference's processed distribution (greedy rows at temperature 1)
+        lp, ids, top = K.logprobs(logits[b, :n_out], tokens[b, :n_out], top_n=3, **_cols([params[b]] * n_out))
+        t, k, p, m = params[b]
+        for j in range(n_out):
+            want = ref.process(logits[b, j], t if t > K.GREEDY_TEMPERATURE else 1.0, k, p, m)
+            assert lp[j] == pytest.approx(math.log(want[tokens[b, j]]), abs=1e-4), f"row {b} position {j}"
+            kept = np.flatnonzero(want > 0)
+            order = kept[np.lexsort((kept, -want[kept]))][:3]  # most likely first, ties to the lower id
+            assert ids[j, : len(order)].tolist() == order.tolist() and (ids[j, len(order) :] == -1).all()
 
 
 def test_greedy_ties_go_to_lowest_id():
@@ -371,7 +377,7 @@ def test_results_do_not_depend_on_thread_count():
     try:
         for nt in (1, 2, 3):
             K.set_num_threads(nt)
-            outs.append((K.verify(logits, drafts, q, np.full(B, Kd), seed=seeds, offset=1, return_logprobs=True, **cols),
+            outs.append((K.verify(logits, drafts, q, np.full(B, Kd), seed=seeds, offset=1, **cols),
                          K.sample(logits[:, 0], seed=seeds, offset=1, return_probs=True, **cols),
                          [K.verify(logits[r : r + 1], drafts[r : r + 1], q[r : r + 1], [Kd], seed=seeds[r : r + 1], offset=1,
                                    **{k: v[r : r + 1] for k, v in cols.items()})[0] for r in range(B)]))
@@ -451,8 +457,8 @@ def test_bf16_input_equals_float32_of_the_same_values():
     tf = tb.float()
     drafts = torch.from_numpy(tf[:, :Kd].argmax(-1).numpy())
     kw = dict(temperature=torch.tensor([0.0, 1.0, 0.8, 1.0, 0.5]), top_p=0.9, seed=np.arange(B, dtype=np.uint64), offset=2)
-    a = K.verify(tb, drafts, None, torch.full((B,), Kd), return_logprobs=True, **kw)
-    b = K.verify(tf, drafts, None, torch.full((B,), Kd), return_logprobs=True, **kw)
+    a = K.verify(tb, drafts, None, torch.full((B,), Kd), **kw)
+    b = K.verify(tf, drafts, None, torch.full((B,), Kd), **kw)
     assert isinstance(a[0], torch.Tensor) and a[0].dtype == torch.int64 and a[1].dtype == torch.int32
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, equal_nan=True, rtol=0, atol=0)
@@ -663,7 +669,7 @@ def test_concurrent_calls_from_python_threads_agree_with_serial_calls():
         kw = dict(temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 20, 0][i % 3], top_p=[1.0, 0.9, 0.8][i % 3],
                   seed=np.arange(B, dtype=np.uint64) + i, offset=i)
         jobs.append((x, d, np.full(B, Kd), kw))
-    run = lambda j: K.verify(j[0], j[1], None, j[2], return_logprobs=True, **j[3])  # noqa: E731
+    run = lambda j: K.verify(j[0], j[1], None, j[2], **j[3])  # noqa: E731
     serial = [run(j) for j in jobs]
     with ThreadPoolExecutor(4) as ex:
         for _ in range(3):

@@ -14,9 +14,8 @@ void verify_batch(const void* target_logits, int dtype, int64_t B, int64_t K, in
                   const int64_t* draft_tokens, const float* draft_probs, const int32_t* num_draft,
                   const double* temperature, const int64_t* top_k, const double* top_p, const double* min_p,
                   const uint64_t* seed, const uint64_t* offset, int64_t* out_tokens, int32_t* out_num_accepted,
-                  float* out_logprobs, int32_t* status, int32_t* status_pos) {
+                  int32_t* status, int32_t* status_pos) {
   const int64_t esize = dtype == kBF16 ? 2 : 4;
-  const bool need_lp = out_logprobs != nullptr;
   const bool rows_par = B > 1 && available_workers() > 1;
 
   auto row = [&](int64_t b, bool par) {
@@ -24,9 +23,7 @@ void verify_batch(const void* target_logits, int dtype, int64_t B, int64_t K, in
     const RowParams P{temperature[b], top_k[b], top_p[b], min_p[b]};
     const int64_t n = num_draft[b];
     int64_t* toks = out_tokens + b * (K + 1);
-    float* lps = need_lp ? out_logprobs + b * (K + 1) : nullptr;
     std::fill(toks, toks + K + 1, int64_t(-1));
-    if (lps) std::fill(lps, lps + K + 1, std::numeric_limits<float>::quiet_NaN());
     status[b] = 0;
     status_pos[b] = -1;
     out_num_accepted[b] = 0;
@@ -37,12 +34,11 @@ void verify_batch(const void* target_logits, int dtype, int64_t B, int64_t K, in
       status[b] = 1;
       status_pos[b] = int32_t(j);
       std::fill(toks, toks + K + 1, int64_t(-1));
-      if (lps) std::fill(lps, lps + K + 1, std::numeric_limits<float>::quiet_NaN());
       out_num_accepted[b] = 0;
     };
     for (int64_t j = 0; j <= n; ++j) {
       const LogitsRow L = logits_at(j);
-      const Dist d = compute_dist(ctx, L, P, need_lp, par);
+      const Dist d = compute_dist(ctx, L, P, par);
       if (d.bad) return fail(j);
       int64_t tok;
       bool stop = true;
@@ -73,7 +69,6 @@ void verify_batch(const void* target_logits, int dtype, int64_t B, int64_t K, in
         }
       }
       toks[j] = tok;
-      if (lps) lps[j] = logprob_of(d, L, tok);
       if (stop) {
         out_num_accepted[b] = int32_t(j);
         // The rest of the row is not needed, but it must still be valid input.

@@ -35,7 +35,7 @@ SD_INLINE bool any(vi m) {
 // so every ISA clone gets its own vector code and the same results.
 // ---------------------------------------------------------------------------------------------
 
-enum StatsMode { kMaxOnly = 0, kScaled = 1, kRaw = 2 };
+enum StatsMode { kMaxOnly = 0, kScaled = 1 };
 
 // e_i on the kept set (s >= tau and e >= minp), 0 elsewhere: the unfiltered case is tau = -inf, minp = 0.
 // The mask is skipped when it keeps everything (tau = -inf, minp = 0): same values, no selects.
@@ -85,7 +85,6 @@ SD_INLINE void stats_impl(const T* l, int64_t n, float invT, int mode, ChunkStat
   st->lmin = mn;
   st->bad = bad;
   st->sum_s = 0.0;
-  st->sum_r = 0.0;
   if (bad || mode == kMaxOnly) return;
   if (mode & kScaled) {
     const float sm = mx * invT;
@@ -96,15 +95,6 @@ SD_INLINE void stats_impl(const T* l, int64_t n, float invT, int mode, ChunkStat
     double s = hsum(acc);
     for (; i < n; ++i) s += double(exp1(load1(l + i) * invT - sm));
     st->sum_s = s;
-  }
-  if (mode & kRaw) {
-    const vf vm = splat(mx);
-    vf acc = vf{};
-    i = 0;
-    for (; i + kLanes <= n; i += kLanes) acc += vexp(loadv(l + i) - vm);
-    double s = hsum(acc);
-    for (; i < n; ++i) s += double(exp1(load1(l + i) - mx));
-    st->sum_r = s;
   }
 }
 SD_CLONES void k_stats(const float* l, int64_t n, float invT, int mode, ChunkStats* st) {
@@ -287,7 +277,6 @@ SD_INLINE void stats_groups_impl(const T* l, int64_t n, ChunkStats* st, float* g
   st->lmin = mn;
   st->bad = bad;
   st->sum_s = 0.0;
-  st->sum_r = 0.0;
 }
 SD_CLONES void k_stats_groups(const float* l, int64_t n, ChunkStats* st, float* gmax) {
   stats_groups_impl(l, n, st, gmax);
@@ -529,7 +518,7 @@ RowCtx& RowCtx::local() {
   return ctx;
 }
 
-Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need_raw, bool par) {
+Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool par) {
   Dist d;
   const int64_t V = L.V;
   const int64_t nch = nchunks(V);
@@ -544,8 +533,7 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   // Top-k rows never need the full softmax sum: p is renormalised over the kept tokens. Their one
   // pass over the vocabulary finds the max and the top-k candidates together.
   const bool need_sum = !d.greedy && k == 0;
-  const int raw_mode = need_raw && (d.greedy || k > 0 || invT != 1.0f) ? kRaw : 0;
-  const int mode = (need_sum ? kScaled : 0) | raw_mode;
+  const int mode = need_sum ? kScaled : kMaxOnly;
 
   for (int w = 0; w < nw; ++w) ctx.wbuf[w].clear();
   const int64_t ngroups = (V + kGroup - 1) / kGroup;
@@ -555,11 +543,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
       const int64_t b = c * kChunk, n = std::min(kChunk, V - b);
       if (k > 0) {
         k_stats_groups(l + b, n, &ctx.stats[c], ctx.gmax.data() + b / kGroup);
-        if (raw_mode && !ctx.stats[c].bad) {
-          ChunkStats raw;
-          k_stats(l + b, n, 1.0f, kRaw, &raw);
-          ctx.stats[c].sum_r = raw.sum_r;
-        }
       } else {
         k_stats(l + b, n, invT, mode, &ctx.stats[c]);
       }
@@ -574,11 +557,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
     }
     lmax = std::max(lmax, ctx.stats[c].lmax);
   }
-  auto raw_lse = [&]() {
-    double z = 0.0;
-    for (int64_t c = 0; c < nch; ++c) z += ctx.stats[c].sum_r * std::exp(double(ctx.stats[c].lmax) - double(lmax));
-    return double(lmax) + std::log(z);
-  };
 
   if (d.greedy) {
     for (int64_t c = 0; c < nch; ++c)
@@ -587,7 +565,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
         d.argmax = b + with_typed(L, [&](auto* l) { return k_find_first(l + b, std::min(kChunk, V - b), lmax); });
         break;
       }
-    if (need_raw) d.raw_lse = raw_lse();
     return d;
   }
 
@@ -597,7 +574,6 @@ Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need
   if (need_sum)
     for (int64_t c = 0; c < nch; ++c)
       zall += ctx.stats[c].sum_s * std::exp(double(ctx.stats[c].lmax * invT) - double(sm));
-  if (need_raw) d.raw_lse = raw_mode ? raw_lse() : double(sm) + std::log(zall);
 
   const bool use_p = P.top_p < 1.0, use_minp = P.min_p > 0.0;
   if (k == 0 && !use_p && !use_minp) {
@@ -834,11 +810,6 @@ void write_probs(const Dist& d, const LogitsRow& L, float* out, bool par) {
   });
 }
 
-float logprob_of(const Dist& d, const LogitsRow& L, int64_t tok) {
-  const float x = with_typed(L, [&](auto* l) { return load1(l + tok); });
-  return float(double(x) - d.raw_lse);
-}
-
 bool row_finite(RowCtx& ctx, const LogitsRow& L, bool par) {
   const int64_t V = L.V, nch = nchunks(V);
   ctx.stats.resize(nch);
@@ -865,7 +836,7 @@ void sample_batch(const void* logits, int dtype, int64_t B, int64_t V, const dou
     RowParams P{temperature[b], top_k[b], top_p[b], min_p[b]};
     status[b] = 0;
     out_tokens[b] = -1;
-    Dist d = compute_dist(ctx, L, P, false, par);
+    Dist d = compute_dist(ctx, L, P, par);
     if (d.bad) {
       status[b] = 1;
       if (out_probs) std::fill(out_probs + b * V, out_probs + (b + 1) * V, 0.0f);
@@ -911,7 +882,7 @@ void logprobs_batch(const void* logits, int dtype, int64_t N, int64_t V, const i
     const LogitsRow L{static_cast<const char*>(logits) + r * V * esize, dtype, V};
     // A greedy row reports its distribution at temperature 1 (its own is one-hot).
     const double T = temperature[r] > double(kGreedyTemperature) ? temperature[r] : 1.0;
-    const Dist d = compute_dist(ctx, L, RowParams{T, top_k[r], top_p[r], min_p[r]}, false, par);
+    const Dist d = compute_dist(ctx, L, RowParams{T, top_k[r], top_p[r], min_p[r]}, par);
     int64_t* ids = out_top_ids + r * top_n;
     float* lps = out_top_logprobs + r * top_n;
     std::fill(ids, ids + top_n, int64_t(-1));

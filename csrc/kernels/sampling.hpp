@@ -48,7 +48,6 @@ struct Dist {
   float minp = 0.0f;
   double Z = 0.0;
   float invZ = 0.0f;
-  double raw_lse = std::numeric_limits<double>::quiet_NaN();  // logsumexp of the raw logits
   const int32_t* kidx = nullptr;
   const float* ke = nullptr;
   int64_t nkept = 0;
@@ -69,7 +68,6 @@ struct ChunkStats {
   float lmax, lmin;
   bool bad;
   double sum_s;  // Σ exp(s - fl(lmax·invT)) over the chunk
-  double sum_r;  // Σ exp(l - lmax) over the chunk (raw logits, for logprobs)
 };
 
 // Per-thread scratch, reused across calls (no allocation of size V in the steady state).
@@ -86,7 +84,7 @@ struct RowCtx {
 };
 
 // par: split the vocabulary across the thread pool.
-Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool need_raw, bool par);
+Dist compute_dist(RowCtx& ctx, const LogitsRow& L, const RowParams& P, bool par);
 // p(x) exactly as sample(return_probs=True) reports it.
 float prob_of(const Dist& d, const LogitsRow& L, int64_t x);
 // Sample from p with token `excl` removed (excl < 0: none); -1 when no mass is left.
@@ -94,7 +92,6 @@ int64_t sample_p(RowCtx& ctx, const Dist& d, const LogitsRow& L, double u, int64
 // Sample from normalize(max(p - q, 0)); -1 when it has no positive mass.
 int64_t sample_residual(RowCtx& ctx, const Dist& d, const LogitsRow& L, const float* q, double u, bool par);
 void write_probs(const Dist& d, const LogitsRow& L, float* out, bool par);
-float logprob_of(const Dist& d, const LogitsRow& L, int64_t tok);
 // False when the row has NaN or Inf.
 bool row_finite(RowCtx& ctx, const LogitsRow& L, bool par);
 

@@ -1,4 +1,4 @@
-"""The Python face of the C++ kernels: sampling and speculative verification (``sampling``), and the backend
+"""The Python face of the C++ kernels: sampling, speculative verification and logprobs (``sampling``), and the backend
 interface the engine calls them through (``backend``)."""
 
 from specdec.kernels.backend import CpuBackend, KernelBackend
@@ -7,6 +7,7 @@ from specdec.kernels.sampling import (
     STREAM_SAMPLE,
     STREAM_VERIFY,
     NonFiniteLogitsError,
+    logprobs,
     num_threads,
     philox4x32_10,
     sample,
@@ -22,6 +23,7 @@ __all__ = [
     "STREAM_SAMPLE",
     "STREAM_VERIFY",
     "NonFiniteLogitsError",
+    "logprobs",
     "num_threads",
     "philox4x32_10",
     "sample",

@@ -19,7 +19,7 @@ class KernelBackend(Protocol):
 
     def sample(self, logits, *, return_probs: bool = False, **params): ...
 
-    def verify(self, target_logits, draft_tokens, draft_probs, num_draft, *, return_logprobs: bool = False, **params): ...
+    def verify(self, target_logits, draft_tokens, draft_probs, num_draft, **params): ...
 
 
 class CpuBackend:
@@ -30,5 +30,5 @@ class CpuBackend:
     def sample(self, logits, *, return_probs: bool = False, **params):
         return sampling.sample(logits, return_probs=return_probs, **params)
 
-    def verify(self, target_logits, draft_tokens, draft_probs, num_draft, *, return_logprobs: bool = False, **params):
-        return sampling.verify(target_logits, draft_tokens, draft_probs, num_draft, return_logprobs=return_logprobs, **params)
+    def verify(self, target_logits, draft_tokens, draft_probs, num_draft, **params):
+        return sampling.verify(target_logits, draft_tokens, draft_probs, num_draft, **params)

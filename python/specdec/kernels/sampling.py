@@ -1,6 +1,6 @@
 """Fused sampling and speculative-verification kernels on the CPU (C++, ``specdec._kernels``).
 
-Two kernels, one processing of the logits, one random-number contract.
+Two kernels and a report of their distributions, one processing of the logits, one random-number contract.
 
 Shapes
 ------
@@ -8,7 +8,9 @@ Shapes
 
 ``verify(target_logits[B, K+1, V], draft_tokens int64[B, K], draft_probs float32[B, K, V] | None,
 num_draft int32[B], ...) -> (tokens int64[B, K+1], num_accepted int32[B])``
-(``, logprobs float32[B, K+1]`` with ``return_logprobs``)
+
+``logprobs(logits[N, V], tokens int64[N], ..., top_n) -> (logprob float32[N], top_ids int64[N, top_n],
+top_logprobs float32[N, top_n])``
 
 Inputs are numpy arrays or torch CPU tensors (anything with ``__dlpack__`` goes through torch). Logits
 may be float32 or bfloat16 (torch.bfloat16, or numpy's ml_dtypes bfloat16); draft_probs is float32.
@@ -57,8 +59,8 @@ p = processed target_logits[b, j], q = draft_probs[b, j] (one-hot at x when draf
 
 Greedy rows accept x only when x == argmax p (lowest id on ties), emit argmax p at the first
 rejection or as the bonus, and use no uniforms. A row emits num_accepted + 1 tokens; ``tokens`` is
-padded with -1 after them and ``logprobs`` is padded with NaN. ``logprobs`` is the log-softmax of the
-*raw* target logits (temperature 1, no filters) at each emitted token.
+padded with -1 after them. ``logprobs`` reports the processed distribution at any position (an emitted token's
+position j holds the distribution it was drawn from, whichever path drew it: accept, residual or bonus).
 
 Random numbers (the contract a device port must reproduce)
 -----------------------------------------------------------
@@ -365,7 +367,6 @@ def verify(
     min_p=0.0,
     seed=0,
     offset=0,
-    return_logprobs: bool = False,
 ):
     """Speculative verification of K draft tokens per row against the target's logits.
 
@@ -375,10 +376,8 @@ def verify(
     outcome for it is unspecified (the target's probabilities are floored near 1e-38, not zero).
 
     Returns ``(tokens int64[B, K+1], num_accepted int32[B])``: row b emits tokens[b, :num_accepted[b]+1]
-    (the accepted drafts, then the correction or bonus token) and is padded with -1. With
-    ``return_logprobs`` a third element ``logprobs float32[B, K+1]`` gives log_softmax(raw target logits)
-    at each emitted token, NaN-padded. The acceptance rule and the uniforms used are in the module
-    docstring.
+    (the accepted drafts, then the correction or bonus token) and is padded with -1. The acceptance rule and
+    the uniforms used are in the module docstring.
     """
     buf = _float_buf(target_logits, "target_logits", 3, allow_bf16=True)
     B, K1, V = buf.shape
@@ -413,25 +412,22 @@ def verify(
     t, k, p, mp, s, o = _params(B, temperature, top_k, top_p, min_p, seed, offset)
     tokens, tok_ptr = _empty((B, K1), np.int64, buf.torch)
     nacc, nacc_ptr = _empty((B,), np.int32, buf.torch)
-    lps, lp_ptr = (None, 0)
-    if return_logprobs:
-        lps, lp_ptr = _empty((B, K1), np.float32, buf.torch)
     status = np.zeros(B, dtype=np.int32)
     status_pos = np.zeros(B, dtype=np.int32)
     if B:
         _k.verify(buf.ptr, buf.dtype_code, B, K, V, dt.ctypes.data, qptr, nd.ctypes.data, t.ctypes.data,
                   k.ctypes.data, p.ctypes.data, mp.ctypes.data, s.ctypes.data, o.ctypes.data, tok_ptr, nacc_ptr,
-                  lp_ptr, status.ctypes.data, status_pos.ctypes.data)
+                  status.ctypes.data, status_pos.ctypes.data)
     del qbuf  # kept alive until here on purpose
     _raise_nonfinite("target_logits", status, status_pos)
-    return (tokens, nacc, lps) if return_logprobs else (tokens, nacc)
+    return tokens, nacc
 
 
 def logprobs(logits, tokens, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, top_n: int = 0):
     """Log-probabilities under the processed distribution that ``sample`` and ``verify`` draw from.
 
     logits [N, V] (float32/bfloat16), tokens int [N] in [0, V), per-row parameters as ``sample``, top_n in [0, V].
-    Returns ``(logprob float32[N], top_ids int64[N, top_n], top_logprobs float32[N, top_n])``: the logprob of
+    Returns numpy ``(logprob float32[N], top_ids int64[N, top_n], top_logprobs float32[N, top_n])``: the logprob of
     tokens[r], and the top_n most likely tokens, most likely first (ties to the lower id). A greedy row
     (temperature 0) reports its distribution at temperature 1, its filters applied (its own is one-hot). Values are
     log p_i = s_i - max s - log Z in float64, the true value even below float32's exp range; a token a filter
