@@ -41,3 +41,46 @@ def test_serve_with_tt_kernels_exits_with_the_reason(tmp_path):
     )
     assert proc.returncode != 0
     assert "--kernels tt is unavailable" in proc.stderr
+
+
+def test_sampled_speculation_with_the_tt_backend(tiny_dirs, monkeypatch):
+    """``--kernels tt`` failed every sampled speculative request: the drafter asked the device backend for the draft's
+    probabilities q, which the device does not return. The draft now samples on the host, where its logits are.
+
+    No device exists here, so the device program runs as its numpy tile model (``specdec.tt.model``, which tests/tt
+    hold to the device kernels' integer code), in place of the card inside ``runtime.verify``: everything on the host
+    side is the real path. Greedy output equals the CPU kernels'; a seeded sampled request completes."""
+    from specdec.engine import Engine, EngineConfig
+    from specdec.models.loading import load_model
+    from specdec.tt import TtBackend, model, runtime
+    from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
+
+    def tile_model_rows(logits_rows, q_rows, prm, B, K1, *, logits_dtype, device=None):
+        rows = model.forward_rows(logits_rows, q_rows, prm, n_workers=8)
+        drafts = prm.draft.reshape(B, K1)[:, : K1 - 1]
+        num_draft = (prm.mode.reshape(B, K1) == model.MODE_RESIDUAL).sum(1)
+        tokens, accepted = model.assemble(B, K1 - 1, num_draft, np.maximum(drafts, 0), rows)
+        out = np.zeros((B, K1 + 1), np.uint32)
+        out[:, :K1] = np.where(tokens < 0, 0xFFFFFFFF, tokens)
+        out[:, K1] = accepted
+        return out
+
+    monkeypatch.setattr(runtime, "why_unavailable", lambda: None)
+    monkeypatch.setattr(runtime, "_require", lambda: None)
+    monkeypatch.setattr(runtime, "run_rows", tile_model_rows)
+    backend = TtBackend()
+    with pytest.raises(ValueError, match="return_probs is not supported"):  # why the draft must not sample on it
+        backend.sample(np.zeros((1, 4), np.float32), temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
+                       return_probs=True)  # fmt: skip
+    target, draft = load_model(tiny_dirs["target"]), load_model(tiny_dirs["draft_other"])
+    on_tt = Engine(target, draft, EngineConfig(method=Method.DRAFT, gamma=3, prefix_cache_bytes=0), kernels=backend)
+    on_cpu = Engine(target, draft, EngineConfig(method=Method.DRAFT, gamma=3, prefix_cache_bytes=0))
+
+    def run(engine, sampling):
+        req = GenerationRequest(prompt_ids=[5, 6, 7], max_new_tokens=12, sampling=sampling,
+                                speculation=SpeculationParams(method=Method.DRAFT, gamma=3))  # fmt: skip
+        return [t for out in engine.generate(req) for t in out.token_ids]
+
+    assert run(on_tt, SamplingParams()) == run(on_cpu, SamplingParams())
+    sampled = run(on_tt, SamplingParams(temperature=0.8, top_p=0.9, seed=4))
+    assert len(sampled) == 12 and all(0 <= t < target.vocab_size for t in sampled)

@@ -142,9 +142,11 @@ class Engine:
             Method.AUTO: suffix,  # until a draft model joins it
         }
         if draft is not None:
+            # The draft samples with the CPU kernels whatever verifies: its logits are on the host, and so must be the
+            # q it hands to verify, which a device backend (tt) does not return.
             self._drafters[Method.DRAFT] = DraftModelDrafter(
-                draft, self.vocab_size, self.costs, self.kernels, lean=config.small_m_linear, draft_vocab=config.draft_vocab,
-                prefix_cache=self.prefix_cache,
+                draft, self.vocab_size, self.costs, CpuBackend(), lean=config.small_m_linear,
+                draft_vocab=config.draft_vocab, prefix_cache=self.prefix_cache,
             )  # fmt: skip
             self._drafters[Method.AUTO] = HybridDrafter(suffix, self._drafters[Method.DRAFT])
         # Per drafter, α over the recent verify steps of all requests (long memory: many steps per request).
