@@ -27,6 +27,9 @@ from specdec.engine.sequence import Sequence
 MIN_SUFFIX_TOKENS = 4
 # How far a suffix lookup looks ahead when deciding (the engine then caps it at the step's γ).
 LOOKAHEAD = 8
+# The suffix path's α before a sequence has tried it: optimistic, so that it is tried and its α learnt (a path
+# never chosen never updates); two rejected steps bring it below the draft model's where the drafts are poor.
+SUFFIX_PRIOR = 0.9
 
 
 @dataclass
@@ -35,8 +38,8 @@ class _Both:
     model: Any = None
     lookup: tuple[int, int, list[int]] | None = None  # (context length, limit, drafts): asked twice a step
     # Per path, α over this sequence's steps that drafted that way; the step in flight: (path, length, drafts).
-    alpha: dict[str, AcceptanceEstimate] = field(default_factory=lambda: {"suffix": AcceptanceEstimate(),
-                                                                          "model": AcceptanceEstimate()})
+    alpha: dict[str, AcceptanceEstimate] = field(default_factory=lambda: {
+        "suffix": AcceptanceEstimate(prior=SUFFIX_PRIOR), "model": AcceptanceEstimate()})
     last: tuple[str, int, int] | None = None
 
 
