@@ -84,3 +84,20 @@ def test_sampled_speculation_with_the_tt_backend(tiny_dirs, monkeypatch):
     assert run(on_tt, SamplingParams()) == run(on_cpu, SamplingParams())
     sampled = run(on_tt, SamplingParams(temperature=0.8, top_p=0.9, seed=4))
     assert len(sampled) == 12 and all(0 <= t < target.vocab_size for t in sampled)
+
+
+def test_tt_cost_model_counts_the_kernels_loops():
+    """bench/tt_cost_model.py: 21 passes over a 64-tile slice per tile-row for a verify with drafts (20 without), 20
+    sync rounds per tile-row, padding rows costing as much as real ones."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "tt_cost_model.py"
+    spec = importlib.util.spec_from_file_location("tt_cost_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    one = mod.estimate(1, 4, 128256, (8, 8), 10.0)
+    assert (one["workers"], one["slice_tiles"], one["padding_rows"], one["sync_rounds"]) == (63, 64, 27, 20)
+    assert one["worker_element_visits"] == 21 * 64 * 1024
+    assert mod.estimate(8, 4, 128256, (8, 8), 10.0)["worker_element_visits"] == 2 * one["worker_element_visits"]
+    assert mod.estimate(32, 0, 128256, (8, 8), 10.0)["worker_element_visits"] == 20 * 64 * 1024

@@ -189,6 +189,29 @@ def test_stop_string_stop_token_and_logprobs(server, reference_engine):
     assert len(stub.Generate(request(PROMPTS[3], 5), timeout=30).logprobs) == 0
 
 
+def test_json_schema_request_and_top_logprobs(server):
+    """End to end over gRPC: the text fits the schema, the unary and streamed answers agree, and top_logprobs come
+    back per token, most likely first, with each token's own logprob no higher than the first alternative's."""
+    import jsonschema
+
+    from specdec.client import build_request
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+              "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}  # fmt: skip
+    req = build_request(PROMPTS[1], json_schema=schema, top_logprobs=3, max_new_tokens=60)
+    stub = server.stub()
+    r = stub.Generate(req, timeout=60)
+    assert r.summary.finish_reason == pb.FINISH_REASON_EOS
+    jsonschema.validate(json.loads(r.text), schema)
+    assert len(r.top_logprobs) == len(r.logprobs) == len(r.token_ids)
+    for lp, top in zip(r.logprobs, r.top_logprobs):
+        assert 1 <= len(top.token_ids) == len(top.logprobs) <= 3
+        assert list(top.logprobs) == sorted(top.logprobs, reverse=True) and lp <= top.logprobs[0] + 1e-6
+    chunks, summary = stream_all(stub, req, timeout=60)
+    assert "".join(c.text for c in chunks) == r.text and summary.finish_reason == pb.FINISH_REASON_EOS
+    assert [list(t.token_ids) for c in chunks for t in c.top_logprobs] == [list(t.token_ids) for t in r.top_logprobs]
+
+
 def test_token_id_prompt_and_speculation_options(server, reference_engine):
     stub = server.stub()
     ids, _ = reference(reference_engine, PROMPTS[2], 16)

@@ -1,0 +1,93 @@
+"""An estimate, not a measurement: the custom tt-metal verify kernel's work per call, per core, from its loop structure.
+
+No Tenstorrent hardware has run these kernels, so this counts what the kernel sources do and multiplies by assumed
+unit costs, printed beside the counts so that anyone can redo it with better ones:
+
+* element visits on the data-movement RISC-V cores (reader.cpp, writer.cpp): per tile-row of 32 rows, a worker
+  makes 1 max pass (reader), 2 x ROUNDS radix-histogram passes (top-k and top-p searches), a kept-mass pass, a
+  totals pass (which also reads q when drafts carry probabilities) and a pick pass, each over its vocabulary slice
+  for every one of the 32 rows, padding rows included; the aggregator, one core, reads every worker's record for
+  every row in each of the 20 rounds (48 words a row in a radix round);
+* SFPU tiles on the Tensix compute engine (softmax_numerator.cpp): one scaled exp per slice tile;
+* NOC traffic: each round a worker writes one record and increments a semaphore; the aggregator writes W result
+  blocks and W semaphore increments.
+
+    python bench/tt_cost_model.py [--cycles-per-visit 8,20] [--grid 8x8] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from specdec.tt.program import plan  # noqa: E402
+
+ROWS, RADIX, ROUNDS = 32, 16, 8  # specdec_tt_algo.hpp
+# Words per row a worker sends, and the aggregator reads, in each sync round of a tile-row (writer.cpp): the max,
+# 2 x ROUNDS radix searches (count and 64-bit mass per bin), the kept mass, the totals, the pick.
+RECORD_WORDS = [2] + [3 * RADIX] * (2 * ROUNDS) + [2, 10, 1]
+SYNC_ROUNDS = len(RECORD_WORDS)
+SHAPES = [(1, 4, 128256), (8, 4, 128256), (32, 0, 128256)]
+# Assumptions, each a stated guess: Wormhole's AICLK (tt-metal reports 1000 MHz on n150/n300); an SFPU
+# exp-and-multiply pass over one 32x32 fp32 tile; the cost of issuing one small NOC write or semaphore increment
+# and of a round trip through the aggregator (the NOC's latency is a few hundred cycles).
+CLOCK_HZ = 1.0e9
+SFPU_CYCLES_PER_TILE = 2_000
+NOC_ISSUE_CYCLES = 100
+ROUND_TRIP_CYCLES = 1_000
+
+
+def estimate(B: int, K: int, V: int, grid: tuple[int, int], cycles_per_visit: float) -> dict:
+    p = plan(B, K, V, logits_dtype="bfloat16", has_q=K > 0, grid=grid)
+    W, tiles = p.n_workers, max(n for _, n in p.split)
+    slice_elems = tiles * 1024  # one pass over the slice for all 32 rows of a tile-row
+    passes = 1 + 2 * ROUNDS + 3 + (1 if K > 0 else 0)  # the totals pass reads q as well when there are drafts
+    worker_visits = p.row_tiles * passes * slice_elems
+    aggregator_visits = p.row_tiles * W * ROWS * sum(RECORD_WORDS)
+    noc_ops = p.row_tiles * SYNC_ROUNDS * (2 * W + 2)  # aggregator writes + semaphores; a worker's own two
+    worker_cycles = worker_visits * cycles_per_visit + p.row_tiles * SYNC_ROUNDS * (2 * NOC_ISSUE_CYCLES + ROUND_TRIP_CYCLES)
+    aggregator_cycles = aggregator_visits * cycles_per_visit + p.row_tiles * SYNC_ROUNDS * 2 * W * NOC_ISSUE_CYCLES
+    sfpu_cycles = p.row_tiles * tiles * SFPU_CYCLES_PER_TILE
+    # Workers and the aggregator take turns each round; the exp overlaps the reader's next tiles.
+    critical = worker_cycles + aggregator_cycles
+    return {
+        "B": B, "K": K, "V": V, "rows": p.rows, "row_tiles": p.row_tiles, "padding_rows": p.row_tiles * ROWS - p.rows,
+        "workers": W, "slice_tiles": tiles, "sync_rounds": p.row_tiles * SYNC_ROUNDS,
+        "worker_element_visits": worker_visits, "aggregator_element_visits": aggregator_visits, "noc_ops": noc_ops,
+        "sfpu_tiles_per_worker": p.row_tiles * tiles, "cycles_per_visit": cycles_per_visit,
+        "worker_cycles": worker_cycles, "aggregator_cycles": aggregator_cycles, "sfpu_cycles": sfpu_cycles,
+        "estimated_ms": 1e3 * critical / CLOCK_HZ,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cycles-per-visit", default="8,20", help="RISC-V cycles per element visit, low,high (default 8,20)")
+    ap.add_argument("--grid", default="8x8", help="compute grid, e.g. 8x8 (Wormhole n150) or 13x10 (Blackhole)")
+    ap.add_argument("--json", dest="json_path")
+    args = ap.parse_args(argv)
+    cpv = [float(x) for x in args.cycles_per_visit.split(",")]
+    gx, gy = (int(x) for x in args.grid.lower().split("x"))
+    rows = [estimate(B, K, V, (gx, gy), c) for B, K, V in SHAPES for c in cpv]
+    print(f"custom tt verify kernel, {gx}x{gy} grid, {CLOCK_HZ / 1e9:.1f} GHz assumed; an estimate from loop counts")
+    print("| (B, K, V) | rows (padding) | workers × slice tiles | worker visits | aggregator visits | NOC ops | "
+          "cycles/visit | estimated ms per call |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| ({r['B']}, {r['K']}, {r['V']}) | {r['rows']} ({r['padding_rows']}) | {r['workers']} × {r['slice_tiles']} | "
+              f"{r['worker_element_visits']:,} | {r['aggregator_element_visits']:,} | {r['noc_ops']:,} | "
+              f"{r['cycles_per_visit']:g} | {r['estimated_ms']:.1f} |")  # fmt: skip
+    print("A verification path of stock ttnn operations is not built, so there is no operation count beside these.")
+    if args.json_path:
+        assumptions = {"clock_hz": CLOCK_HZ, "sfpu_cycles_per_tile": SFPU_CYCLES_PER_TILE,
+                       "noc_issue_cycles": NOC_ISSUE_CYCLES, "round_trip_cycles": ROUND_TRIP_CYCLES}  # fmt: skip
+        Path(args.json_path).write_text(json.dumps({"assumptions": assumptions, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
