@@ -372,3 +372,19 @@ def test_jump_forward_leaves_the_prompt_forward_alone(engine):
     for method in (Method.NGRAM, Method.DRAFT):
         spec = run(engine, f, method, prompt=prompt, max_new=30, logprobs=True)
         assert spec[0] == base[0] and spec[3] == base[3], method
+
+
+def test_a_batch_mixing_formats_and_free_text_equals_each_alone(engine):
+    """Constrained and free sequences stepped together (shared forwards, one verify call) give what each gives
+    alone: masks stay with their own rows."""
+    reqs = [(fmt("json_schema", SCHEMAS[0]), Method.DRAFT), (None, Method.DRAFT), (fmt("regex", "[0-9]{2}-[a-z]+"), Method.NGRAM),
+            (fmt("json_schema", SCHEMAS[6]), Method.AUTO)]  # fmt: skip
+    alone = [run(engine, f, m, max_new=40)[0] for f, m in reqs]
+    seqs = [engine.start(GenerationRequest(prompt_ids=engine.encode("def add(a, b):"), max_new_tokens=40,
+                                           response_format=f, speculation=SpeculationParams(method=m)))
+            for f, m in reqs]  # fmt: skip
+    live = list(seqs)
+    while live:
+        engine.step_batch(live)
+        live = [s for s in live if not s.finished]
+    assert [s.output_ids for s in seqs] == alone
