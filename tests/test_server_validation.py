@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import grpc
@@ -205,6 +206,17 @@ def generate_requests(draw) -> pb.GenerateRequest:
         r.speculation.gamma = draw(st.one_of(st.integers(-2, 40), i32))
     if draw(st.booleans()):
         r.speculation.gamma_max = draw(st.one_of(st.integers(-2, 40), i32))
+    kind = draw(st.sampled_from(["", "json_schema", "regex", "grammar", "json_object"]))
+    if kind == "json_object":
+        r.response_format.json_object = draw(st.booleans())
+    elif kind:  # random text, or a random JSON document (many schemas of the right keys do compile)
+        schema_like = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 50), st.text(max_size=6),
+                                             st.sampled_from(["object", "string", "integer", "array"])),
+                                   lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+                                       st.sampled_from(["type", "properties", "items", "enum", "pattern", "maxLength"]),
+                                       inner, max_size=3)), max_leaves=10)  # fmt: skip
+        setattr(r.response_format, kind, draw(st.one_of(st.text(max_size=60), schema_like.map(json.dumps))))
+    r.top_logprobs = draw(st.one_of(i32, st.integers(-2, 25)))
     return r
 
 
