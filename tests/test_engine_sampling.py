@@ -18,11 +18,11 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from specdec.engine import Engine, EngineConfig
 from specdec.models.loading import load_model
 from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
+from seeded_counts import output_counts
 from tiny import llama, save, word_tokenizer
 
 TOKENS = 3
 TRIALS = 4000
-BATCH = 500
 P_THRESHOLD = 1e-3
 
 
@@ -57,28 +57,10 @@ def exact_joint(model, prompt: list[int], temperature: float, top_p: float) -> d
 
 
 def sample_counts(engine: Engine, prompt, sampling: dict, method: Method) -> dict[tuple[int, ...], int]:
-    """TRIALS generations, one seed each, run as batches (a sequence's output depends only on its seed)."""
-    counts: dict[tuple[int, ...], int] = {}
-    for first in range(0, TRIALS, BATCH):
-        seqs = [
-            engine.start(
-                GenerationRequest(
-                    prompt_ids=prompt,
-                    max_new_tokens=TOKENS,
-                    ignore_eos=True,
-                    sampling=SamplingParams(seed=seed, **sampling),
-                    speculation=SpeculationParams(method=method, gamma=2),
-                )
-            )
-            for seed in range(first, min(first + BATCH, TRIALS))
-        ]
-        live = seqs
-        while live:
-            engine.step_batch(live)
-            live = [s for s in live if not s.finished]
-        for s in seqs:
-            counts[tuple(s.output_ids)] = counts.get(tuple(s.output_ids), 0) + 1
-    return counts
+    """TRIALS generations, one seed each."""
+    return output_counts(engine, lambda seed: GenerationRequest(
+        prompt_ids=prompt, max_new_tokens=TOKENS, ignore_eos=True, sampling=SamplingParams(seed=seed, **sampling),
+        speculation=SpeculationParams(method=method, gamma=2)), TRIALS)  # fmt: skip
 
 
 def gof_pvalue(counts: dict, joint: dict) -> float:

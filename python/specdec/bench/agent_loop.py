@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specdec.bench.environment import run_environment, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import time_engine
+from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "agent_loop.json"
@@ -51,18 +51,7 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
         turns.append({"prompt_tokens": len(ids), "order": [m.value for m in order], "identical": all(a == reference for a in answers.values()),
                       "runs": runs})  # fmt: skip
         messages.append({"role": "assistant", "content": runs[Method.NONE.value]["text"]})
-    summary = {}
-    for method in methods:
-        name = method.value
-        tokens = sum(tr["runs"][name]["tokens"] - tr["runs"][name]["first_tokens"] for tr in turns)
-        seconds = sum(tr["runs"][name]["decode_s"] for tr in turns)
-        proposed = sum(tr["runs"][name]["proposed"] for tr in turns)
-        accepted = sum(tr["runs"][name]["accepted"] for tr in turns)
-        summary[name] = {"decode_tokens_per_s": tokens / seconds, "proposed": proposed, "accepted": accepted,
-                         "acceptance_rate": accepted / proposed if proposed else 0.0}  # fmt: skip
-    base = summary[Method.NONE.value]["decode_tokens_per_s"]
-    for s in summary.values():
-        s["vs_target_only"] = s["decode_tokens_per_s"] / base
+    summary = pooled_by_method({m.value: [tr["runs"][m.value] for tr in turns] for m in methods})
     info = engine.info()
     return {
         "scenario": "agent-loop",

@@ -56,6 +56,21 @@ def rates(n: int, ttft_s: float, wall_s: float, first_tokens: int = 1) -> dict:
     }
 
 
+def pooled_by_method(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per method, its ``time_engine`` runs pooled: decode tokens/s (tokens after the first ÷ decode seconds), drafts
+    proposed and accepted, and the ratio to target-only's rate (the method named "none")."""
+    summary = {}
+    for name, rs in runs.items():
+        proposed, accepted = sum(r["proposed"] for r in rs), sum(r["accepted"] for r in rs)
+        summary[name] = {"decode_tokens_per_s": sum(r["tokens"] - r["first_tokens"] for r in rs) / sum(r["decode_s"] for r in rs),
+                         "proposed": proposed, "accepted": accepted,
+                         "acceptance_rate": accepted / proposed if proposed else 0.0}  # fmt: skip
+    base = summary["none"]["decode_tokens_per_s"]
+    for s in summary.values():
+        s["vs_target_only"] = s["decode_tokens_per_s"] / base
+    return summary
+
+
 def _no_check() -> None:
     pass
 

@@ -21,7 +21,7 @@ import jsonschema
 
 from specdec.bench.environment import run_environment, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import time_engine
+from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "json_schema.json"
@@ -62,20 +62,11 @@ def run_structured(engine, options: BenchOptions, progress: Callable[[dict], Non
                              "identical": all(x["output_ids"] == reference for x in runs.values())})  # fmt: skip
     finally:
         engine.config = config
-    summary = {}
-    for name in methods:
-        runs = [row["runs"][name] for row in rows]
-        tokens = sum(x["tokens"] - x["first_tokens"] for x in runs)
-        seconds = sum(x["decode_s"] for x in runs)
-        proposed, accepted = sum(x["proposed"] for x in runs), sum(x["accepted"] for x in runs)
-        summary[name] = {"decode_tokens_per_s": tokens / seconds, "proposed": proposed, "accepted": accepted,
-                         "acceptance_rate": accepted / proposed if proposed else 0.0,
-                         "forced": sum(x["forced"] for x in runs),
-                         "grammar_share": sum(x["grammar_s"] for x in runs) / sum(x["wall_s"] for x in runs),
-                         "valid": sum(x["valid"] for x in runs)}  # fmt: skip
-    base = summary[Method.NONE.value]["decode_tokens_per_s"]
-    for s in summary.values():
-        s["vs_target_only"] = s["decode_tokens_per_s"] / base
+    by_method = {name: [row["runs"][name] for row in rows] for name in methods}
+    summary = pooled_by_method(by_method)
+    for name, runs in by_method.items():
+        summary[name].update(forced=sum(x["forced"] for x in runs), valid=sum(x["valid"] for x in runs),
+                             grammar_share=sum(x["grammar_s"] for x in runs) / sum(x["wall_s"] for x in runs))  # fmt: skip
     info = engine.info()
     return {
         "scenario": "json-schema",
