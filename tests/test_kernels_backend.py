@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -43,17 +45,12 @@ def test_serve_with_tt_kernels_exits_with_the_reason(tmp_path):
     assert "--kernels tt is unavailable" in proc.stderr
 
 
-def test_sampled_speculation_with_the_tt_backend(tiny_dirs, monkeypatch):
-    """``--kernels tt`` failed every sampled speculative request: the drafter asked the device backend for the draft's
-    probabilities q, which the device does not return. The draft now samples on the host, where its logits are.
-
-    No device exists here, so the device program runs as its numpy tile model (``specdec.tt.model``, which tests/tt
-    hold to the device kernels' integer code), in place of the card inside ``runtime.verify``: everything on the host
-    side is the real path. Greedy output equals the CPU kernels'; a seeded sampled request completes."""
-    from specdec.engine import Engine, EngineConfig
-    from specdec.models.loading import load_model
-    from specdec.tt import TtBackend, model, runtime
-    from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
+@pytest.fixture
+def tile_model_device(monkeypatch):
+    """No device exists here: ``runtime.run_rows``, the one call that runs the program on the card, runs its numpy
+    tile model instead (``specdec.tt.model``, which tests/tt hold to the device kernels' integer code), so everything
+    on the host side of ``runtime.verify`` / ``sample`` is the real path."""
+    from specdec.tt import model, runtime
 
     def tile_model_rows(logits_rows, q_rows, prm, B, K1, *, logits_dtype, device=None):
         rows = model.forward_rows(logits_rows, q_rows, prm, n_workers=8)
@@ -68,6 +65,17 @@ def test_sampled_speculation_with_the_tt_backend(tiny_dirs, monkeypatch):
     monkeypatch.setattr(runtime, "why_unavailable", lambda: None)
     monkeypatch.setattr(runtime, "_require", lambda: None)
     monkeypatch.setattr(runtime, "run_rows", tile_model_rows)
+
+
+def test_sampled_speculation_with_the_tt_backend(tiny_dirs, tile_model_device):
+    """``--kernels tt`` failed every sampled speculative request: the drafter asked the device backend for the draft's
+    probabilities q, which the device does not return. The draft now samples on the host, where its logits are.
+    Greedy output equals the CPU kernels'; a seeded sampled request completes."""
+    from specdec.engine import Engine, EngineConfig
+    from specdec.models.loading import load_model
+    from specdec.tt import TtBackend
+    from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
+
     backend = TtBackend()
     with pytest.raises(ValueError, match="return_probs is not supported"):  # why the draft must not sample on it
         backend.sample(np.zeros((1, 4), np.float32), temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
@@ -101,3 +109,30 @@ def test_tt_cost_model_counts_the_kernels_loops():
     assert one["worker_element_visits"] == 21 * 64 * 1024
     assert mod.estimate(8, 4, 128256, (8, 8), 10.0)["worker_element_visits"] == 2 * one["worker_element_visits"]
     assert mod.estimate(32, 0, 128256, (8, 8), 10.0)["worker_element_visits"] == 20 * 64 * 1024
+
+
+def test_hardware_report_on_the_tile_model(tile_model_device, tmp_path):
+    """specdec.tt.hw_report, as scripts/tt_validate_hw.sh runs it, with the tile model for the card and small shapes:
+    every section is filled, the emulated device agrees with the CPU kernels, and its samples pass the χ²."""
+    from specdec.tt import hw_report
+
+    report = hw_report.build_report(agreement_cases=[(3, 2, 1000, True), (4, 0, 500, False)], timing_shapes=[(2, 2, 300)],
+                                    chi2_draws=2000, repeats=2)  # fmt: skip
+    assert report["versions"]["python"] and "error" in report["versions"]["device"]  # no card to open here
+    assert all(a["rows_differing"] == 0 and a["greedy_rows_differing"] == 0 for a in report["agreement"])
+    assert report["chi_square"]["outside_support"] == 0 and report["chi_square"]["p_value"] > 1e-3
+    assert report["timings"][0]["device_s"] > 0 and report["timings"][0]["cpu_kernels_s"] > 0
+    json.dumps(report)  # pasteable
+
+
+def test_hardware_report_chi_square_rejects_a_wrong_sampler(monkeypatch):
+    """The report's χ² control: a device that sampled at temperature 1.0 instead of the row's 0.8 is rejected."""
+    from specdec import kernels
+    from specdec.tt import hw_report, runtime
+
+    def hot(logits, **prm):
+        return np.asarray(kernels.sample(logits, **{**prm, "temperature": 1.0}))
+
+    monkeypatch.setattr(runtime, "sample", hot)
+    result = hw_report.chi_square(4000)
+    assert result["p_value"] < 1e-3

@@ -31,32 +31,16 @@ REASON = _skip_reason()
 needs_device = pytest.mark.skipif(REASON is not None, reason=f"needs a Tenstorrent device and the SFPI toolchain: {REASON}")
 
 
-def _inputs(rng, B, K, V, with_q):
-    from specdec import kernels
-
-    tl = (rng.standard_normal((B, K + 1, V)) * 3).astype(np.float32)
-    params = dict(temperature=np.where(np.arange(B) % 4 == 0, 0.0, 0.8), top_k=np.where(np.arange(B) % 3 == 0, 50, 0),
-                  top_p=np.where(np.arange(B) % 2 == 0, 0.9, 1.0), min_p=np.where(np.arange(B) % 5 == 0, 0.05, 0.0),
-                  seed=np.arange(B, dtype=np.uint64) + 11, offset=np.full(B, 3, np.uint64))
-    nd = (np.arange(B) % (K + 1)).astype(np.int32)
-    q = None
-    if with_q and K:
-        _, q = kernels.sample(tl[:, :K].reshape(B * K, V) + 0.5, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5,
-                              offset=0, return_probs=True)
-        q = np.asarray(q, np.float32).reshape(B, K, V)
-    draft = tl[:, :K].argmax(-1).astype(np.int64) if K else np.zeros((B, 0), np.int64)
-    return tl, draft, q, nd, params
-
-
 @needs_device
 @pytest.mark.parametrize("B,K,V,with_q", [(1, 0, 32000, False), (8, 4, 128256, True), (8, 4, 128256, False),
                                           (32, 8, 151936, True), (3, 2, 1000, True)])
 def test_device_verify_matches_cpu_kernels(B, K, V, with_q):
     from specdec import kernels
     from specdec.tt import model, runtime
+    from specdec.tt.hw_report import inputs
 
     rng = np.random.default_rng(B * 1000 + K)
-    tl, draft, q, nd, prm = _inputs(rng, B, K, V, with_q)
+    tl, draft, q, nd, prm = inputs(rng, B, K, V, with_q)
     dev_tok, dev_n = runtime.verify(tl, draft, q, nd, **prm)
     cpu_tok, cpu_n = kernels.verify(tl, draft, q, nd, **prm)
     U = kernels.uniforms(prm["seed"], prm["offset"], 2 * (K + 1), stream=kernels.STREAM_VERIFY)
