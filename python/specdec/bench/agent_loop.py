@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from specdec.bench.environment import run_environment, scenario_heading
+from specdec.bench.environment import scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, SpeculationParams
@@ -52,11 +52,9 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
                       "runs": runs})  # fmt: skip
         messages.append({"role": "assistant", "content": runs[Method.NONE.value]["text"]})
     summary = pooled_by_method({m.value: [tr["runs"][m.value] for tr in turns] for m in methods})
-    info = engine.info()
     return {
         "scenario": "agent-loop",
-        "config": {"target": info["target"], "draft": info["draft"], "max_new_tokens": options.max_new_tokens,
-                   "turns": len(turns), **run_environment(t_start, load_start)},  # fmt: skip
+        "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, turns=len(turns)),
         "summary": summary,
         "identical_outputs": all(tr["identical"] for tr in turns),
         "turns": turns,

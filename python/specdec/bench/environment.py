@@ -76,6 +76,13 @@ def package_version(package: str) -> str:
         return "?"
 
 
+def scenario_config(engine, max_new_tokens: int, t_start: float, load_start: tuple, **counts) -> dict:
+    """A scenario report's config: the models, the token limit, what it counted (turns, requests), where and when."""
+    info = engine.info()
+    return {"target": info["target"], "draft": info["draft"], "max_new_tokens": max_new_tokens, **counts,
+            **run_environment(t_start, load_start)}  # fmt: skip
+
+
 def scenario_heading(scenario: str, config: dict, what: str) -> list[str]:
     """A scenario report's first lines: its title with the models, then ``what`` it ran, and where and when."""
     models = config["target"] + (f" + {config['draft']}" if config["draft"] else "")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jsonschema
 
-from specdec.bench.environment import run_environment, scenario_heading
+from specdec.bench.environment import scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
@@ -67,11 +67,9 @@ def run_structured(engine, options: BenchOptions, progress: Callable[[dict], Non
     for name, runs in by_method.items():
         summary[name].update(forced=sum(x["forced"] for x in runs), valid=sum(x["valid"] for x in runs),
                              grammar_share=sum(x["grammar_s"] for x in runs) / sum(x["wall_s"] for x in runs))  # fmt: skip
-    info = engine.info()
     return {
         "scenario": "json-schema",
-        "config": {"target": info["target"], "draft": info["draft"], "max_new_tokens": options.max_new_tokens,
-                   "requests": len(rows), **run_environment(t_start, load_start)},  # fmt: skip
+        "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, requests=len(rows)),
         "summary": summary,
         "identical_outputs": all(row["identical"] for row in rows),
         "requests": rows,
