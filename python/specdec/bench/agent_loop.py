@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from specdec.bench.environment import scenario_config, scenario_heading
+from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, SpeculationParams
@@ -74,6 +74,4 @@ def agent_loop_to_markdown(report: dict) -> str:
         vs_draft = f"{m['decode_tokens_per_s'] / draft['decode_tokens_per_s']:.2f}" if draft else "—"
         lines.append(f"| {name} | {m['decode_tokens_per_s']:.2f} | **{m['vs_target_only']:.2f}** | {vs_draft} | "
                      f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['proposed']}) |")  # fmt: skip
-    lines += ["", f"Outputs identical across methods: {report['identical_outputs']}. Prompt tokens per turn: "
-              f"{[t['prompt_tokens'] for t in report['turns']]}."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + identical_footer(report, "turns")) + "\n"

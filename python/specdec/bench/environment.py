@@ -83,6 +83,13 @@ def scenario_config(engine, max_new_tokens: int, t_start: float, load_start: tup
             **run_environment(t_start, load_start)}  # fmt: skip
 
 
+def identical_footer(report: dict, items: str) -> list[str]:
+    """A scenario report's closing lines: whether the methods' outputs agreed, and the prompt tokens of its
+    ``items`` ("turns", "requests")."""
+    return ["", f"Outputs identical across methods: {report['identical_outputs']}. Prompt tokens per "
+            f"{items[:-1]}: {[x['prompt_tokens'] for x in report[items]]}."]  # fmt: skip
+
+
 def scenario_heading(scenario: str, config: dict, what: str) -> list[str]:
     """A scenario report's first lines: its title with the models, then ``what`` it ran, and where and when."""
     models = config["target"] + (f" + {config['draft']}" if config["draft"] else "")

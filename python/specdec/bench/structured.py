@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jsonschema
 
-from specdec.bench.environment import scenario_config, scenario_heading
+from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
 from specdec.bench.runners import pooled_by_method, time_engine
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
@@ -96,6 +96,4 @@ def structured_to_markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['decode_tokens_per_s']:.2f} | **{m['vs_target_only']:.2f}** | "
                      f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['proposed']}) | {m['forced']} | "
                      f"{100 * m['grammar_share']:.1f}% | {m['valid']}/{c['requests']} |")  # fmt: skip
-    lines += ["", f"Outputs identical across methods: {report['identical_outputs']}. Prompt tokens per request: "
-              f"{[r['prompt_tokens'] for r in report['requests']]}."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + identical_footer(report, "requests")) + "\n"
