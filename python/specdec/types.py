@@ -156,6 +156,17 @@ class GenerationRequest:
     response_format: ResponseFormat | None = None
     request_id: str = ""
 
+    @property
+    def reports_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    def check_output_options(self) -> None:
+        """top_logprobs' range, and no ignore_eos beside a response format (which decides where the output ends)."""
+        _require(0 <= self.top_logprobs <= TOP_LOGPROBS_MAX,
+                 f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {self.top_logprobs}")  # fmt: skip
+        _require(self.response_format is None or not self.ignore_eos,
+                 "ignore_eos cannot be used with response_format: the format decides where the output may end")  # fmt: skip
+
     def validate(self, *, vocab_size: int, context_length: int) -> None:
         _require(len(self.prompt_ids) > 0, "prompt must not be empty (got 0 tokens)")
         for i, t in enumerate(self.prompt_ids):
@@ -171,12 +182,9 @@ class GenerationRequest:
             _require(0 <= t < vocab_size, f"stop_token_ids[{i}] must be in [0, {vocab_size}), got {t}")
         for i, s in enumerate(self.stop):
             _require(len(s) > 0, f"stop[{i}] must be a non-empty string")
-        _require(0 <= self.top_logprobs <= TOP_LOGPROBS_MAX,
-                 f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {self.top_logprobs}")  # fmt: skip
+        self.check_output_options()
         if self.response_format is not None:
             self.response_format.validate()
-            _require(not self.ignore_eos, "ignore_eos cannot be used with response_format: the format decides where "
-                                          "the output may end")  # fmt: skip
         self.sampling.validate()
         self.speculation.validate()
 

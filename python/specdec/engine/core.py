@@ -544,7 +544,7 @@ class Engine:
         """(logprobs, top logprobs) of each sequence's emitted tokens, (None, None) where not asked for. Position j
         of a row holds the masked target logits the token at j was drawn from (accepted, corrected or bonus), which
         decoding without drafts computes alike: the values equal target-only decoding's."""
-        wants = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
+        wants = [i for i, s in enumerate(seqs) if s.request.reports_logprobs]
         reports: list[tuple] = [(None, None)] * len(seqs)
         if not wants:
             return reports

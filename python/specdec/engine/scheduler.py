@@ -512,7 +512,7 @@ class Scheduler:
             request_id=h.request_id,
             token_ids=list(seq.output_ids),
             text=seq.text,
-            logprobs=list(h.logprobs) if seq.request.logprobs or seq.request.top_logprobs else None,
+            logprobs=list(h.logprobs) if seq.request.reports_logprobs else None,
             top_logprobs=list(h.top_logprobs) if seq.request.top_logprobs else None,
             finish_reason=reason,
             matched_stop=seq.matched_stop,

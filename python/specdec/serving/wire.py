@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from specdec.types import (
     RESPONSE_FORMAT_KINDS,
-    TOP_LOGPROBS_MAX,
     Completion,
     FinishReason,
     GenerationRequest,
@@ -186,12 +185,7 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
 
     speculation = speculation_from_proto(msg.speculation)
     check_gamma(speculation.gamma, speculation.gamma_max, limits)
-    _require(0 <= msg.top_logprobs <= TOP_LOGPROBS_MAX,
-             f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], got {msg.top_logprobs}")  # fmt: skip
     response_format = response_format_from_proto(msg.response_format) if msg.HasField("response_format") else None
-    if response_format is not None:
-        _require(not msg.ignore_eos, "ignore_eos cannot be used with response_format: the format decides where the "
-                                     "output may end")  # fmt: skip
     template = GenerationRequest(
         prompt_ids=[],
         max_new_tokens=max_new,
@@ -200,11 +194,12 @@ def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedR
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs or msg.top_logprobs > 0,
+        logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         response_format=response_format,
         request_id=request_id,
     )
+    template.check_output_options()
     return ParsedRequest(request_id, kind, prompt, template, max_prompt_tokens=limits.max_prompt_tokens)
 
 
