@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The tt job: a Python 3.12 venv with ttnn==0.81.1 (its wheels are cp310/cp312 only), then the checks
-# of the tt-metal kernels that run without a Tenstorrent device:
-#   - program-descriptor builder tests under a mock Wormhole N150 cluster,
-#   - every kernel source through g++ -E with the JIT's include paths and macros, plus negative tests,
+# The tt job: a Python 3.12 venv with ttnn==0.81.1 (its wheels are cp310/cp312 only) and the project's CPU
+# kernels built in it (no torch: the kernels need numpy alone), then the checks that run without a
+# Tenstorrent device:
+#   - the stock-ttnn path on the numpy model of its operations against the CPU kernels, and its ttnn
+#     binding against the installed ttnn's functions and keywords,
+#   - the custom kernel: its tile model against the CPU kernels, the real kernel sources in the host
+#     emulator, program-descriptor builder tests under a mock Wormhole N150 cluster, every kernel
+#     source through g++ -E with the JIT's include paths and macros, plus negative tests,
 #   - the device tests (marked tt_device), which skip with their reason where no device exists.
 # Where no 3.12 interpreter exists it says so and exits 0 (skipped).
 #
@@ -24,7 +28,8 @@ if [[ -z "$PY312" || ! -x "$PY312" ]]; then
   exit 0
 fi
 
-PKGS=(ttnn==0.81.1 "numpy<2" loguru networkx graphviz pyyaml click pandas seaborn ml_dtypes pytest pytest-timeout)
+PKGS=(ttnn==0.81.1 "numpy<2" loguru networkx graphviz pyyaml click pandas seaborn ml_dtypes pytest pytest-timeout
+      scipy scikit-build-core pybind11 ninja)
 STAMP="$TT_VENV/.tt-installed"
 WANT="${PKGS[*]}"
 if [[ ! -x "$TT_VENV/bin/python" ]]; then
@@ -35,6 +40,8 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   "$TT_VENV/bin/pip" install -q "${PKGS[@]}"
   echo "$WANT" > "$STAMP"
 fi
+# The CPU kernels (specdec._kernels) for this interpreter; an unchanged tree rebuilds in seconds.
+"$TT_VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
 
 # Mock cluster descriptor: ../shared/tt-metal in CI (relative to the repository root).
 if [[ -z "${TT_METAL_MOCK_CLUSTER_DESC_PATH:-}" ]]; then
@@ -49,8 +56,8 @@ if [[ -z "${TT_METAL_MOCK_CLUSTER_DESC_PATH:-}" ]]; then
   echo "test-tt: no mock cluster descriptor (../shared/tt-metal/wormhole_N150.yaml); the descriptor tests build without one"
 fi
 
-export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 "$TT_VENV/bin/python" -c "import ttnn, sys; print('test-tt: ttnn', ttnn.__version__ if hasattr(ttnn, '__version__') else '0.81.1', 'on Python', sys.version.split()[0])" 2>&1 | grep -v DEBUG | grep -v '^Config' || true
 # -m overrides the project's default deselection so the device tests report their skip reason.
 "$TT_VENV/bin/python" -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/tt -m "tt_device or not tt_device" \
+  tests/tt/test_stock.py tests/tt/test_stock_ttnn.py tests/tt/test_tile_model.py tests/tt/test_emulator.py \
   tests/tt/test_descriptors.py tests/tt/test_kernel_sources.py tests/tt/test_device.py

@@ -25,7 +25,7 @@ def test_tt_backend_fails_clearly_without_a_device():
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ValueError, match="kernels backend must be 'cpu' or 'tt'"):
+    with pytest.raises(ValueError, match="kernels backend must be one of cpu, tt, tt-custom; got 'gpu'"):
         open_backend("gpu")
 
 
@@ -47,10 +47,12 @@ def test_serve_with_tt_kernels_exits_with_the_reason(tmp_path):
 
 @pytest.fixture
 def tile_model_device(monkeypatch):
-    """No device exists here: ``runtime.run_rows``, the one call that runs the program on the card, runs its numpy
-    tile model instead (``specdec.tt.model``, which tests/tt hold to the device kernels' integer code), so everything
-    on the host side of ``runtime.verify`` / ``sample`` is the real path."""
+    """No device exists here. The custom path's one call that runs the program on the card, ``runtime.run_rows``, runs
+    its numpy tile model instead (``specdec.tt.model``, which tests/tt hold to the device kernels' integer code); the
+    stock path's operations are their numpy model (``specdec.tt.ops_numpy``). Everything on the host side of
+    ``runtime.verify`` / ``sample`` is the real path."""
     from specdec.tt import model, runtime
+    from specdec.tt.ops_numpy import NumpyOps
 
     def tile_model_rows(logits_rows, q_rows, prm, B, K1, *, logits_dtype, device=None):
         rows = model.forward_rows(logits_rows, q_rows, prm, n_workers=8)
@@ -65,18 +67,21 @@ def tile_model_device(monkeypatch):
     monkeypatch.setattr(runtime, "why_unavailable", lambda: None)
     monkeypatch.setattr(runtime, "_require", lambda: None)
     monkeypatch.setattr(runtime, "run_rows", tile_model_rows)
+    monkeypatch.setattr(runtime, "device_ops", lambda device=None: NumpyOps())
 
 
-def test_sampled_speculation_with_the_tt_backend(tiny_dirs, tile_model_device):
+@pytest.mark.parametrize("path", ["stock", "custom"])
+def test_sampled_speculation_with_the_tt_backend(tiny_dirs, tile_model_device, path):
     """``--kernels tt`` failed every sampled speculative request: the drafter asked the device backend for the draft's
     probabilities q, which the device does not return. The draft now samples on the host, where its logits are.
-    Greedy output equals the CPU kernels'; a seeded sampled request completes."""
+    Greedy output equals the CPU kernels' on both paths; a seeded sampled request completes."""
     from specdec.engine import Engine, EngineConfig
     from specdec.models.loading import load_model
     from specdec.tt import TtBackend
     from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
 
-    backend = TtBackend()
+    backend = TtBackend(path)
+    assert backend.name == {"stock": "tt", "custom": "tt-custom"}[path]
     with pytest.raises(ValueError, match="return_probs is not supported"):  # why the draft must not sample on it
         backend.sample(np.zeros((1, 4), np.float32), temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0,
                        return_probs=True)  # fmt: skip
@@ -92,6 +97,8 @@ def test_sampled_speculation_with_the_tt_backend(tiny_dirs, tile_model_device):
     assert run(on_tt, SamplingParams()) == run(on_cpu, SamplingParams())
     sampled = run(on_tt, SamplingParams(temperature=0.8, top_p=0.9, seed=4))
     assert len(sampled) == 12 and all(0 <= t < target.vocab_size for t in sampled)
+    if path == "stock":  # the same uniforms, and no boundary within fp32 rounding on this seed: the same tokens
+        assert sampled == run(on_cpu, SamplingParams(temperature=0.8, top_p=0.9, seed=4))
 
 
 def test_tt_cost_model_counts_the_kernels_loops():

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from specdec import torch_env
+from specdec.backends import NAMES
 from specdec.types import GAMMA_LIMIT, PRECISIONS, Method
 
 DEFAULT_PORT = 50051
@@ -41,8 +42,9 @@ def _add_serve(sub) -> None:
                         "int8 for a float model on a CPU, bfloat16 on a GPU")  # fmt: skip
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
-    m.add_argument("--kernels", choices=["cpu", "tt"], default="cpu",
-                   help="acceptance/sampling kernels: cpu (C++) or tt (tt-metal device kernels, not yet run on hardware)")  # fmt: skip
+    m.add_argument("--kernels", choices=list(NAMES), default="cpu",
+                   help="acceptance/sampling kernels: cpu (C++), tt (stock ttnn operations on a Tenstorrent device) or "
+                        "tt-custom (the custom tt-metal program there); neither tt path has yet run on hardware")  # fmt: skip
     m.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft scores only the N most frequent token ids (0: all; default: the engine's)")
     m.add_argument("--prefill-chunk", type=int, default=256,

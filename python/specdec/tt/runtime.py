@@ -1,11 +1,12 @@
-"""Running the device program through ``ttnn.generic_op``: ``verify`` and ``sample`` on a Tenstorrent card.
+"""``verify`` and ``sample`` on a Tenstorrent card, by either path: stock ttnn operations (``specdec.tt.stock``,
+the default) or the custom tt-metal program (``run_rows``, through ``ttnn.generic_op``).
 
 Same contract as ``specdec.kernels.sampling.verify`` / ``sample`` (shapes, per-row parameters, the Philox
 uniforms: this module takes them from ``specdec.kernels.sampling.uniforms`` with the CPU kernels' index
 mapping, so a device result can be compared with the CPU result draw for draw).  Without ttnn or
 without a device every entry point raises RuntimeError saying which is missing.
 
-The tt-metal kernels have not yet run on hardware; see docs/tenstorrent.md.
+Neither path has yet run on hardware; see docs/tenstorrent.md.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import os
 import numpy as np
 
 from specdec.tt import model as _model
+from specdec.tt import stock as _stock
 
+PATHS = ("stock", "custom")  # stock ttnn operations (the default), or the custom tt-metal program
 _DEVICE = None
 
 
@@ -109,6 +112,13 @@ def run_rows(logits_rows: np.ndarray, q_rows, prm: "_model.RowParams", B: int, K
     return np.asarray(ttnn.to_torch(out).numpy()).view(np.uint32).reshape(B, p.out_row_words)
 
 
+def device_ops(device=None):
+    """The stock path's operations on ``device`` (the default device when None)."""
+    from specdec.tt.ops_ttnn import TtnnOps
+
+    return TtnnOps(device or open_device())
+
+
 def _rows_u64(v, B: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(_numpy(v, np.uint64), (B,)))
 
@@ -119,9 +129,16 @@ def _decode(out: np.ndarray, K1: int):
     return tokens, out[:, K1].astype(np.int32)
 
 
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
 def verify(target_logits, draft_tokens, draft_probs, num_draft, *, temperature, top_k, top_p, min_p, seed, offset,
-           device=None):
-    """``specdec.kernels.sampling.verify`` on a Tenstorrent device -> (tokens int64 [B, K+1], num_accepted int32 [B])."""
+           path: str = "stock", device=None):
+    """``specdec.kernels.sampling.verify`` on a Tenstorrent device -> (tokens int64 [B, K+1], num_accepted int32 [B]);
+    ``path`` "stock" (ttnn operations, ``specdec.tt.stock``) or "custom" (the tt-metal program)."""
+    _check_path(path)
     _require()
     from specdec.kernels import sampling as kernels  # here: the descriptor tests import this module without the C++ build
 
@@ -139,19 +156,24 @@ def verify(target_logits, draft_tokens, draft_probs, num_draft, *, temperature, 
         raise ValueError("target_logits contain NaN or Inf")
     seed, offset = _rows_u64(seed, B), _rows_u64(offset, B)
     U = kernels.uniforms(seed, offset, 2 * K1, stream=kernels.STREAM_VERIFY).reshape(B, 2 * K1)
-    prm = _model.row_params(B, K, nd, dt, temperature, top_k, top_p, min_p, U[:, 0::2], U[:, 1::2])
-    q = None
-    if draft_probs is not None:
-        q = np.zeros((B, K1, V), np.float32)
-        q[:, :K] = _numpy(draft_probs, np.float32).reshape(B, K, V)
-        q = q.reshape(B * K1, V)
-    out = run_rows(tl.reshape(B * K1, V), q, prm, B, K1, logits_dtype="bfloat16" if is_bf16 else "float32",
+    q = None if draft_probs is None else _numpy(draft_probs, np.float32).reshape(B, K, V)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if path == "stock":
+        return _stock.verify(device_ops(device), tl, dt, q, nd, u_accept=U[:, 0::2], u_sample=U[:, 1::2], **filters)
+    prm = _model.row_params(B, K, nd, dt, u_accept=U[:, 0::2], u_sample=U[:, 1::2], **filters)
+    q_rows = None
+    if q is not None:
+        q_rows = np.zeros((B, K1, V), np.float32)
+        q_rows[:, :K] = q
+        q_rows = q_rows.reshape(B * K1, V)
+    out = run_rows(tl.reshape(B * K1, V), q_rows, prm, B, K1, logits_dtype="bfloat16" if is_bf16 else "float32",
                    device=device)
     return _decode(out, K1)
 
 
-def sample(logits, *, temperature, top_k, top_p, min_p, seed, offset, device=None):
-    """``specdec.kernels.sampling.sample`` on a Tenstorrent device -> tokens int64 [B]."""
+def sample(logits, *, temperature, top_k, top_p, min_p, seed, offset, path: str = "stock", device=None):
+    """``specdec.kernels.sampling.sample`` on a Tenstorrent device -> tokens int64 [B]; ``path`` as in ``verify``."""
+    _check_path(path)
     _require()
     from specdec.kernels import sampling as kernels
 
@@ -164,7 +186,10 @@ def sample(logits, *, temperature, top_k, top_p, min_p, seed, offset, device=Non
     B, V = lg.shape
     seed, offset = _rows_u64(seed, B), _rows_u64(offset, B)
     u = kernels.uniforms(seed, offset, 1, stream=kernels.STREAM_SAMPLE).reshape(B, 1)
-    prm = _model.row_params(B, 0, np.zeros(B, np.int64), np.zeros((B, 0), np.int64), temperature, top_k, top_p,
-                            min_p, np.zeros((B, 1)), u)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if path == "stock":
+        return _stock.sample(device_ops(device), lg, u_sample=u[:, 0], **filters)
+    prm = _model.row_params(B, 0, np.zeros(B, np.int64), np.zeros((B, 0), np.int64), u_accept=np.zeros((B, 1)),
+                            u_sample=u, **filters)  # fmt: skip
     out = run_rows(lg, None, prm, B, 1, logits_dtype="bfloat16" if is_bf16 else "float32", device=device)
     return _decode(out, 1)[0][:, 0]
