@@ -1,4 +1,5 @@
-"""An estimate, not a measurement: the custom tt-metal verify kernel's work per call, per core, from its loop structure.
+"""An estimate, not a measurement: the custom tt-metal verify kernel's work per call, per core, from its loop structure;
+beside it, the stock-ttnn path's operation count per call, counted by running it on the numpy model of its operations.
 
 No Tenstorrent hardware has run these kernels, so this counts what the kernel sources do and multiplies by assumed
 unit costs, printed beside the counts so that anyone can redo it with better ones:
@@ -12,6 +13,11 @@ unit costs, printed beside the counts so that anyone can redo it with better one
 * NOC traffic: each round a worker writes one record and increments a semaphore; the aggregator writes W result
   blocks and W semaphore increments.
 
+The stock path (specdec.tt.stock) is a sequence of ttnn calls; its count depends on the rows' filters, so it is given
+for three batches: greedy, sampled without filters, and sampled with top-p 0.9 (a full sort of the scaled logits).
+Calls are split into those over the whole [rows, V] (elementwise, reductions, cumsum, sort) and those on per-row
+columns, with the bytes uploaded (logits, dense q, the per-row columns) and read back.
+
     python bench/tt_cost_model.py [--cycles-per-visit 8,20] [--grid 8x8] [--json PATH]
 """
 
@@ -24,6 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+import numpy as np  # noqa: E402
+
+from specdec.tt import model, stock  # noqa: E402
+from specdec.tt.ops_numpy import NumpyOps  # noqa: E402
 from specdec.tt.program import plan  # noqa: E402
 
 ROWS, RADIX, ROUNDS = 32, 16, 8  # specdec_tt_algo.hpp
@@ -64,6 +74,58 @@ def estimate(B: int, K: int, V: int, grid: tuple[int, int], cycles_per_visit: fl
     }  # fmt: skip
 
 
+STOCK_BATCHES = {"greedy": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
+                 "sampled": dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0),
+                 "sampled, top-p 0.9": dict(temperature=0.8, top_k=0, top_p=0.9, min_p=0.0)}  # fmt: skip
+
+
+class _CountingOps(NumpyOps):
+    """NumpyOps that counts each operation by whether it spans the full vocabulary width, and the bytes moved."""
+
+    def __init__(self, V: int) -> None:
+        super().__init__()
+        self.V, self.wide, self.narrow, self.up, self.down = V, 0, 0, 0, 0
+        self.kinds: dict[str, int] = {}
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or name in ("iota", "row_multiple", "col_multiple", "V", "wide", "narrow", "up",
+                                             "down", "kinds") or not callable(attr):  # fmt: skip
+            return attr
+
+        def counted(*args, **kw):
+            out = attr(*args, **kw)
+            if name == "put":
+                self.up += out.nbytes
+            elif name == "get":
+                self.down += np.asarray(out).nbytes
+            else:
+                wide = max(np.shape(a)[-1] if np.ndim(a) == 2 else 0 for a in args) >= self.V
+                if wide:
+                    self.wide += 1
+                    self.kinds[name] = self.kinds.get(name, 0) + 1
+                else:
+                    self.narrow += 1
+            return out
+
+        return counted
+
+
+def stock_operations(B: int, K: int, V: int, batch: str) -> dict:
+    """Run the stock path once on (B, K, V) with dense draft probabilities and count its ttnn calls."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((B * (K + 1), V)) * 3).astype(np.float32)
+    q = np.full((B * (K + 1), V), 1.0 / V, np.float32) if K else None
+    nd = np.full(B, K)
+    draft = rng.integers(0, V, (B, K))
+    prm = model.row_params(B, K, nd, draft, u_accept=np.zeros((B, K + 1)), u_sample=np.zeros((B, K + 1)),
+                           **STOCK_BATCHES[batch])  # fmt: skip
+    ops = _CountingOps(V)
+    stock.rows(ops, logits, q, prm, np.full(B * (K + 1), 0.5))
+    return {"B": B, "K": K, "V": V, "batch": batch, "full_width_calls": ops.wide, "column_calls": ops.narrow,
+            "full_width_by_op": dict(sorted(ops.kinds.items())), "bytes_up": ops.up, "bytes_down": ops.down}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles-per-visit", default="8,20", help="RISC-V cycles per element visit, low,high (default 8,20)")
@@ -81,11 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| ({r['B']}, {r['K']}, {r['V']}) | {r['rows']} ({r['padding_rows']}) | {r['workers']} × {r['slice_tiles']} | "
               f"{r['worker_element_visits']:,} | {r['aggregator_element_visits']:,} | {r['noc_ops']:,} | "
               f"{r['cycles_per_visit']:g} | {r['estimated_ms']:.1f} |")  # fmt: skip
-    print("A verification path of stock ttnn operations is not built, so there is no operation count beside these.")
+    stock_rows = [stock_operations(B, K, V, batch) for B, K, V in SHAPES for batch in STOCK_BATCHES]
+    print("\nstock-ttnn path (specdec.tt.stock): ttnn calls per verify call, counted on the numpy model; dense q")
+    print("| (B, K, V) | batch | calls over [rows, V] | calls on columns | full-width calls by op | MB up | KB down |")
+    print("|---|---|---|---|---|---|---|")
+    for r in stock_rows:
+        ops = ", ".join(f"{k} {v}" for k, v in r["full_width_by_op"].items())
+        print(f"| ({r['B']}, {r['K']}, {r['V']}) | {r['batch']} | {r['full_width_calls']} | {r['column_calls']} | {ops} | "
+              f"{r['bytes_up'] / 1e6:.1f} | {r['bytes_down'] / 1e3:.1f} |")  # fmt: skip
     if args.json_path:
         assumptions = {"clock_hz": CLOCK_HZ, "sfpu_cycles_per_tile": SFPU_CYCLES_PER_TILE,
                        "noc_issue_cycles": NOC_ISSUE_CYCLES, "round_trip_cycles": ROUND_TRIP_CYCLES}  # fmt: skip
-        Path(args.json_path).write_text(json.dumps({"assumptions": assumptions, "rows": rows}, indent=1) + "\n")
+        Path(args.json_path).write_text(json.dumps({"assumptions": assumptions, "rows": rows, "stock": stock_rows},
+                                                   indent=1) + "\n")  # fmt: skip
     return 0
 
 

@@ -6,7 +6,9 @@
 #   scripts/tt_validate_hw.sh            # venv in .venv-tt-hw
 #
 # It builds the project (CPU kernels) and installs ttnn==0.81.1 in one Python 3.12 venv, then runs the
-# device tests (tests/tt/test_device.py, marker tt_device) and the tile-model tests, and writes
+# device tests of both paths (tests/tt/test_device.py, marker tt_device: the stock-ttnn path and the custom
+# program against the CPU kernels, and a sampled speculative request through the server) and the numpy-model
+# tests, and writes
 # tt-report.json (python -m specdec.tt.hw_report: versions, agreement with the CPU kernels, a chi-square of
 # sampled tokens, per-call timings), which can be pasted into an issue.  The device tests skip, with the
 # reason, if no device can be opened; this script then fails, since that is no validation.
@@ -25,7 +27,7 @@ unset TT_METAL_MOCK_CLUSTER_DESC_PATH
 "$VENV/bin/python" -c "from specdec.tt import why_unavailable as w; r = w(); print('device:', r or 'ok'); raise SystemExit(1 if r else 0)"
 status=0
 "$VENV/bin/python" -m pytest -p no:cacheprovider -rs -m "tt_device or not tt_device" \
-  tests/tt/test_device.py tests/tt/test_tile_model.py || status=$?
+  tests/tt/test_device.py tests/tt/test_stock.py tests/tt/test_stock_ttnn.py tests/tt/test_tile_model.py || status=$?
 SPECDEC_COMMIT=${SPECDEC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || true)} \
   "$VENV/bin/python" -m specdec.tt.hw_report --json tt-report.json
 echo "report: tt-report.json (tests exit status $status)"

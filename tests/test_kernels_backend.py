@@ -116,6 +116,14 @@ def test_tt_cost_model_counts_the_kernels_loops():
     assert one["worker_element_visits"] == 21 * 64 * 1024
     assert mod.estimate(8, 4, 128256, (8, 8), 10.0)["worker_element_visits"] == 2 * one["worker_element_visits"]
     assert mod.estimate(32, 0, 128256, (8, 8), 10.0)["worker_element_visits"] == 20 * 64 * 1024
+    # the stock path, counted by running it: greedy is max, eq, where(iota), min; sampling sorts only for top-p
+    greedy = mod.stock_operations(1, 4, 2048, "greedy")
+    assert greedy["full_width_by_op"] == {"eq": 1, "row_max": 1, "row_min": 1, "where": 1}
+    sampled = mod.stock_operations(1, 4, 2048, "sampled")
+    assert "sort_desc" not in sampled["full_width_by_op"] and sampled["full_width_by_op"]["cumsum"] == 1
+    top_p = mod.stock_operations(1, 4, 2048, "sampled, top-p 0.9")
+    assert top_p["full_width_by_op"]["sort_desc"] == 1 and top_p["full_width_by_op"]["cumsum"] == 2
+    assert top_p["bytes_down"] == 3 * 32 * 4  # w_x, Z and the token, one float a row of the padded tile-row
 
 
 def test_hardware_report_on_the_tile_model(tile_model_device, tmp_path):
@@ -126,10 +134,26 @@ def test_hardware_report_on_the_tile_model(tile_model_device, tmp_path):
     report = hw_report.build_report(agreement_cases=[(3, 2, 1000, True), (4, 0, 500, False)], timing_shapes=[(2, 2, 300)],
                                     chi2_draws=2000, repeats=2)  # fmt: skip
     assert report["versions"]["python"] and "error" in report["versions"]["device"]  # no card to open here
-    assert all(a["rows_differing"] == 0 and a["greedy_rows_differing"] == 0 for a in report["agreement"])
-    assert report["chi_square"]["outside_support"] == 0 and report["chi_square"]["p_value"] > 1e-3
-    assert report["timings"][0]["device_s"] > 0 and report["timings"][0]["cpu_kernels_s"] > 0
+    assert set(report["paths"]) == {"stock", "custom"}
+    for section in report["paths"].values():
+        assert all(a["rows_differing"] == 0 and a["greedy_rows_differing"] == 0 for a in section["agreement"])
+        assert section["chi_square"]["outside_support"] == 0 and section["chi_square"]["p_value"] > 1e-3
+        assert section["timings"][0]["device_s"] > 0 and section["timings"][0]["cpu_kernels_s"] > 0
     json.dumps(report)  # pasteable
+
+
+def test_hardware_report_records_a_failing_path(tile_model_device, monkeypatch):
+    """A path that raises (a kernel that does not compile, say) is an error in its own section; the other still runs."""
+    from specdec.tt import hw_report, runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("JIT build failed")
+
+    monkeypatch.setattr(runtime, "run_rows", broken)
+    report = hw_report.build_report(agreement_cases=[(2, 1, 300, True)], timing_shapes=[(1, 1, 300)], chi2_draws=500,
+                                    repeats=1)  # fmt: skip
+    assert report["paths"]["custom"] == {"error": "RuntimeError: JIT build failed"}
+    assert report["paths"]["stock"]["agreement"][0]["rows_differing"] == 0
 
 
 def test_hardware_report_chi_square_rejects_a_wrong_sampler(monkeypatch):
@@ -137,7 +161,7 @@ def test_hardware_report_chi_square_rejects_a_wrong_sampler(monkeypatch):
     from specdec import kernels
     from specdec.tt import hw_report, runtime
 
-    def hot(logits, **prm):
+    def hot(logits, path, **prm):
         return np.asarray(kernels.sample(logits, **{**prm, "temperature": 1.0}))
 
     monkeypatch.setattr(runtime, "sample", hot)

@@ -243,12 +243,13 @@ def test_filters_and_the_draw_keep_the_cpu_rules_at_exact_boundaries():
         if z.denominator == 1 and z.numerator & (z.numerator - 1) == 0:  # Z a power of two: u * Z on a running sum
             u = float(np.cumsum([float(v) for v in w])[int(rng.integers(len(w)))] / float(z)) % 1.0
         on_boundary += top_p < 1.0 and k == 0
-        prm = model.row_params(1, 0, np.zeros(1, np.int64), np.zeros((1, 0), np.int64), 1.0, k, top_p, min_p,
-                               np.zeros((1, 1)), np.zeros((1, 1)))  # fmt: skip
-        res = stock.rows(ops, x[None], None, prm, np.array([u]))
+        # a verify with one draft: row 0 (the draft's) reports Z, row 1 (the bonus row, same logits) draws from w
+        prm = model.row_params(1, 1, np.ones(1, np.int64), np.zeros((1, 1), np.int64), 1.0, k, top_p, min_p,
+                               np.zeros((1, 2)), np.zeros((1, 2)))  # fmt: skip
+        res = stock.rows(ops, np.stack([x, x]), None, prm, np.array([0.0, u]))
         _, z_want, tok_want = _definition(e, k, top_p, min_p, u)
         assert Fraction(float(res.Z[0])) == z_want, (x, k, top_p, min_p)
-        assert res.token[0] == tok_want, (x, k, top_p, min_p, u)
+        assert res.token[1] == tok_want, (x, k, top_p, min_p, u)
     assert on_boundary > 50
 
 

@@ -1,10 +1,12 @@
-"""One JSON report of the tt-metal kernels on this machine's Tenstorrent device, to paste into an issue: versions,
-agreement with the CPU kernels, a χ² of sampled tokens against the processed distribution, and per-call timings.
+"""One JSON report of both tt paths on this machine's Tenstorrent device, to paste into an issue: versions, then for
+the stock-ttnn path and the custom tt-metal program each: agreement with the CPU kernels, a χ² of sampled tokens
+against the processed distribution, and per-call timings.
 
     python -m specdec.tt.hw_report --json tt-report.json       (scripts/tt_validate_hw.sh runs it)
 
 Agreement: the device and the CPU kernels draw with the same Philox uniforms, so their tokens should match except
-where the device's exp differs from the CPU's by an ulp at a sampling boundary; greedy must match exactly. The χ²
+where the device's exp or sums differ from the CPU's by an ulp at a sampling boundary; greedy must match exactly.
+One path failing (a compile error, say) is recorded in its section and does not stop the other. The χ²
 asks whether the device's samples of one fixed row follow the processed distribution (the CPU kernels' p), which
 stays true even where the bits of single samples differ. Timings are medians of repeated calls, host transfers
 included, with the CPU kernels' time on the same inputs beside them.
@@ -13,6 +15,7 @@ included, with the CPU kernels' time on the same inputs beside them.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -66,14 +69,14 @@ def inputs(rng: np.random.Generator, B: int, K: int, V: int, with_q: bool):
     return tl, draft, q, (np.arange(B) % (K + 1)).astype(np.int32), prm
 
 
-def agreement(cases=AGREEMENT_CASES) -> list[dict]:
+def agreement(cases=AGREEMENT_CASES, path: str = "stock") -> list[dict]:
     """Per (B, K, V, dense q): the share of rows whose tokens or accepted count differ from the CPU kernels'."""
     from specdec import kernels
 
     out = []
     for B, K, V, with_q in cases:
         tl, draft, q, nd, prm = inputs(np.random.default_rng(B * 1000 + K), B, K, V, with_q)
-        dev_tok, dev_n = runtime.verify(tl, draft, q, nd, **prm)
+        dev_tok, dev_n = runtime.verify(tl, draft, q, nd, path=path, **prm)
         cpu_tok, cpu_n = (np.asarray(x) for x in kernels.verify(tl, draft, q, nd, **prm))
         greedy = prm["temperature"] == 0.0
         differ = (dev_tok != cpu_tok).any(1) | (dev_n != cpu_n)
@@ -82,7 +85,7 @@ def agreement(cases=AGREEMENT_CASES) -> list[dict]:
     return out
 
 
-def chi_square(draws: int = CHI2_DRAWS, V: int = 64) -> dict:
+def chi_square(draws: int = CHI2_DRAWS, V: int = 64, path: str = "stock") -> dict:
     """``draws`` device samples of one fixed row (temperature 0.8, top-p 0.95), one seed each, against the CPU
     kernels' processed distribution: χ² p-value, cells of expected count < 5 pooled."""
     from scipy.stats import chisquare
@@ -93,7 +96,7 @@ def chi_square(draws: int = CHI2_DRAWS, V: int = 64) -> dict:
     prm = dict(temperature=0.8, top_k=0, top_p=0.95, min_p=0.0, offset=0)
     _, p = kernels.sample(row[None], seed=0, return_probs=True, **prm)
     p = np.asarray(p, np.float64)[0]
-    tokens = runtime.sample(np.repeat(row[None], draws, 0), seed=np.arange(draws, dtype=np.uint64), **prm)
+    tokens = runtime.sample(np.repeat(row[None], draws, 0), seed=np.arange(draws, dtype=np.uint64), path=path, **prm)
     counts = np.bincount(np.asarray(tokens), minlength=V)
     big = p * draws >= 5
     obs = np.append(counts[big], counts[~big].sum())
@@ -103,7 +106,7 @@ def chi_square(draws: int = CHI2_DRAWS, V: int = 64) -> dict:
             "p_value": float(chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)}  # fmt: skip
 
 
-def timings(shapes=TIMING_SHAPES, repeats: int = 10) -> list[dict]:
+def timings(shapes=TIMING_SHAPES, repeats: int = 10, path: str = "stock") -> list[dict]:
     """Median seconds per verify call on the device and on the CPU kernels, same inputs (dense q where K > 0)."""
     from specdec import kernels
 
@@ -111,7 +114,8 @@ def timings(shapes=TIMING_SHAPES, repeats: int = 10) -> list[dict]:
     for B, K, V in shapes:
         tl, draft, q, nd, prm = inputs(np.random.default_rng(B + K), B, K, V, K > 0)
         row = {"B": B, "K": K, "V": V}
-        for name, fn in (("device_s", runtime.verify), ("cpu_kernels_s", kernels.verify)):
+        on_device = functools.partial(runtime.verify, path=path)
+        for name, fn in (("device_s", on_device), ("cpu_kernels_s", kernels.verify)):
             fn(tl, draft, q, nd, **prm)  # the first call compiles (device) or warms caches (CPU)
             seconds = []
             for _ in range(repeats):
@@ -123,10 +127,19 @@ def timings(shapes=TIMING_SHAPES, repeats: int = 10) -> list[dict]:
     return out
 
 
+def path_report(path: str, *, agreement_cases=AGREEMENT_CASES, timing_shapes=TIMING_SHAPES,
+                chi2_draws: int = CHI2_DRAWS, repeats: int = 10) -> dict:  # fmt: skip
+    try:
+        return {"agreement": agreement(agreement_cases, path), "chi_square": chi_square(chi2_draws, path=path),
+                "timings": timings(timing_shapes, repeats, path)}  # fmt: skip
+    except Exception as exc:  # a path that fails to compile or run is reported, and the other still runs
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def build_report(*, agreement_cases=AGREEMENT_CASES, timing_shapes=TIMING_SHAPES, chi2_draws: int = CHI2_DRAWS,
                  repeats: int = 10) -> dict:  # fmt: skip
-    return {"kernels": "tt (custom tt-metal program)", "versions": versions(), "agreement": agreement(agreement_cases),
-            "chi_square": chi_square(chi2_draws), "timings": timings(timing_shapes, repeats)}  # fmt: skip
+    kw = dict(agreement_cases=agreement_cases, timing_shapes=timing_shapes, chi2_draws=chi2_draws, repeats=repeats)
+    return {"versions": versions(), "paths": {path: path_report(path, **kw) for path in runtime.PATHS}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,9 +89,9 @@ class Ops(Protocol):
 class RowResults:
     """What the device returns per row (length R)."""
 
-    argmax: np.ndarray  # int64: lowest id holding the row's max logit
-    w_x: np.ndarray  # float32: the kept weight of the row's draft token
-    Z: np.ndarray  # float32: the row's kept mass
+    argmax: np.ndarray  # int64: lowest id holding the row's max logit (-1 when the batch has no greedy row)
+    w_x: np.ndarray  # float32: the kept weight of the row's draft token (0 when the batch has no draft)
+    Z: np.ndarray  # float32: the row's kept mass (0 when the batch has no draft: no accept test needs it)
     token: np.ndarray  # int64: the row's draw from its residual (or from w); argmax on greedy rows
 
 
@@ -127,7 +127,9 @@ def rows(ops: Ops, logits: np.ndarray, q: np.ndarray | None, prm: "_model.RowPar
     iota = ops.iota(Rp, Vp)
     L = ops.put(_pad(logits, Rp, Vp, PAD_LOGIT))
     lmax = ops.row_max(L)
-    out = {"argmax": ops.row_min(ops.where(ops.eq(L, lmax), iota, float(1 << 24)))}
+    out = {}
+    if prm.greedy.any():
+        out["argmax"] = ops.row_min(ops.where(ops.eq(L, lmax), iota, float(1 << 24)))
     if sampled.any():
         inv_t = col(prm.inv_t, 1.0)
         s = ops.mul(L, inv_t)
@@ -140,26 +142,27 @@ def rows(ops: Ops, logits: np.ndarray, q: np.ndarray | None, prm: "_model.RowPar
             mp = ops.ge(e, col(np.where(has_min_p, prm.min_p, 0.0)))
             keep = mp if keep is None else ops.mul(keep, mp)
         w = e if keep is None else ops.mul(e, keep)
-        Z = ops.row_sum(w)
-        x = np.where(residual, prm.draft, -1)
-        out["w_x"] = ops.gather(w, col(np.maximum(x, 0)))
-        out["Z"] = Z
-        if q is not None:  # max(p - q, 0) scaled by Z
-            qd = ops.put(_pad(np.where(residual[:, None], q, 0.0).astype(np.float32), Rp, Vp, 0.0))
-            r = ops.relu(ops.sub(w, ops.mul(qd, Z)))
-        else:  # a one-hot draft: w without the draft token (x = -1 on rows without one matches no column)
-            r = ops.mul(w, ops.ne(iota, col(x, -1.0)))
-        c = ops.cumsum(or_w_when_empty(ops, r, w))
+        if not residual.any():  # every row draws from w (``sample``, or verify with no drafts)
+            r = w
+        else:
+            x = np.where(residual, prm.draft, -1)
+            out["Z"] = Z = ops.row_sum(w)
+            out["w_x"] = ops.gather(w, col(np.maximum(x, 0)))
+            if q is not None:  # max(p - q, 0) scaled by Z
+                qd = ops.put(_pad(np.where(residual[:, None], q, 0.0).astype(np.float32), Rp, Vp, 0.0))
+                r = or_w_when_empty(ops, ops.relu(ops.sub(w, ops.mul(qd, Z))), w)
+            else:  # a one-hot draft: w without the draft token (x = -1 on rows without one matches no column)
+                r = or_w_when_empty(ops, ops.mul(w, ops.ne(iota, col(x, -1.0))), w)
+        c = ops.cumsum(r)
         last = ops.gather(c, col(np.full(R, Vp - 1)))
         U = ops.mul(col(u_sample.astype(np.float32)), last)
         out["token"] = ops.minimum(ops.row_sum(ops.le(c, U)), ops.row_sum(ops.lt(c, last)))
     got = {k: ops.get(v)[:R, 0] for k, v in out.items()}
-    am = got["argmax"].astype(np.int64)
-    if not sampled.any():
-        zero = np.zeros(R, np.float32)
-        return RowResults(argmax=am, w_x=zero, Z=zero, token=am)
-    return RowResults(argmax=am, w_x=got["w_x"].astype(np.float32), Z=got["Z"].astype(np.float32),
-                      token=np.where(prm.greedy, am, got["token"].astype(np.int64)))
+    am = got["argmax"].astype(np.int64) if "argmax" in got else np.full(R, -1, np.int64)
+    zero = np.zeros(R, np.float32)
+    token = np.where(prm.greedy, am, got["token"].astype(np.int64)) if "token" in got else am
+    return RowResults(argmax=am, w_x=got.get("w_x", zero).astype(np.float32), Z=got.get("Z", zero).astype(np.float32),
+                      token=token)  # fmt: skip
 
 
 def or_w_when_empty(ops: Ops, r, w) -> Any:
