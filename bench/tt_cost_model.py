@@ -4,14 +4,17 @@ beside it, the stock-ttnn path's operation count per call, counted by running it
 No Tenstorrent hardware has run these kernels, so this counts what the kernel sources do and multiplies by assumed
 unit costs, printed beside the counts so that anyone can redo it with better ones:
 
-* element visits on the data-movement RISC-V cores (reader.cpp, writer.cpp): per tile-row of 32 rows, a worker
-  makes 1 max pass (reader), 2 x ROUNDS radix-histogram passes (top-k and top-p searches), a kept-mass pass, a
-  totals pass (which also reads q when drafts carry probabilities) and a pick pass, each over its vocabulary slice
-  for every one of the 32 rows, padding rows included; the aggregator, one core, reads every worker's record for
-  every row in each of the 20 rounds (48 words a row in a radix round);
-* SFPU tiles on the Tensix compute engine (softmax_numerator.cpp): one scaled exp per slice tile;
+* element visits on the data-movement RISC-V cores (reader.cpp, writer.cpp): per real row (padding rows get no
+  pass), a worker makes 1 max pass (reader), 2 x ROUNDS radix-histogram passes where the tile-row filters (top-k
+  and top-p searches; none where no row does), a kept-mass pass, a totals pass (which also reads q when drafts
+  carry probabilities) and a pick pass, each over its vocabulary slice; the aggregator, one core, reads every
+  worker's record for every real row in each sync round (48 words a row in a radix round);
+* SFPU tiles on the Tensix compute engine (softmax_numerator.cpp): one scaled exp per slice tile per tile-row;
 * NOC traffic: each round a worker writes one record and increments a semaphore; the aggregator writes W result
   blocks and W semaphore increments.
+
+Each shape is given with every row filtering (top-k and top-p: both searches run) and with none (temperature
+only, or greedy: no search).
 
 The stock path (specdec.tt.stock) is a sequence of ttnn calls; its count depends on the rows' filters, so it is given
 for three batches: greedy, sampled without filters, and sampled with top-p 0.9 (a full sort of the scaled logits).
@@ -38,9 +41,9 @@ from specdec.tt.program import plan  # noqa: E402
 
 ROWS, RADIX, ROUNDS = 32, 16, 8  # specdec_tt_algo.hpp
 # Words per row a worker sends, and the aggregator reads, in each sync round of a tile-row (writer.cpp): the max,
-# 2 x ROUNDS radix searches (count and 64-bit mass per bin), the kept mass, the totals, the pick.
-RECORD_WORDS = [2] + [3 * RADIX] * (2 * ROUNDS) + [2, 10, 1]
-SYNC_ROUNDS = len(RECORD_WORDS)
+# 2 x ROUNDS radix searches (count and 64-bit mass per bin) where the tile-row filters, the kept mass, the totals,
+# the pick.
+MAX_WORDS, SEARCH_WORDS, TAIL_WORDS = 2, 3 * RADIX, [2, 10, 1]
 SHAPES = [(1, 4, 128256), (8, 4, 128256), (32, 0, 128256)]
 # Assumptions, each a stated guess: Wormhole's AICLK (tt-metal reports 1000 MHz on n150/n300); an SFPU
 # exp-and-multiply pass over one 32x32 fp32 tile; the cost of issuing one small NOC write or semaphore increment
@@ -51,26 +54,29 @@ NOC_ISSUE_CYCLES = 100
 ROUND_TRIP_CYCLES = 1_000
 
 
-def estimate(B: int, K: int, V: int, grid: tuple[int, int], cycles_per_visit: float) -> dict:
+def estimate(B: int, K: int, V: int, grid: tuple[int, int], cycles_per_visit: float, filtered: bool = True) -> dict:
     p = plan(B, K, V, logits_dtype="bfloat16", has_q=K > 0, grid=grid)
     W, tiles = p.n_workers, max(n for _, n in p.split)
-    slice_elems = tiles * 1024  # one pass over the slice for all 32 rows of a tile-row
-    passes = 1 + 2 * ROUNDS + 3 + (1 if K > 0 else 0)  # the totals pass reads q as well when there are drafts
-    worker_visits = p.row_tiles * passes * slice_elems
-    aggregator_visits = p.row_tiles * W * ROWS * sum(RECORD_WORDS)
-    noc_ops = p.row_tiles * SYNC_ROUNDS * (2 * W + 2)  # aggregator writes + semaphores; a worker's own two
-    worker_cycles = worker_visits * cycles_per_visit + p.row_tiles * SYNC_ROUNDS * (2 * NOC_ISSUE_CYCLES + ROUND_TRIP_CYCLES)
-    aggregator_cycles = aggregator_visits * cycles_per_visit + p.row_tiles * SYNC_ROUNDS * 2 * W * NOC_ISSUE_CYCLES
+    cols = tiles * 32  # one pass over the slice for one row
+    search_rounds = 2 * ROUNDS if filtered else 0
+    rounds = 1 + search_rounds + len(TAIL_WORDS)
+    passes = 1 + search_rounds + 3 + (1 if K > 0 else 0)  # the totals pass reads q as well when there are drafts
+    words = MAX_WORDS + search_rounds * SEARCH_WORDS + sum(TAIL_WORDS)
+    worker_visits = p.rows * passes * cols
+    aggregator_visits = p.rows * W * words
+    noc_ops = p.row_tiles * rounds * (2 * W + 2)  # aggregator writes + semaphores; a worker's own two
+    worker_cycles = worker_visits * cycles_per_visit + p.row_tiles * rounds * (2 * NOC_ISSUE_CYCLES + ROUND_TRIP_CYCLES)
+    aggregator_cycles = aggregator_visits * cycles_per_visit + p.row_tiles * rounds * 2 * W * NOC_ISSUE_CYCLES
     sfpu_cycles = p.row_tiles * tiles * SFPU_CYCLES_PER_TILE
     # Workers and the aggregator take turns each round; the exp overlaps the reader's next tiles.
     critical = worker_cycles + aggregator_cycles
     return {
-        "B": B, "K": K, "V": V, "rows": p.rows, "row_tiles": p.row_tiles, "padding_rows": p.row_tiles * ROWS - p.rows,
-        "workers": W, "slice_tiles": tiles, "sync_rounds": p.row_tiles * SYNC_ROUNDS,
-        "worker_element_visits": worker_visits, "aggregator_element_visits": aggregator_visits, "noc_ops": noc_ops,
-        "sfpu_tiles_per_worker": p.row_tiles * tiles, "cycles_per_visit": cycles_per_visit,
-        "worker_cycles": worker_cycles, "aggregator_cycles": aggregator_cycles, "sfpu_cycles": sfpu_cycles,
-        "estimated_ms": 1e3 * critical / CLOCK_HZ,
+        "B": B, "K": K, "V": V, "filtered": filtered, "rows": p.rows, "row_tiles": p.row_tiles,
+        "padding_rows": p.row_tiles * ROWS - p.rows, "workers": W, "slice_tiles": tiles,
+        "sync_rounds": p.row_tiles * rounds, "worker_element_visits": worker_visits,
+        "aggregator_element_visits": aggregator_visits, "noc_ops": noc_ops, "sfpu_tiles_per_worker": p.row_tiles * tiles,
+        "cycles_per_visit": cycles_per_visit, "worker_cycles": worker_cycles, "aggregator_cycles": aggregator_cycles,
+        "sfpu_cycles": sfpu_cycles, "estimated_ms": 1e3 * critical / CLOCK_HZ,
     }  # fmt: skip
 
 
@@ -134,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cpv = [float(x) for x in args.cycles_per_visit.split(",")]
     gx, gy = (int(x) for x in args.grid.lower().split("x"))
-    rows = [estimate(B, K, V, (gx, gy), c) for B, K, V in SHAPES for c in cpv]
+    rows = [estimate(B, K, V, (gx, gy), c, f) for B, K, V in SHAPES for f in (True, False) for c in cpv]
     print(f"custom tt verify kernel, {gx}x{gy} grid, {CLOCK_HZ / 1e9:.1f} GHz assumed; an estimate from loop counts")
-    print("| (B, K, V) | rows (padding) | workers × slice tiles | worker visits | aggregator visits | NOC ops | "
-          "cycles/visit | estimated ms per call |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| (B, K, V) | rows filter | rows (padding) | workers × slice tiles | sync rounds | worker visits | "
+          "aggregator visits | NOC ops | cycles/visit | estimated ms per call |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| ({r['B']}, {r['K']}, {r['V']}) | {r['rows']} ({r['padding_rows']}) | {r['workers']} × {r['slice_tiles']} | "
+        print(f"| ({r['B']}, {r['K']}, {r['V']}) | {'top-k, top-p' if r['filtered'] else 'no'} | {r['rows']} "
+              f"({r['padding_rows']}) | {r['workers']} × {r['slice_tiles']} | {r['sync_rounds']} | "
               f"{r['worker_element_visits']:,} | {r['aggregator_element_visits']:,} | {r['noc_ops']:,} | "
               f"{r['cycles_per_visit']:g} | {r['estimated_ms']:.1f} |")  # fmt: skip
     stock_rows = [stock_operations(B, K, V, batch) for B, K, V in SHAPES for batch in STOCK_BATCHES]

@@ -102,8 +102,8 @@ def test_sampled_speculation_with_the_tt_backend(tiny_dirs, tile_model_device, p
 
 
 def test_tt_cost_model_counts_the_kernels_loops():
-    """bench/tt_cost_model.py: 21 passes over a 64-tile slice per tile-row for a verify with drafts (20 without), 20
-    sync rounds per tile-row, padding rows costing as much as real ones."""
+    """bench/tt_cost_model.py: per real row, 21 passes over a 64-tile slice for a filtered verify with drafts (20
+    without drafts), 5 without filters (no search); 20 or 4 sync rounds per tile-row; padding rows cost nothing."""
     import importlib.util
     from pathlib import Path
 
@@ -113,9 +113,11 @@ def test_tt_cost_model_counts_the_kernels_loops():
     spec.loader.exec_module(mod)
     one = mod.estimate(1, 4, 128256, (8, 8), 10.0)
     assert (one["workers"], one["slice_tiles"], one["padding_rows"], one["sync_rounds"]) == (63, 64, 27, 20)
-    assert one["worker_element_visits"] == 21 * 64 * 1024
-    assert mod.estimate(8, 4, 128256, (8, 8), 10.0)["worker_element_visits"] == 2 * one["worker_element_visits"]
-    assert mod.estimate(32, 0, 128256, (8, 8), 10.0)["worker_element_visits"] == 20 * 64 * 1024
+    assert one["worker_element_visits"] == 5 * 21 * 64 * 32
+    assert mod.estimate(8, 4, 128256, (8, 8), 10.0)["worker_element_visits"] == 8 * one["worker_element_visits"]
+    assert mod.estimate(32, 0, 128256, (8, 8), 10.0)["worker_element_visits"] == 32 * 20 * 64 * 32
+    plain = mod.estimate(1, 4, 128256, (8, 8), 10.0, filtered=False)
+    assert plain["sync_rounds"] == 4 and plain["worker_element_visits"] == 5 * 5 * 64 * 32
     # the stock path, counted by running it: greedy is max, eq, where(iota), min; sampling sorts only for top-p
     greedy = mod.stock_operations(1, 4, 2048, "greedy")
     assert greedy["full_width_by_op"] == {"eq": 1, "row_max": 1, "row_min": 1, "where": 1}

@@ -115,24 +115,38 @@ def _run(tmp: Path, exe: Path, p: P.Plan, x: np.ndarray, q, prm: m.RowParams, bf
 
 
 CASES = [
-    # B, K, V, grid, bf16, dense draft probs
-    (3, 4, 1000, (3, 3), True, True),    # 15 rows; 8 workers, uneven split (group1 and group2)
-    (9, 4, 777, (3, 2), False, False),   # 45 rows: two tile-rows (CB rings must stay contiguous)
-    (40, 0, 2100, (2, 3), True, False),  # sample: 40 rows, V not a multiple of 32
+    # B, K, V, grid, bf16, dense draft probs, filters
+    (3, 4, 1000, (3, 3), True, True, "mixed"),    # 15 rows; 8 workers, uneven split (group1 and group2)
+    (9, 4, 777, (3, 2), False, False, "mixed"),   # 45 rows: two tile-rows (CB rings must stay contiguous)
+    (40, 0, 2100, (2, 3), True, False, "mixed"),  # sample: 40 rows, V not a multiple of 32
+    # the searches a tile-row runs depend on its rows' filters (search_rounds): none, top-k alone, top-p alone
+    (9, 4, 777, (3, 2), False, True, "none"),
+    (9, 4, 777, (3, 2), False, True, "top_k"),
+    (9, 4, 777, (3, 2), False, True, "top_p"),
 ]
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
-@pytest.mark.parametrize("B,K,V,grid,bf16,dense", CASES)
-def test_emulated_program_equals_model(tmp_path, tmp_path_factory, B, K, V, grid, bf16, dense):
-    rng = np.random.default_rng(B * 100 + K)
-    tl = (rng.standard_normal((B, K + 1, V)) * 3).astype(np.float32)
-    if bf16:
-        tl = m.bf16_round(tl)
+def _filters(rng, B, kind):
+    """Per-row temperature, top_k, top_p, min_p for a case; min-p stays in every kind (it needs no search)."""
     temp = np.where(np.arange(B) % 4 == 0, 0.0, rng.uniform(0.4, 1.3, B))
     top_k = np.where(np.arange(B) % 3 == 0, rng.integers(1, 60, B), 0)
     top_p = np.where(np.arange(B) % 2 == 0, rng.uniform(0.5, 0.99, B), 1.0)
     min_p = np.where(np.arange(B) % 5 == 1, 0.05, 0.0)
+    if kind in ("none", "top_p"):
+        top_k = np.zeros(B, np.int64)
+    if kind in ("none", "top_k"):
+        top_p = np.ones(B)
+    return temp, top_k, top_p, min_p
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+@pytest.mark.parametrize("B,K,V,grid,bf16,dense,filters", CASES)
+def test_emulated_program_equals_model(tmp_path, tmp_path_factory, B, K, V, grid, bf16, dense, filters):
+    rng = np.random.default_rng(B * 100 + K)
+    tl = (rng.standard_normal((B, K + 1, V)) * 3).astype(np.float32)
+    if bf16:
+        tl = m.bf16_round(tl)
+    temp, top_k, top_p, min_p = _filters(rng, B, filters)
     nd = rng.integers(0, K + 1, B)
     q = None
     if dense and K:

@@ -81,7 +81,7 @@ int main() {
             for (uint32_t r = 0; r < ROWS; ++r) { bk[r] = 0; bc[r] = NO_TOKEN; }
             for (uint32_t t = 0; t < count[w]; ++t) {
                 const uint32_t* tile = &xs[w][size_t(t) * TILE_ELEMS];
-                tile_max([&](uint32_t i) { return tile[i]; }, (first[w] + t) * TILE, V, bk, bc);
+                tile_max([&](uint32_t i) { return tile[i]; }, (first[w] + t) * TILE, V, ROWS, bk, bc);
             }
             for (uint32_t r = 0; r < ROWS; ++r) { rec[w * REC_WORDS + 2 * r] = bk[r]; rec[w * REC_WORDS + 2 * r + 1] = bc[r]; }
         }

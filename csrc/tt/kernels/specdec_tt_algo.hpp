@@ -138,9 +138,10 @@ struct Slice {
 // ---- phase 1 (reader): local max of one logits tile, lowest column on ties -------------------------
 // tile: 1024 elements of the logits tile, fp32 bits (bf16 inputs widened by << 16).
 // best_key/best_col hold the running result for each of the 32 rows.
+// Only the first nrows rows (the real ones) are visited.
 template <typename Load>
-inline void tile_max(Load load, uint32_t col0, uint32_t vocab, uint32_t* best_key, uint32_t* best_col) {
-    for (uint32_t r = 0; r < ROWS; ++r) {
+inline void tile_max(Load load, uint32_t col0, uint32_t vocab, uint32_t nrows, uint32_t* best_key, uint32_t* best_col) {
+    for (uint32_t r = 0; r < nrows; ++r) {
         for (uint32_t c = 0; c < TILE && col0 + c < vocab; ++c) {
             const uint32_t k = order_key(load(tile_offset(r, c)));
             if (k > best_key[r] || (k == best_key[r] && col0 + c < best_col[r])) {
@@ -278,6 +279,51 @@ inline uint64_t mulhi_ceil(uint64_t a, uint64_t big) {
 }
 
 inline bool topp_active(uint32_t topp_bits) { return fixed32(topp_bits) < (uint64_t(1) << 32); }
+
+// ---- the work a tile-row needs: every core decides the same from the same parameter records ----------
+inline bool row_topk_active(const volatile uint32_t* pr, uint32_t vocab) {
+    return pr[P_VALID] && !pr[P_GREEDY] && pr[P_TOPK] > 0 && pr[P_TOPK] < vocab;
+}
+inline bool row_topp_active(const volatile uint32_t* pr) {
+    return pr[P_VALID] && !pr[P_GREEDY] && topp_active(pr[P_TOPP]);
+}
+
+// Real rows come first in a tile-row; the rest are padding, which no pass visits.
+inline uint32_t valid_rows(const volatile uint32_t* prm) {
+    uint32_t n = 0;
+    while (n < ROWS && prm[n * P_WORDS + P_VALID]) {
+        ++n;
+    }
+    return n;
+}
+
+// Sync rounds of the top-k and the top-p search: none where no row filters (most requests), a single top-k
+// round where only top-p rows need it (for their total mass Z_k), ROUNDS each otherwise.
+struct SearchRounds {
+    uint32_t k, p;
+};
+inline SearchRounds search_rounds(const volatile uint32_t* prm, uint32_t vocab) {
+    bool any_k = false, any_p = false;
+    for (uint32_t r = 0; r < ROWS; ++r) {
+        any_k = any_k || row_topk_active(prm + r * P_WORDS, vocab);
+        any_p = any_p || row_topp_active(prm + r * P_WORDS);
+    }
+    return SearchRounds{any_k ? ROUNDS : (any_p ? 1u : 0u), any_p ? ROUNDS : 0u};
+}
+
+// Does this row histogram in round `round` of search `pass` (0 top-k, 1 top-p)?
+inline bool row_searches(const volatile uint32_t* pr, uint32_t vocab, uint32_t pass, uint32_t round) {
+    if (pass == 1) {
+        return row_topp_active(pr);
+    }
+    return row_topk_active(pr, vocab) || (round == 0 && row_topp_active(pr));
+}
+
+// The kept set is {key >= t}: t = max(t_k, t_p, bits(min_p)) (0 for a filter that is off).
+inline uint32_t final_threshold(uint32_t tk, uint32_t tp, uint32_t tm) {
+    const uint32_t t = tk > tp ? tk : tp;
+    return t > tm ? t : tm;
+}
 
 // Mass the kept prefix must reach: ceil(top_p * Z_k), so that "mass strictly above < T" is exactly
 // "mass strictly above < top_p * Z_k" for integer masses.

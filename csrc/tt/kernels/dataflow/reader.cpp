@@ -47,6 +47,7 @@ void kernel_main() {
         }
         noc_async_read_barrier();
         volatile tt_l1_ptr uint32_t* prm = reinterpret_cast<volatile tt_l1_ptr uint32_t*>(p_l1);
+        const uint32_t nrows = valid_rows(prm);  // read before the records go to the writer
 
         if (!is_aggregator) {
             // 1/T broadcast over the 32 columns of each row (1.0 on greedy and padding rows)
@@ -66,7 +67,7 @@ void kernel_main() {
             continue;
         }
 
-        // phase 1: local max and lowest argmax over the slice
+        // phase 1: local max and lowest argmax over the slice, real rows only
         uint32_t best_key[ROWS], best_col[ROWS];
         for (uint32_t r = 0; r < ROWS; ++r) {
             best_key[r] = 0;
@@ -80,10 +81,10 @@ void kernel_main() {
             const uint32_t col0 = (first_tile + t) * TILE;
             if constexpr (x_fp32) {
                 volatile tt_l1_ptr uint32_t* v = reinterpret_cast<volatile tt_l1_ptr uint32_t*>(l1);
-                tile_max([&](uint32_t i) { return v[i]; }, col0, vocab, best_key, best_col);
+                tile_max([&](uint32_t i) { return v[i]; }, col0, vocab, nrows, best_key, best_col);
             } else {
                 volatile tt_l1_ptr uint16_t* v = reinterpret_cast<volatile tt_l1_ptr uint16_t*>(l1);
-                tile_max([&](uint32_t i) { return uint32_t(v[i]) << 16; }, col0, vocab, best_key, best_col);
+                tile_max([&](uint32_t i) { return uint32_t(v[i]) << 16; }, col0, vocab, nrows, best_key, best_col);
             }
             // not pushed: the slot is reused by the next tile
         }

@@ -8,6 +8,8 @@
 // CB_RESULT and increments each worker's semaphore.  Rounds per tile-row of 32 rows:
 //   MAX (1) -> top-k radix search (ROUNDS) -> top-p radix search (ROUNDS) -> kept mass Z (1)
 //   -> totals (residual sums, draft weights) (1) -> pick (the owning worker scans) (1).
+// The searches run only where a row of the tile-row filters (search_rounds), each row histograms only
+// in the searches it needs, and padding rows (after the tile-row's real rows) get no pass at all.
 // All arithmetic is in specdec_tt_algo.hpp (integers on fp32 bit patterns; host-tested).
 //
 // Compile-time args: [0] has draft probabilities, [1] n_workers, then TensorAccessorArgs of output.
@@ -76,7 +78,6 @@ struct AggState {
     uint32_t wy[MAX_WORKERS];
     uint32_t argmax[ROWS];
     uint32_t tk[ROWS];
-    uint32_t t[ROWS];
     uint32_t greedy_token[ROWS];
     uint8_t kact[ROWS];
     uint8_t pact[ROWS];
@@ -133,6 +134,8 @@ void kernel_main() {
         for (uint32_t rt = 0; rt < row_tiles; ++rt) {
             cb_wait_front(CB_PARAMS, 1);
             volatile tt_l1_ptr uint32_t* prm = words(get_read_ptr(CB_PARAMS));
+            const uint32_t nrows = valid_rows(prm);
+            const SearchRounds sr = search_rounds(prm, vocab);
 
             // MAX round
             cb_wait_front(CB_LOCALMAX, 1);
@@ -149,7 +152,7 @@ void kernel_main() {
             for (uint32_t r = 0; r < ROWS; ++r) {
                 const volatile uint32_t* pr = prm + r * P_WORDS;
                 const uint32_t inv_bits = (pr[P_VALID] && !pr[P_GREEDY]) ? pr[P_INVT] : 0x3F800000u;
-                const uint32_t bits = f32_mul_bits(res[r * RES_ROW_WORDS + 0], inv_bits);
+                const uint32_t bits = r < nrows ? f32_mul_bits(res[r * RES_ROW_WORDS + 0], inv_bits) : 0u;
                 for (uint32_t c = 0; c < TILE; ++c) {
                     xm[tile_offset(r, c)] = bits;
                 }
@@ -168,8 +171,11 @@ void kernel_main() {
             // top-k search (min_key 0), then top-p search (min_key = t_k); the result block carries
             // the next round's prefix (word 0) and min key (word 1)
             for (uint32_t pass = 0; pass < 2; ++pass) {
-                for (uint32_t round = 0; round < ROUNDS; ++round) {
-                    for (uint32_t r = 0; r < ROWS; ++r) {
+                for (uint32_t round = 0; round < (pass == 0 ? sr.k : sr.p); ++round) {
+                    for (uint32_t r = 0; r < nrows; ++r) {
+                        if (!row_searches(prm + r * P_WORDS, vocab, pass, round)) {
+                            continue;
+                        }
                         const bool first = pass == 0 && round == 0;
                         const uint32_t prefix = first ? 0 : res[r * RES_ROW_WORDS + 0];
                         const uint32_t min_key = first ? 0 : res[r * RES_ROW_WORDS + 1];
@@ -178,22 +184,22 @@ void kernel_main() {
                     worker_exchange(L, REC_BYTES);
                 }
             }
-            for (uint32_t r = 0; r < ROWS; ++r) {
-                W.t[r] = res[r * RES_ROW_WORDS + 2];
+            for (uint32_t r = 0; r < nrows; ++r) {  // with no search, t is min-p's alone
+                W.t[r] = sr.k > 0 ? res[r * RES_ROW_WORDS + 2] : final_threshold(0, 0, prm[r * P_WORDS + P_MINP]);
             }
 
             // kept mass round
-            for (uint32_t r = 0; r < ROWS; ++r) {
+            for (uint32_t r = 0; r < nrows; ++r) {
                 W.zc[r] = row_kept_mass(se, r, W.t[r]);
                 split64(W.zc[r], rec + 2 * r);
             }
             worker_exchange(L, 2 * ROWS * 4);
-            for (uint32_t r = 0; r < ROWS; ++r) {
+            for (uint32_t r = 0; r < nrows; ++r) {
                 W.z[r] = join64(res[r * RES_ROW_WORDS + 0], res[r * RES_ROW_WORDS + 1]);
             }
 
             // totals round: residual sum, draft token's weights, own kept mass
-            for (uint32_t r = 0; r < ROWS; ++r) {
+            for (uint32_t r = 0; r < nrows; ++r) {
                 const volatile uint32_t* pr = prm + r * P_WORDS;
                 const Totals tt = row_totals(se, qp, r, W.t[r], W.z[r], pr[P_DRAFT], pr[P_MODE] == MODE_RESIDUAL);
                 volatile uint32_t* o = rec + 10 * r;
@@ -210,7 +216,7 @@ void kernel_main() {
             for (uint32_t r = 0; r < ROWS; ++r) {
                 const volatile uint32_t* b = res + r * RES_ROW_WORDS;
                 uint32_t token = NO_TOKEN;
-                if (b[0] == worker_index) {
+                if (r < nrows && b[0] == worker_index) {
                     const volatile uint32_t* pr = prm + r * P_WORDS;
                     token = row_scan(se, qp, r, W.t[r], W.z[r], pr[P_DRAFT], b[3] != 0, join64(b[1], b[2]));
                 }
@@ -241,10 +247,12 @@ void kernel_main() {
     for (uint32_t rt = 0; rt < row_tiles; ++rt) {
         cb_wait_front(CB_PARAMS, 1);
         volatile tt_l1_ptr uint32_t* prm = words(get_read_ptr(CB_PARAMS));
+        const uint32_t nrows = valid_rows(prm);
+        const SearchRounds sr = search_rounds(prm, vocab);
 
         // MAX
         agg_gather(L);
-        for (uint32_t r = 0; r < ROWS; ++r) {
+        for (uint32_t r = 0; r < nrows; ++r) {
             uint32_t key;
             merge_max(mbox, n_workers, REC_STRIDE, r, &key, &S.argmax[r]);
             res[r * RES_ROW_WORDS + 0] = key_to_bits(key);
@@ -252,54 +260,51 @@ void kernel_main() {
         }
         agg_broadcast(L, S.wx, S.wy);
 
-        // top-k count search
-        for (uint32_t r = 0; r < ROWS; ++r) {
+        // top-k count search (sr.k rounds; the last one carries t_k, and t itself when no top-p search follows)
+        for (uint32_t r = 0; r < nrows; ++r) {
             const volatile uint32_t* pr = prm + r * P_WORDS;
-            S.kact[r] = pr[P_VALID] && !pr[P_GREEDY] && pr[P_TOPK] > 0 && pr[P_TOPK] < vocab;
+            S.kact[r] = row_topk_active(pr, vocab);
+            S.pact[r] = row_topp_active(pr);
             search_begin(&S.sk[r], S.kact[r] ? pr[P_TOPK] : 1);
         }
-        for (uint32_t round = 0; round < ROUNDS; ++round) {
+        for (uint32_t round = 0; round < sr.k; ++round) {
             agg_gather(L);
-            for (uint32_t r = 0; r < ROWS; ++r) {
+            for (uint32_t r = 0; r < nrows; ++r) {
                 if (S.kact[r]) {
                     search_step(&S.sk[r], mbox, n_workers, REC_STRIDE, r, round, false);
-                } else if (round == 0) {
-                    Search tmp = S.sk[r];  // inactive rows still need the total mass
+                } else if (round == 0 && S.pact[r]) {
+                    Search tmp = S.sk[r];  // a top-p row without top-k needs the total mass
                     search_step(&tmp, mbox, n_workers, REC_STRIDE, r, 0, false);
                     S.sk[r].total = tmp.total;
                 }
-                if (round + 1 < ROUNDS) {
+                if (round + 1 < sr.k) {
                     res[r * RES_ROW_WORDS + 0] = S.sk[r].prefix;
                     res[r * RES_ROW_WORDS + 1] = 0;
                 } else {
+                    const volatile uint32_t* pr = prm + r * P_WORDS;
                     S.tk[r] = S.kact[r] ? S.sk[r].prefix : 0;
                     S.zk[r] = S.kact[r] ? S.sk[r].above + S.sk[r].at : S.sk[r].total;
-                    const volatile uint32_t* pr = prm + r * P_WORDS;
-                    S.pact[r] = pr[P_VALID] && !pr[P_GREEDY] && topp_active(pr[P_TOPP]);
                     search_begin(&S.sp[r], S.pact[r] ? topp_target(S.zk[r], pr[P_TOPP]) : 1);
                     res[r * RES_ROW_WORDS + 0] = 0;
                     res[r * RES_ROW_WORDS + 1] = S.tk[r];
+                    res[r * RES_ROW_WORDS + 2] = final_threshold(S.tk[r], 0, pr[P_MINP]);
                 }
             }
             agg_broadcast(L, S.wx, S.wy);
         }
 
-        // top-p mass search among {key >= t_k}
-        for (uint32_t round = 0; round < ROUNDS; ++round) {
+        // top-p mass search among {key >= t_k} (sr.p rounds; the last one carries t)
+        for (uint32_t round = 0; round < sr.p; ++round) {
             agg_gather(L);
-            for (uint32_t r = 0; r < ROWS; ++r) {
+            for (uint32_t r = 0; r < nrows; ++r) {
                 if (S.pact[r]) {
                     search_step(&S.sp[r], mbox, n_workers, REC_STRIDE, r, round, true);
                 }
                 res[r * RES_ROW_WORDS + 0] = S.sp[r].prefix;
                 res[r * RES_ROW_WORDS + 1] = S.tk[r];
-                if (round + 1 == ROUNDS) {
+                if (round + 1 == sr.p) {
                     const uint32_t tp = S.pact[r] ? S.sp[r].prefix : 0;
-                    const uint32_t tm = prm[r * P_WORDS + P_MINP];
-                    uint32_t tt = S.tk[r] > tp ? S.tk[r] : tp;
-                    tt = tt > tm ? tt : tm;
-                    S.t[r] = tt;
-                    res[r * RES_ROW_WORDS + 2] = tt;
+                    res[r * RES_ROW_WORDS + 2] = final_threshold(S.tk[r], tp, prm[r * P_WORDS + P_MINP]);
                 }
             }
             agg_broadcast(L, S.wx, S.wy);
@@ -307,7 +312,7 @@ void kernel_main() {
 
         // kept mass Z
         agg_gather(L);
-        for (uint32_t r = 0; r < ROWS; ++r) {
+        for (uint32_t r = 0; r < nrows; ++r) {
             uint64_t z = 0;
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const volatile uint32_t* p = mbox + w * REC_STRIDE + 2 * r;
@@ -320,7 +325,7 @@ void kernel_main() {
 
         // totals -> decision
         agg_gather(L);
-        for (uint32_t r = 0; r < ROWS; ++r) {
+        for (uint32_t r = 0; r < nrows; ++r) {
             uint64_t rs = 0, w_x = 0, qz_x = 0;
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const volatile uint32_t* p = mbox + w * REC_STRIDE + 10 * r;
@@ -350,7 +355,7 @@ void kernel_main() {
 
         // pick
         agg_gather(L);
-        for (uint32_t r = 0; r < ROWS; ++r) {
+        for (uint32_t r = 0; r < nrows; ++r) {
             uint32_t token = S.greedy_token[r];
             for (uint32_t w = 0; w < n_workers; ++w) {
                 const uint32_t v = mbox[w * REC_STRIDE + r];
