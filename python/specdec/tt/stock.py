@@ -49,7 +49,10 @@ from specdec.tt import model as _model
 
 PAD_LOGIT = -1e30  # a padding column's logit: exp(s - m) is 0 and it is never the max of a row with a real logit
 NO_THRESHOLD = -3e38  # a filter that is off keeps s >= NO_THRESHOLD: every finite s
-TOPK_MAX = 64  # rows whose filters are all top-k at most this use ttnn.topk (multi-core there) instead of a full sort
+# Rows whose filters are all top-k of at most this take ttnn.topk's k largest instead of a full sort: the cumulative
+# sums then span k columns, not V. ttnn documents topk as multi-core for k <= 64 on power-of-two widths up to 32768
+# and single-core otherwise, so which is faster at V = 128256 is for a hardware run to measure (tt-report.json).
+TOPK_MAX = 64
 
 
 class Ops(Protocol):
