@@ -428,3 +428,19 @@ def test_the_json_schema_scenario_validates_and_compares_methods(tiny_engine):
     assert s["draft"]["forced"] > 0 and s["draft-no-jump-forward"]["forced"] == 0 and s["none"]["forced"] == 0
     assert 0 < s["none"]["grammar_share"] < 1
     assert "| draft-no-jump-forward |" in bench.structured_to_markdown(report)
+
+
+def test_the_methods_scenario_runs_every_method_on_each_prompt(tiny_engine):
+    """Each prompt under every method, in an order that rotates; outputs agree; warm-up prompts stay out of the summary;
+    each method's suffix drafting learns only from its own runs (its cache scope), so the suffix run of a prompt never
+    drafts from the hybrid's answer to it."""
+    prompts = [bench.Prompt("warm up"), bench.Prompt("count: 1 2 3 4 5 6 1 2 3 4 5 6"), bench.Prompt("again: a b a b")]
+    report = bench.run_methods(tiny_engine, bench.BenchOptions(prompts=prompts, warmup=1, max_new_tokens=12))
+    assert report["identical_outputs"] is True and report["config"]["prompts"] == 2
+    assert set(report["summary"]) == {"none", "draft", "suffix", "auto"}
+    assert [row["order"][0] for row in report["prompts"]] == ["none", "draft", "suffix"]
+    assert [row["warmup"] for row in report["prompts"]] == [True, False, False]
+    scopes = set(tiny_engine._drafters[Method.SUFFIX].indexes)
+    assert {"bench-suffix", "bench-auto"} <= scopes
+    md = bench.methods_to_markdown(report)
+    assert "| auto |" in md and "÷ draft model" in md

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
+from specdec.bench.environment import identical_footer, method_table, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import pooled_by_method, time_engine
+from specdec.bench.runners import pooled_by_method, rotating_runs
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "agent_loop.json"
@@ -29,7 +29,7 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
     """The scenario on ``engine``; ``data``: {"system", "turns"} (default: data/agent_loop.json)."""
     progress = progress or (lambda event: None)
     data = data or json.loads(DATA.read_text(encoding="utf-8"))
-    methods = [Method.NONE, Method.SUFFIX] + ([Method.DRAFT, Method.AUTO] if engine.draft is not None else [])
+    methods = [m.value for m in [Method.NONE, Method.SUFFIX] + ([Method.DRAFT, Method.AUTO] if engine.draft is not None else [])]
     messages = [{"role": "system", "content": data["system"]}]
     turns, t_start, load_start = [], time.time(), os.getloadavg()
     total, done = len(data["turns"]) * len(methods), 0
@@ -37,21 +37,22 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
         messages.append({"role": "user", "content": user})
         ids = engine.encode_chat(messages) if getattr(engine.tokenizer, "chat_template", None) else \
             engine.encode("\n\n".join(m["content"] for m in messages))  # fmt: skip
-        order = methods[t % len(methods):] + methods[: t % len(methods)]
-        runs = {}
-        for method in order:
-            request = GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens,
-                                        speculation=SpeculationParams(method=method), request_id=f"turn{t}-{method.value}")  # fmt: skip
-            runs[method.value] = time_engine(engine, [request])[0]
+        def request_for(name: str, ids=ids, t=t) -> GenerationRequest:
+            return GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens,
+                                     speculation=SpeculationParams(method=Method(name)), request_id=f"turn{t}-{name}")  # fmt: skip
+
+        def on_done(name: str, run: dict, t=t) -> None:
+            nonlocal done
             done += 1
             progress({"event": "done", "done": done, "total": total,
-                      "message": f"turn {t}, {method.value}: {runs[method.value]['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
-        answers = {name: r["output_ids"] for name, r in runs.items()}
-        reference = answers[Method.NONE.value]
-        turns.append({"prompt_tokens": len(ids), "order": [m.value for m in order], "identical": all(a == reference for a in answers.values()),
-                      "runs": runs})  # fmt: skip
+                      "message": f"turn {t}, {name}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+
+        order, runs = rotating_runs(engine, methods, t, request_for, on_done)
+        reference = runs[Method.NONE.value]["output_ids"]
+        turns.append({"prompt_tokens": len(ids), "order": order, "runs": runs,
+                      "identical": all(r["output_ids"] == reference for r in runs.values())})  # fmt: skip
         messages.append({"role": "assistant", "content": runs[Method.NONE.value]["text"]})
-    summary = pooled_by_method({m.value: [tr["runs"][m.value] for tr in turns] for m in methods})
+    summary = pooled_by_method({m: [tr["runs"][m] for tr in turns] for m in methods})
     return {
         "scenario": "agent-loop",
         "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, turns=len(turns)),
@@ -63,15 +64,5 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
 
 def agent_loop_to_markdown(report: dict) -> str:
     c, s = report["config"], report["summary"]
-    draft = s.get(Method.DRAFT.value)
     what = f"{c['turns']} turns of a code-editing conversation, up to {c['max_new_tokens']} new tokens a turn"
-    lines = scenario_heading("agent-loop", c, what) + [
-        "",
-        "| method | decode tok/s | ÷ target-only | ÷ draft model | acceptance |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m in s.items():
-        vs_draft = f"{m['decode_tokens_per_s'] / draft['decode_tokens_per_s']:.2f}" if draft else "—"
-        lines.append(f"| {name} | {m['decode_tokens_per_s']:.2f} | **{m['vs_target_only']:.2f}** | {vs_draft} | "
-                     f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['proposed']}) |")  # fmt: skip
-    return "\n".join(lines + identical_footer(report, "turns")) + "\n"
+    return "\n".join(scenario_heading("agent-loop", c, what) + [""] + method_table(s) + identical_footer(report, "turns")) + "\n"

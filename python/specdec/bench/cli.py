@@ -9,6 +9,7 @@ from pathlib import Path
 from specdec.bench.agent_loop import agent_loop_to_markdown, run_agent_loop
 from specdec.bench.structured import run_structured, structured_to_markdown
 from specdec.bench.concurrency import concurrency_to_markdown, run_concurrency
+from specdec.bench.methods import methods_to_markdown, run_methods
 from specdec.bench.options import BenchOptions
 from specdec.bench.prompts import builtin_prompts, read_prompts
 from specdec.bench.report import plot, to_json, to_markdown
@@ -61,12 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
                         "latency per level, baseline and speculative on the same prompts")  # fmt: skip
     b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
-    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop", "json-schema"], default=None,
+    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop", "json-schema", "methods"], default=None,
                    help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
                         "the first --concurrency level, default 4) with the prefix cache on and off; agent-loop: a "
                         "replayed code-editing conversation, target-only, suffix drafting, the draft model and the "
                         "hybrid; json-schema: ten requests with a JSON schema as their response format, target-only, "
-                        "the draft model with and without jump-forward, and the hybrid")  # fmt: skip
+                        "the draft model with and without jump-forward, and the hybrid; methods: the prompts "
+                        "(built-in or --prompts-file) under target-only, the draft model, suffix drafting and the "
+                        "hybrid in one run")  # fmt: skip
     b.add_argument("--prefix-cache-bytes", type=int, default=None,
                    help="the engine's prefix cache budget (default: serve's; the usual runs pause it so that every "
                         "method meets each prompt cold)")  # fmt: skip
@@ -120,7 +123,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if target is None:
         target, default_draft = default_pair()
         draft = draft or default_draft
-    if options.method in (Method.NGRAM, Method.SUFFIX) and args.scenario != "agent-loop":
+    if options.method in (Method.NGRAM, Method.SUFFIX) and args.scenario not in ("agent-loop", "methods"):
         draft = None
     elif draft is None:
         print("specdec bench: --method draft needs --draft when --target is given", file=sys.stderr)
@@ -153,6 +156,9 @@ def run_cli(args: argparse.Namespace) -> int:
     elif args.scenario == "json-schema":
         report = run_structured(engine, options, progress)
         md = structured_to_markdown(report)
+    elif args.scenario == "methods":
+        report = run_methods(engine, options, progress)
+        md = methods_to_markdown(report)
     else:
         with engine.prefix_cache.paused():  # every method runs each prompt cold
             report, md = _usual(engine, options, progress)

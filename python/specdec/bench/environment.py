@@ -99,3 +99,15 @@ def scenario_heading(scenario: str, config: dict, what: str) -> list[str]:
         f"{what}; host {config['cpu_model']} ({config['kernel_isa']}), {config['threads']} threads; commit "
         f"{config['specdec_commit'] or 'unknown'}; {config['started_at']}.",
     ]
+
+
+def method_table(summary: dict) -> list[str]:
+    """A scenario report's table of methods: decode tokens/s, its ratio to target-only and to the draft model (when
+    the run had one), and the acceptance of drafted tokens."""
+    draft = summary.get("draft")
+    lines = ["| method | decode tok/s | ÷ target-only | ÷ draft model | acceptance |", "|---|---|---|---|---|"]
+    for name, m in summary.items():
+        vs_draft = f"{m['decode_tokens_per_s'] / draft['decode_tokens_per_s']:.2f}" if draft else "—"
+        lines.append(f"| {name} | {m['decode_tokens_per_s']:.2f} | **{m['vs_target_only']:.2f}** | {vs_draft} | "
+                     f"{m['acceptance_rate']:.2f} ({m['accepted']}/{m['proposed']}) |")  # fmt: skip
+    return lines

@@ -71,6 +71,18 @@ def pooled_by_method(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def rotating_runs(engine, names: list[str], index: int, request_for: Callable[[str], GenerationRequest],
+                  on_done: Callable[[str, dict], None]) -> tuple[list[str], dict[str, dict]]:  # fmt: skip
+    """Every method in ``names`` on one request (``request_for(name)``), in an order rotated by ``index``, so that no
+    method always meets a request first; returns (order, {name: its ``time_engine`` run})."""
+    order = names[index % len(names):] + names[: index % len(names)]
+    runs = {}
+    for name in order:
+        runs[name] = time_engine(engine, [request_for(name)])[0]
+        on_done(name, runs[name])
+    return order, runs
+
+
 def _no_check() -> None:
     pass
 

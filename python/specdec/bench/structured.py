@@ -21,7 +21,7 @@ import jsonschema
 
 from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import pooled_by_method, time_engine
+from specdec.bench.runners import pooled_by_method, rotating_runs
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "json_schema.json"
@@ -45,18 +45,21 @@ def run_structured(engine, options: BenchOptions, progress: Callable[[dict], Non
                 ids = engine.encode_chat(messages) if getattr(engine.tokenizer, "chat_template", None) else \
                     engine.encode("\n\n".join(m["content"] for m in messages))  # fmt: skip
                 fmt = ResponseFormat("json_schema", json.dumps(item["schema"]))
-                order = methods[r % len(methods):] + methods[: r % len(methods)]
-                runs = {}
-                for name in order:
-                    engine.config = dataclasses.replace(config, jump_forward=name != NO_JUMP)
+
+                def request_for(name: str, ids=ids, fmt=fmt, r=r) -> GenerationRequest:
+                    engine.config = dataclasses.replace(config, jump_forward=name != NO_JUMP)  # for this run alone
                     method = Method.DRAFT if name == NO_JUMP else Method(name)
-                    request = GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens, response_format=fmt,
-                                                speculation=SpeculationParams(method=method), request_id=f"r{r}-{name}")  # fmt: skip
-                    runs[name] = time_engine(engine, [request])[0]
-                    runs[name]["valid"] = _valid(runs[name]["text"], item["schema"])
+                    return GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens, response_format=fmt,
+                                             speculation=SpeculationParams(method=method), request_id=f"r{r}-{name}")  # fmt: skip
+
+                def on_done(name: str, run: dict, r=r, schema=item["schema"]) -> None:
+                    nonlocal done
+                    run["valid"] = _valid(run["text"], schema)
                     done += 1
                     progress({"event": "done", "done": done, "total": total,
-                              "message": f"request {r}, {name}: {runs[name]['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+                              "message": f"request {r}, {name}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+
+                order, runs = rotating_runs(engine, methods, r, request_for, on_done)
                 reference = runs[Method.NONE.value]["output_ids"]
                 rows.append({"prompt_tokens": len(ids), "order": order, "runs": runs,
                              "identical": all(x["output_ids"] == reference for x in runs.values())})  # fmt: skip
