@@ -103,9 +103,9 @@ def _ceil(n: int, m: int) -> int:
 
 
 def _pad(a: np.ndarray, rows: int, cols: int, fill: float) -> np.ndarray:
+    """``a`` in the top-left corner of a [rows, cols] float32 array of ``fill`` (padding rows are all ``fill``: their
+    results are computed and dropped)."""
     out = np.full((rows, cols), fill, np.float32)
-    out[: a.shape[0]] = 0.0  # padding rows are zeros; padding columns of real rows get ``fill``
-    out[: a.shape[0], a.shape[1]:] = fill
     out[: a.shape[0], : a.shape[1]] = a
     return out
 
