@@ -29,20 +29,21 @@ def test_unknown_backend_is_rejected():
         open_backend("gpu")
 
 
-def test_serve_with_tt_kernels_exits_with_the_reason(tmp_path):
+@pytest.mark.parametrize("name", ["tt", "tt-custom"])
+def test_serve_with_tt_kernels_exits_with_the_reason(tmp_path, name):
     import subprocess
     import sys
 
     if tt.why_unavailable() is None:
         pytest.skip("a Tenstorrent device is present")
     proc = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "serve", "--kernels", "tt", "--target", str(tmp_path), "--port", "0"],
+        [sys.executable, "-m", "specdec.cli", "serve", "--kernels", name, "--target", str(tmp_path), "--port", "0"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "--kernels tt is unavailable" in proc.stderr
+    assert f"--kernels {name} is unavailable: {tt.why_unavailable()}" in proc.stderr
 
 
 @pytest.fixture
