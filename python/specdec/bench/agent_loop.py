@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specdec.bench.environment import identical_footer, method_table, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "agent_loop.json"
@@ -27,31 +27,22 @@ DATA = Path(__file__).parent / "data" / "agent_loop.json"
 def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None,
                    data: dict | None = None) -> dict:  # fmt: skip
     """The scenario on ``engine``; ``data``: {"system", "turns"} (default: data/agent_loop.json)."""
-    progress = progress or (lambda event: None)
     data = data or json.loads(DATA.read_text(encoding="utf-8"))
     methods = [m.value for m in [Method.NONE, Method.SUFFIX] + ([Method.DRAFT, Method.AUTO] if engine.draft is not None else [])]
     messages = [{"role": "system", "content": data["system"]}]
     turns, t_start, load_start = [], time.time(), os.getloadavg()
-    total, done = len(data["turns"]) * len(methods), 0
+    counter = RunCounter(progress, len(data["turns"]) * len(methods))
     for t, user in enumerate(data["turns"]):
         messages.append({"role": "user", "content": user})
         ids = engine.encode_chat(messages) if getattr(engine.tokenizer, "chat_template", None) else \
             engine.encode("\n\n".join(m["content"] for m in messages))  # fmt: skip
+
         def request_for(name: str, ids=ids, t=t) -> GenerationRequest:
             return GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens,
                                      speculation=SpeculationParams(method=Method(name)), request_id=f"turn{t}-{name}")  # fmt: skip
 
-        def on_done(name: str, run: dict, t=t) -> None:
-            nonlocal done
-            done += 1
-            progress({"event": "done", "done": done, "total": total,
-                      "message": f"turn {t}, {name}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
-
-        order, runs = rotating_runs(engine, methods, t, request_for, on_done)
-        reference = runs[Method.NONE.value]["output_ids"]
-        turns.append({"prompt_tokens": len(ids), "order": order, "runs": runs,
-                      "identical": all(r["output_ids"] == reference for r in runs.values())})  # fmt: skip
-        messages.append({"role": "assistant", "content": runs[Method.NONE.value]["text"]})
+        turns.append({"prompt_tokens": len(ids), **rotating_runs(engine, methods, t, request_for, counter, f"turn {t}")})
+        messages.append({"role": "assistant", "content": turns[-1]["runs"][Method.NONE.value]["text"]})
     summary = pooled_by_method({m: [tr["runs"][m] for tr in turns] for m in methods})
     return {
         "scenario": "agent-loop",

@@ -17,16 +17,15 @@ from collections.abc import Callable
 
 from specdec.bench.environment import identical_footer, method_table, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import encode_prompt, pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, encode_prompt, pooled_by_method, rotating_runs
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 
 def run_methods(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None) -> dict:
-    progress = progress or (lambda event: None)
     methods = [m.value for m in [Method.NONE] + ([Method.DRAFT] if engine.draft is not None else []) + [Method.SUFFIX]
                + ([Method.AUTO] if engine.draft is not None else [])]  # fmt: skip
     rows, t_start, load_start = [], time.time(), os.getloadavg()
-    total, done = len(options.prompts) * len(methods), 0
+    counter = RunCounter(progress, len(options.prompts) * len(methods))
     with engine.prefix_cache.paused():
         for i, prompt in enumerate(options.prompts):
             ids = encode_prompt(engine, prompt, options.chat, options.max_prompt_tokens)
@@ -36,16 +35,8 @@ def run_methods(engine, options: BenchOptions, progress: Callable[[dict], None] 
                 return GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens, speculation=speculation,
                                          request_id=f"p{i}-{name}")  # fmt: skip
 
-            def on_done(name: str, run: dict, i=i) -> None:
-                nonlocal done
-                done += 1
-                progress({"event": "done", "done": done, "total": total,
-                          "message": f"prompt {i}, {name}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
-
-            order, runs = rotating_runs(engine, methods, i, request_for, on_done)
-            reference = runs[Method.NONE.value]["output_ids"]
-            rows.append({"category": prompt.category, "warmup": i < options.warmup, "prompt_tokens": len(ids), "order": order,
-                         "runs": runs, "identical": all(r["output_ids"] == reference for r in runs.values())})  # fmt: skip
+            rows.append({"category": prompt.category, "warmup": i < options.warmup, "prompt_tokens": len(ids),
+                         **rotating_runs(engine, methods, i, request_for, counter, f"prompt {i}")})  # fmt: skip
     measured = [row for row in rows if not row["warmup"]]
     return {
         "scenario": "methods",

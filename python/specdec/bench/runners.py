@@ -71,16 +71,31 @@ def pooled_by_method(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+class RunCounter:
+    """A scenario's finished runs, each reported to ``progress`` as it ends."""
+
+    def __init__(self, progress: Callable[[dict], None] | None, total: int) -> None:
+        self.progress = progress or (lambda event: None)
+        self.total, self.done = total, 0
+
+    def add(self, label: str, run: dict) -> None:
+        self.done += 1
+        self.progress({"event": "done", "done": self.done, "total": self.total,
+                       "message": f"{label}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
+
+
 def rotating_runs(engine, names: list[str], index: int, request_for: Callable[[str], GenerationRequest],
-                  on_done: Callable[[str, dict], None]) -> tuple[list[str], dict[str, dict]]:  # fmt: skip
+                  counter: RunCounter, label: str) -> dict:  # fmt: skip
     """Every method in ``names`` on one request (``request_for(name)``), in an order rotated by ``index``, so that no
-    method always meets a request first; returns (order, {name: its ``time_engine`` run})."""
+    method always meets a request first. Returns {"order", "runs": {name: its ``time_engine`` run}, "identical":
+    whether every output equals target-only's (the method named "none")}."""
     order = names[index % len(names):] + names[: index % len(names)]
     runs = {}
     for name in order:
         runs[name] = time_engine(engine, [request_for(name)])[0]
-        on_done(name, runs[name])
-    return order, runs
+        counter.add(f"{label}, {name}", runs[name])
+    reference = runs["none"]["output_ids"]
+    return {"order": order, "runs": runs, "identical": all(r["output_ids"] == reference for r in runs.values())}
 
 
 def _no_check() -> None:

@@ -21,7 +21,7 @@ import jsonschema
 
 from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "json_schema.json"
@@ -31,12 +31,11 @@ NO_JUMP = "draft-no-jump-forward"
 def run_structured(engine, options: BenchOptions, progress: Callable[[dict], None] | None = None,
                    data: dict | None = None) -> dict:  # fmt: skip
     """The scenario on ``engine``; ``data``: {"system", "requests": [{"prompt", "schema"}]} (default: the file)."""
-    progress = progress or (lambda event: None)
     data = data or json.loads(DATA.read_text(encoding="utf-8"))
     methods = [Method.NONE.value] + ([Method.DRAFT.value, NO_JUMP, Method.AUTO.value] if engine.draft is not None else
                                      [Method.SUFFIX.value])  # fmt: skip
     rows, t_start, load_start = [], time.time(), os.getloadavg()
-    total, done = len(data["requests"]) * len(methods), 0
+    counter = RunCounter(progress, len(data["requests"]) * len(methods))
     config = engine.config
     try:
         with engine.prefix_cache.paused():
@@ -52,17 +51,10 @@ def run_structured(engine, options: BenchOptions, progress: Callable[[dict], Non
                     return GenerationRequest(prompt_ids=ids, max_new_tokens=options.max_new_tokens, response_format=fmt,
                                              speculation=SpeculationParams(method=method), request_id=f"r{r}-{name}")  # fmt: skip
 
-                def on_done(name: str, run: dict, r=r, schema=item["schema"]) -> None:
-                    nonlocal done
-                    run["valid"] = _valid(run["text"], schema)
-                    done += 1
-                    progress({"event": "done", "done": done, "total": total,
-                              "message": f"request {r}, {name}: {run['decode_tokens_per_s']:.2f} tok/s"})  # fmt: skip
-
-                order, runs = rotating_runs(engine, methods, r, request_for, on_done)
-                reference = runs[Method.NONE.value]["output_ids"]
-                rows.append({"prompt_tokens": len(ids), "order": order, "runs": runs,
-                             "identical": all(x["output_ids"] == reference for x in runs.values())})  # fmt: skip
+                row = {"prompt_tokens": len(ids), **rotating_runs(engine, methods, r, request_for, counter, f"request {r}")}
+                for run in row["runs"].values():
+                    run["valid"] = _valid(run["text"], item["schema"])
+                rows.append(row)
     finally:
         engine.config = config
     by_method = {name: [row["runs"][name] for row in rows] for name in methods}
