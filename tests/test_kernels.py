@@ -335,6 +335,27 @@ def test_filters_match_transformers_warpers(temperature, top_k, top_p, min_p):
         assert (got == want).mean() > 0.99999
 
 
+def test_a_negative_zero_logit_ties_with_zero_at_a_threshold():
+    """A filter threshold of exactly 0 keeps the tokens whose scaled logit is -0 with their +0 ties (s >= tau), in the
+    vectorised sums and in the reported probabilities alike: the mask once read the sign bit of s - tau, and -0 - +0
+    is -0, so the sampler dropped the -0 tokens while the accept test's p(x) kept them."""
+    V = 64
+    logits = np.full((2, V), -3.0, np.float32)
+    logits[:, 8:40:2], logits[:, 9:41:2] = 0.0, -0.0  # 32 tied zeros, half of them negative, inside the vector body
+    logits[:, :4] = 2.0
+    for kwargs in (dict(top_p=0.75), dict(top_k=20)):  # both put the threshold on the zeros
+        _, probs = K.sample(logits, temperature=1.0, seed=0, return_probs=True, **kwargs)
+        probs = np.asarray(probs)
+        assert (probs[:, 8:40] > 0).all() and np.ptp(probs[:, 8:40]) == 0, kwargs
+        assert probs[:, :4].min() > 0 and (probs[:, 40:] == 0).all()
+        assert abs(probs.sum(1) - 1).max() < 1e-5
+        # what the sampler draws from: every -0 token comes up as often as its +0 twin
+        toks = np.asarray(K.sample(np.repeat(logits[:1], 4000, 0), temperature=1.0, seed=np.arange(4000, dtype=np.uint64),
+                                   **kwargs))  # fmt: skip
+        counts = np.bincount(toks, minlength=V)
+        assert counts[9:41:2].sum() > 0.6 * counts[8:40:2].sum(), kwargs
+
+
 # --------------------------------------------------------------------------------------------------
 # reproducibility and batch independence
 

@@ -44,8 +44,10 @@ SD_INLINE vf masked_e(vf x, vf vinv, vf vsm, vf vtau, vf vminp) {
   const vf e = vexp(sv - vsm);
   if (vtau[0] == -kInf && vminp[0] == 0.0f) return e;
   // Keep lanes where both (sv - tau) and (e - minp) are >= 0, using their sign bits (integer ops only;
-  // for finite operands a - b >= 0 exactly when a >= b, since distinct floats never subtract to 0).
-  const vf d1 = sv - vtau, d2 = e - vminp;
+  // for finite operands a - b >= 0 exactly when a >= b, since distinct floats never subtract to 0). The one
+  // difference that is -0 while a >= b holds is sv = -0 against tau = +0: adding +0 turns it into +0, so a
+  // token whose s is -0 is kept with its +0 ties, as masked_e1 and prob_of keep it (e is never -0).
+  const vf d1 = (sv - vtau) + vf{}, d2 = e - vminp;
   vi i1, i2, ie;
   std::memcpy(&i1, &d1, sizeof(i1));
   std::memcpy(&i2, &d2, sizeof(i2));
