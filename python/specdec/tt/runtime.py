@@ -19,6 +19,7 @@ from specdec.tt import stock as _stock
 
 PATHS = ("stock", "custom")  # stock ttnn operations (the default), or the custom tt-metal program
 _DEVICE = None
+_OPS: dict = {}  # id(device) -> its TtnnOps
 
 
 def why_unavailable() -> str | None:
@@ -113,10 +114,14 @@ def run_rows(logits_rows: np.ndarray, q_rows, prm: "_model.RowParams", B: int, K
 
 
 def device_ops(device=None):
-    """The stock path's operations on ``device`` (the default device when None)."""
+    """The stock path's operations on ``device`` (the default device when None): one object per device, so that the
+    constants it uploads (the column-index tensor) are uploaded once."""
     from specdec.tt.ops_ttnn import TtnnOps
 
-    return TtnnOps(device or open_device())
+    device = device or open_device()
+    if id(device) not in _OPS:
+        _OPS[id(device)] = TtnnOps(device)
+    return _OPS[id(device)]
 
 
 def _rows_u64(v, B: int) -> np.ndarray:

@@ -127,12 +127,11 @@ def rows(ops: Ops, logits: np.ndarray, q: np.ndarray | None, prm: "_model.RowPar
         c[:R, 0] = v
         return ops.put(c)
 
-    iota = ops.iota(Rp, Vp)
     L = ops.put(_pad(logits, Rp, Vp, PAD_LOGIT))
     lmax = ops.row_max(L)
     out = {}
     if prm.greedy.any():
-        out["argmax"] = ops.row_min(ops.where(ops.eq(L, lmax), iota, float(1 << 24)))
+        out["argmax"] = ops.row_min(ops.where(ops.eq(L, lmax), ops.iota(Rp, Vp), float(1 << 24)))
     if sampled.any():
         inv_t = col(prm.inv_t, 1.0)
         s = ops.mul(L, inv_t)
@@ -155,7 +154,7 @@ def rows(ops: Ops, logits: np.ndarray, q: np.ndarray | None, prm: "_model.RowPar
                 qd = ops.put(_pad(np.where(residual[:, None], q, 0.0).astype(np.float32), Rp, Vp, 0.0))
                 r = or_w_when_empty(ops, ops.relu(ops.sub(w, ops.mul(qd, Z))), w)
             else:  # a one-hot draft: w without the draft token (x = -1 on rows without one matches no column)
-                r = or_w_when_empty(ops, ops.mul(w, ops.ne(iota, col(x, -1.0))), w)
+                r = or_w_when_empty(ops, ops.mul(w, ops.ne(ops.iota(Rp, Vp), col(x, -1.0))), w)
         c = ops.cumsum(r)
         last = ops.gather(c, col(np.full(R, Vp - 1)))
         U = ops.mul(col(u_sample.astype(np.float32)), last)
