@@ -14,7 +14,7 @@ import pytest
 from specdec import bench
 from specdec.bench import concurrency, runners
 from specdec.engine.gamma import analytic_bound
-from specdec.types import GenerationRequest, Method, SamplingParams
+from specdec.types import GenerationRequest, Method, SamplingParams, SpeculationParams
 
 # ---- synthetic measurements ---------------------------------------------------------------------
 
@@ -441,6 +441,6 @@ def test_the_methods_scenario_runs_every_method_on_each_prompt(tiny_engine):
     assert [row["order"][0] for row in report["prompts"]] == ["none", "draft", "suffix"]
     assert [row["warmup"] for row in report["prompts"]] == [True, False, False]
     scopes = set(tiny_engine._drafters[Method.SUFFIX].indexes)
-    assert {"bench-suffix", "bench-auto"} <= scopes
+    assert {SpeculationParams(cache_scope=f"bench-{m}").scope for m in ("suffix", "auto")} <= scopes
     md = bench.methods_to_markdown(report)
     assert "| auto |" in md and "÷ draft model" in md

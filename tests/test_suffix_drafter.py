@@ -139,5 +139,5 @@ def test_the_hybrid_adds_a_request_to_the_index_once(pair_engine):
     engine = pair_engine
     prompt = list(range(150, 190))
     tokens(engine, request(prompt, 12, Method.AUTO, scope="once"))
-    index = engine._drafters[Method.SUFFIX].indexes["once"]
+    index = engine._drafters[Method.SUFFIX].indexes[SpeculationParams(cache_scope="once").scope]
     assert index.tokens == len(prompt) + 12

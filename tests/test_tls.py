@@ -10,6 +10,7 @@ import pytest
 from server_fixtures import ServerThread, load_engine, test_config
 
 from specdec.client import Client
+from specdec.types import Method
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -49,10 +50,11 @@ def make_pki(root, tag: str) -> dict[str, str]:
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by that CA."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(f"specdec test CA {tag}", ca_key, _name(f"specdec test CA {tag}"), ca_key, ca=True)
-    skey, ckey = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    skey, ckey, c2key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     server = _cert("localhost", skey, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=san)
     client = _cert(f"client {tag}", ckey, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    client2 = _cert(f"second client {tag}", c2key, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     root.mkdir(parents=True, exist_ok=True)
     return {
         "ca": _write(root / "ca.pem", ca),
@@ -60,6 +62,8 @@ def make_pki(root, tag: str) -> dict[str, str]:
         "server_key": _write(root / "server.key", key=skey),
         "client_cert": _write(root / "client.pem", client),
         "client_key": _write(root / "client.key", key=ckey),
+        "client2_cert": _write(root / "client2.pem", client2),
+        "client2_key": _write(root / "client2.key", key=c2key),
     }
 
 
@@ -133,6 +137,39 @@ def test_mtls_requires_a_client_certificate_from_the_ca(engine, pki):
             _refused(c)
         with Client(s.address, tls_ca=g["ca"], tls_cert=g["client_cert"], tls_key=g["client_key"]) as c:
             _ok(c)  # still serving
+    finally:
+        s.close()
+
+
+def test_mtls_client_certificates_are_tenants(engine, pki):
+    """Behind mTLS each client certificate is a tenant: the prompt blocks one client sent are in the prefix cache for
+    its next request but not for another client's, and their suffix drafting keeps apart, with the same (empty)
+    cache_scope. The control: over plaintext, where no one is identified, two clients share."""
+    from specdec.engine.prefix_cache import BLOCK
+
+    g = pki["good"]
+
+    def cached(client, prompt, tail):
+        r = client.generate(token_ids=prompt + [tail], max_new_tokens=2, ignore_eos=True, method="suffix", timeout=30)
+        return r.summary.usage.cached_prompt_tokens
+
+    prompt = [(11 * i) % 250 + 3 for i in range(150)]
+    s = _serve(engine, tls_cert=g["server_cert"], tls_key=g["server_key"], tls_client_ca=g["ca"])
+    try:
+        with Client(s.address, tls_ca=g["ca"], tls_cert=g["client_cert"], tls_key=g["client_key"]) as a, \
+                Client(s.address, tls_ca=g["ca"], tls_cert=g["client2_cert"], tls_key=g["client2_key"]) as b:  # fmt: skip
+            assert [cached(a, prompt, 1), cached(a, prompt, 2)] == [0, 2 * BLOCK]
+            assert [cached(b, prompt, 3), cached(b, prompt, 4)] == [0, 2 * BLOCK]  # not a's blocks: its own
+    finally:
+        s.close()
+    scopes = set(engine._drafters[Method.SUFFIX].indexes)
+    assert {"11:client good/", "18:second client good/"} <= scopes
+
+    prompt = [(13 * i) % 250 + 3 for i in range(150)]
+    s = _serve(engine)
+    try:
+        with Client(s.address) as a, Client(s.address) as b:
+            assert [cached(a, prompt, 1), cached(b, prompt, 2)] == [0, 2 * BLOCK]
     finally:
         s.close()
 

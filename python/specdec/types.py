@@ -103,6 +103,13 @@ class SpeculationParams:
     gamma: int | None = None
     gamma_max: int | None = None
     cache_scope: str = ""  # whose earlier text the suffix drafter may draft from ("": the shared default)
+    tenant: str = ""  # the caller's proven identity: set by the server from the channel, never by a request
+
+    @property
+    def scope(self) -> str:
+        """The key of the text and prefix-cache blocks this request may share: its cache_scope within its tenant's
+        (the length prefix keeps every (tenant, cache_scope) pair apart)."""
+        return f"{len(self.tenant)}:{self.tenant}/{self.cache_scope}"
 
     def validate(self, prefix: str = "speculation.") -> None:
         """``prefix`` is how the fields are named where they came from (``speculation.`` in a GenerateRequest)."""

@@ -2,8 +2,8 @@
 
 A block is ``quant.GEMM_ROWS`` aligned positions of a sequence. Its key hashes every token from the start of the
 sequence to the block's end (a chain: each block's key hashes the previous key and its own tokens), the model it
-belongs to and the request's ``speculation.cache_scope`` (``key``), so a hit is a whole prefix of the same scope,
-never a block that merely looks alike.
+belongs to and the request's scope (``key``: its ``speculation.cache_scope`` within its tenant's), so a hit is a
+whole prefix of the same scope, never a block that merely looks alike.
 
 Exactness: the lean forward computes a whole aligned block with a GEMM of its own and every other position with
 the batch-invariant kernel (``decoder.RowPlan``), so a position's bits depend only on the tokens up to it and on
@@ -145,9 +145,10 @@ class PrefixCache:
 
 
 def key(model: str, seq: Sequence) -> str:
-    """The name a sequence's blocks are kept under: the model's, within the request's ``speculation.cache_scope``,
-    so that requests of one scope never reuse (or learn by timing that someone sent) another scope's prompts."""
-    return f"{model}/{seq.request.speculation.cache_scope}"
+    """The name a sequence's blocks are kept under: the model's, within the request's scope (``SpeculationParams.scope``:
+    its cache_scope within its tenant's), so that requests of one scope never reuse (or learn by timing that someone
+    sent) another scope's prompts."""
+    return f"{model}/{seq.request.speculation.scope}"
 
 
 def _chain(model: str, ids: list[int], blocks: int) -> list[bytes]:

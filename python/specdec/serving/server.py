@@ -45,6 +45,7 @@ from specdec.serving.wire import (
     model_info_to_proto,
     new_request_id,
     parse_request,
+    with_tenant,
     response_to_proto,
     sampling_from_proto,
     summary_to_proto,
@@ -294,7 +295,7 @@ class SpecDecServer:
                 "retry in 1 s or on another replica",
             )
         try:
-            parsed = parse_request(request, self.limits)
+            parsed = with_tenant(parse_request(request, self.limits), _tenant(context))
             if parsed.prompt_kind != "token_ids":
                 parsed = replace(parsed, prompt_kind="token_ids", prompt=await self._tokenize(parsed))
         except ValueError as e:
@@ -518,6 +519,13 @@ def _tolerant(message_type):
             return _Malformed(message_type, e)
 
     return parse
+
+
+def _tenant(context) -> str:
+    """The caller's identity where the channel proves one: an mTLS client certificate's (its subject alternative
+    names, else its common name), else "". A bearer token names no one: every client holds the same token."""
+    identities = context.peer_identities() if context.auth_context().get("transport_security_type") else None
+    return ",".join(i.decode("utf-8", "replace") for i in identities or ())
 
 
 class _Servicer(pb_grpc.SpecDecodeServicer):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specdec.types import (
     RESPONSE_FORMAT_KINDS,
@@ -141,6 +141,13 @@ def speculation_from_proto(s: pb.SpeculationOptions) -> SpeculationParams:
     p = SpeculationParams(method=method, gamma=gamma, gamma_max=gamma_max, cache_scope=s.cache_scope)
     p.validate()
     return p
+
+
+def with_tenant(parsed: ParsedRequest, tenant: str) -> ParsedRequest:
+    """``parsed`` within ``tenant``'s scope (the caller's proven identity; "" for none): requests of different tenants
+    never share prefix-cache blocks or suffix-drafting text, whatever cache_scope they ask for."""
+    speculation = replace(parsed.template.speculation, tenant=tenant)
+    return replace(parsed, template=replace(parsed.template, speculation=speculation))
 
 
 def parse_request(msg: pb.GenerateRequest, limits: Limits = Limits()) -> ParsedRequest:

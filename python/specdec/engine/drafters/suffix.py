@@ -10,7 +10,8 @@ bounded by ``NGRAMS``, ``CANDIDATES`` and the draft's length, whatever the lengt
 (`python bench/suffix_lookup.py` times it).
 
 The index is bounded in tokens per scope and evicts whole documents, oldest first. A scope is the request's
-``speculation.cache_scope`` (empty: the shared default); requests never draft from another scope's text.
+``speculation.cache_scope`` (empty: the shared default) within its tenant's (``SpeculationParams.scope``; the server
+sets the tenant from an mTLS client certificate); requests never draft from another scope's text.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class SuffixDrafter(Drafter):
         if seen is None:
             seen = seq.draft_state = _Seen(len(seq.all_ids))
             if self.shared:
-                seen.scope = seq.request.speculation.cache_scope
+                seen.scope = seq.request.speculation.scope
                 seen.doc = self.indexes.setdefault(seen.scope, SuffixIndex(self.max_tokens)).add(seq.all_ids)
             if seq.reproducible or not self.shared:
                 seen.own = SuffixIndex(self.max_tokens)
