@@ -45,11 +45,11 @@ from specdec.serving.wire import (
     model_info_to_proto,
     new_request_id,
     parse_request,
-    with_tenant,
     response_to_proto,
     sampling_from_proto,
     summary_to_proto,
     top_logprobs_to_proto,
+    with_tenant,
 )
 from specdec.types import Completion, FinishReason, Method
 from specdec.v1 import specdec_pb2 as pb
