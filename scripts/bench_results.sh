@@ -24,6 +24,7 @@ $BIN/python -m specdec.cli bench --scenario shared-prefix --max-new-tokens 32 --
 $BIN/python -m specdec.cli bench --scenario agent-loop --max-new-tokens 256 --json "$OUT/agent-loop.json" --markdown "$OUT/agent-loop.md"
 $BIN/python -m specdec.cli bench --scenario json-schema --max-new-tokens 256 --json "$OUT/json-schema.json" --markdown "$OUT/json-schema.md"
 $BIN/python -m specdec.cli bench --scenario methods --max-new-tokens 64 --json "$OUT/builtin-methods.json" --markdown "$OUT/builtin-methods.md"
+SPECDEC_ISA=avx2 $BIN/python -m specdec.cli bench --scenario methods --max-new-tokens 64 --json "$OUT/builtin-methods-avx2.json" --markdown "$OUT/builtin-methods-avx2.md"
 $BIN/python -m specdec.cli loadtest --duration 60 --clients 8 --fuzz-cases 0 --prompt-prefix-file python/specdec/bench/data/system_prompt.txt --json "$OUT/loadtest-prefix.json"
 $BIN/python bench/suffix_lookup.py --json "$OUT/suffix-lookup.json"
 $BIN/python bench/verify_cost.py --json "$OUT/verify-cost.json"
