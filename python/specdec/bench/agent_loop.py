@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specdec.bench.environment import identical_footer, method_table, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs, scenario_report
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "agent_loop.json"
@@ -43,14 +43,8 @@ def run_agent_loop(engine, options: BenchOptions, progress: Callable[[dict], Non
 
         turns.append({"prompt_tokens": len(ids), **rotating_runs(engine, methods, t, request_for, counter, f"turn {t}")})
         messages.append({"role": "assistant", "content": turns[-1]["runs"][Method.NONE.value]["text"]})
-    summary = pooled_by_method({m: [tr["runs"][m] for tr in turns] for m in methods})
-    return {
-        "scenario": "agent-loop",
-        "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, turns=len(turns)),
-        "summary": summary,
-        "identical_outputs": all(tr["identical"] for tr in turns),
-        "turns": turns,
-    }
+    return scenario_report("agent-loop", scenario_config(engine, options.max_new_tokens, t_start, load_start, turns=len(turns)),
+                           pooled_by_method({m: [tr["runs"][m] for tr in turns] for m in methods}), "turns", turns)  # fmt: skip
 
 
 def agent_loop_to_markdown(report: dict) -> str:

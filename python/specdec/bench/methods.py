@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from specdec.bench.environment import identical_footer, method_table, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import RunCounter, encode_prompt, pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, encode_prompt, pooled_by_method, rotating_runs, scenario_report
 from specdec.types import GenerationRequest, Method, SpeculationParams
 
 
@@ -38,14 +38,10 @@ def run_methods(engine, options: BenchOptions, progress: Callable[[dict], None] 
             rows.append({"category": prompt.category, "warmup": i < options.warmup, "prompt_tokens": len(ids),
                          **rotating_runs(engine, methods, i, request_for, counter, f"prompt {i}")})  # fmt: skip
     measured = [row for row in rows if not row["warmup"]]
-    return {
-        "scenario": "methods",
-        "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, prompts=len(measured),
-                                  warmup=options.warmup),  # fmt: skip
-        "summary": pooled_by_method({m: [row["runs"][m] for row in measured] for m in methods}),
-        "identical_outputs": all(row["identical"] for row in rows),
-        "prompts": rows,
-    }
+    config = scenario_config(engine, options.max_new_tokens, t_start, load_start, prompts=len(measured),
+                             warmup=options.warmup)  # fmt: skip
+    summary = pooled_by_method({m: [row["runs"][m] for row in measured] for m in methods})
+    return scenario_report("methods", config, summary, "prompts", rows)
 
 
 def methods_to_markdown(report: dict) -> str:

@@ -98,6 +98,13 @@ def rotating_runs(engine, names: list[str], index: int, request_for: Callable[[s
     return {"order": order, "runs": runs, "identical": all(r["output_ids"] == reference for r in runs.values())}
 
 
+def scenario_report(scenario: str, config: dict, summary: dict, items: str, rows: list[dict]) -> dict:
+    """A per-request scenario's report: its config and pooled summary, whether every row's outputs agreed across
+    methods, and the rows themselves under ``items`` ("turns", "requests", "prompts")."""
+    return {"scenario": scenario, "config": config, "summary": summary,
+            "identical_outputs": all(row["identical"] for row in rows), items: rows}  # fmt: skip
+
+
 def _no_check() -> None:
     pass
 

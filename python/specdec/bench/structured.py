@@ -21,7 +21,7 @@ import jsonschema
 
 from specdec.bench.environment import identical_footer, scenario_config, scenario_heading
 from specdec.bench.options import BenchOptions
-from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs
+from specdec.bench.runners import RunCounter, pooled_by_method, rotating_runs, scenario_report
 from specdec.types import GenerationRequest, Method, ResponseFormat, SpeculationParams
 
 DATA = Path(__file__).parent / "data" / "json_schema.json"
@@ -62,13 +62,8 @@ def run_structured(engine, options: BenchOptions, progress: Callable[[dict], Non
     for name, runs in by_method.items():
         summary[name].update(forced=sum(x["forced"] for x in runs), valid=sum(x["valid"] for x in runs),
                              grammar_share=sum(x["grammar_s"] for x in runs) / sum(x["wall_s"] for x in runs))  # fmt: skip
-    return {
-        "scenario": "json-schema",
-        "config": scenario_config(engine, options.max_new_tokens, t_start, load_start, requests=len(rows)),
-        "summary": summary,
-        "identical_outputs": all(row["identical"] for row in rows),
-        "requests": rows,
-    }
+    return scenario_report("json-schema", scenario_config(engine, options.max_new_tokens, t_start, load_start, requests=len(rows)),
+                           summary, "requests", rows)  # fmt: skip
 
 
 def _valid(text: str, schema: dict) -> bool:
