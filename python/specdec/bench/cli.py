@@ -20,6 +20,14 @@ from specdec.engine.core import DEFAULT_DRAFT_VOCAB
 from specdec.models.fetch import default_pair
 from specdec.types import PRECISIONS, Method, SamplingParams
 
+# --scenario NAME: the run and its Markdown report
+SCENARIOS = {
+    "shared-prefix": (run_shared_prefix, shared_prefix_to_markdown),
+    "agent-loop": (run_agent_loop, agent_loop_to_markdown),
+    "json-schema": (run_structured, structured_to_markdown),
+    "methods": (run_methods, methods_to_markdown),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models")
@@ -62,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run N streams at once for each N (e.g. 1,4,8): aggregate tokens/s, TTFT and inter-token "
                         "latency per level, baseline and speculative on the same prompts")  # fmt: skip
     b.add_argument("--requests-per-stream", type=int, default=2, help="with --concurrency: requests each stream runs (default 2)")
-    b.add_argument("--scenario", choices=["shared-prefix", "agent-loop", "json-schema", "methods"], default=None,
+    b.add_argument("--scenario", choices=list(SCENARIOS), default=None,
                    help="shared-prefix: questions behind one long system prompt, TTFT and aggregate tok/s (streams: "
                         "the first --concurrency level, default 4) with the prefix cache on and off; agent-loop: a "
                         "replayed code-editing conversation, target-only, suffix drafting, the draft model and the "
@@ -147,18 +155,10 @@ def run_cli(args: argparse.Namespace) -> int:
         elif event["event"] == "done":
             bar.update(1)
 
-    if args.scenario == "shared-prefix":
-        report = run_shared_prefix(engine, options, progress)
-        md = shared_prefix_to_markdown(report)
-    elif args.scenario == "agent-loop":
-        report = run_agent_loop(engine, options, progress)
-        md = agent_loop_to_markdown(report)
-    elif args.scenario == "json-schema":
-        report = run_structured(engine, options, progress)
-        md = structured_to_markdown(report)
-    elif args.scenario == "methods":
-        report = run_methods(engine, options, progress)
-        md = methods_to_markdown(report)
+    if args.scenario:
+        run, to_md = SCENARIOS[args.scenario]
+        report = run(engine, options, progress)
+        md = to_md(report)
     else:
         with engine.prefix_cache.paused():  # every method runs each prompt cold
             report, md = _usual(engine, options, progress)
