@@ -150,9 +150,10 @@ def rows(ops: Ops, logits: np.ndarray, q: np.ndarray | None, prm: "_model.RowPar
             x = np.where(residual, prm.draft, -1)
             out["Z"] = Z = ops.row_sum(w)
             out["w_x"] = ops.gather(w, col(np.maximum(x, 0)))
-            if q is not None:  # max(p - q, 0) scaled by Z
-                qd = ops.put(_pad(np.where(residual[:, None], q, 0.0).astype(np.float32), Rp, Vp, 0.0))
-                r = or_w_when_empty(ops, ops.relu(ops.sub(w, ops.mul(qd, Z))), w)
+            if q is not None:  # max(p - q, 0) scaled by Z; rows without a draft subtract nothing
+                qp = _pad(q, Rp, Vp, 0.0)
+                qp[: R][~residual] = 0.0
+                r = or_w_when_empty(ops, ops.relu(ops.sub(w, ops.mul(ops.put(qp), Z))), w)
             else:  # a one-hot draft: w without the draft token (x = -1 on rows without one matches no column)
                 r = or_w_when_empty(ops, ops.mul(w, ops.ne(ops.iota(Rp, Vp), col(x, -1.0))), w)
         c = ops.cumsum(r)
